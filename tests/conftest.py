@@ -1,0 +1,27 @@
+"""Shared fixtures: small real sample tables built with the project's own schema."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctr_data.schema import SampleSchema
+
+
+@pytest.fixture
+def tiny_schema() -> SampleSchema:
+    return SampleSchema(categorical=("genre",), dense=("age",), sequences=("liked", "disliked"), dataset="tiny")
+
+
+def tiny_rows(n: int = 4) -> dict[str, list]:
+    """n valid rows for ``tiny_schema`` (column -> values)."""
+    return {
+        "label": [i % 2 for i in range(n)],
+        "timestamp": list(range(n)),
+        "user_id": [10 + i for i in range(n)],
+        "item_id": [100 + i for i in range(n)],
+        "cat_genre": [[i, i + 1] if i % 2 else [] for i in range(n)],
+        "dense_age": [20.0 + i for i in range(n)],
+        "item_text": [f"Movie {i}" for i in range(n)],
+        "seq_liked": [[f"Movie {j}" for j in range(i)] for i in range(n)],
+        "seq_disliked": [[] for _ in range(n)],
+    }
