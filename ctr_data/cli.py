@@ -34,11 +34,11 @@ def _movielens(args: argparse.Namespace) -> list[Path]:
 def _synthetic(args: argparse.Namespace) -> list[Path]:
     from ctr_data.synthetic import SyntheticConfig, write_synthetic
 
-    config = SyntheticConfig(
-        num_users=args.users, num_items=args.items, num_samples=args.samples,
-        sequence_types=tuple(args.sequence_types), behaviours_per_sequence=args.behaviours,
-        tokens_per_behaviour=args.tokens, distinct_behaviours=args.distinct, seed=args.seed,
-    )
+    given = {"num_users": args.users, "num_items": args.items, "num_samples": args.samples,
+             "sequence_types": tuple(args.sequence_types) if args.sequence_types else None,
+             "behaviours_per_sequence": args.behaviours, "tokens_per_behaviour": args.tokens,
+             "distinct_behaviours": args.distinct, "seed": args.seed}
+    config = SyntheticConfig(**{k: v for k, v in given.items() if v is not None})  # unset flags keep the defaults
     write_synthetic(config, args.out)
     return [args.out]
 
@@ -51,6 +51,8 @@ def _criteo(args: argparse.Namespace) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ctr_data.synthetic import SyntheticConfig
+
     parser = argparse.ArgumentParser(prog="bahe-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -65,15 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     syn = sub.add_parser("synthetic", help="industrial-like textual behaviours with a planted click rule")
     syn.add_argument("--out", type=Path, required=True, help="output .parquet file")
-    syn.add_argument("--users", type=int, default=200_000, help="number of users (default 200000)")
-    syn.add_argument("--items", type=int, default=5_000, help="number of items (default 5000)")
-    syn.add_argument("--samples", type=int, default=100_000, help="rows to write (default 100000)")
-    syn.add_argument("--sequence-types", nargs="+", default=["bill", "search", "app_visit"],
-                     help="names of the behaviour sequence types (default: bill search app_visit)")
-    syn.add_argument("--behaviours", type=int, default=20, help="M: max behaviours per sequence (default 20)")
-    syn.add_argument("--tokens", type=int, default=8, help="K: approximate words per behaviour text (default 8)")
-    syn.add_argument("--distinct", type=int, default=5_000, help="H: distinct behaviour texts (default 5000)")
-    syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d = SyntheticConfig  # its class attributes are the defaults
+    syn.add_argument("--users", type=int, help=f"number of users (default {d.num_users})")
+    syn.add_argument("--items", type=int, help=f"number of items (default {d.num_items})")
+    syn.add_argument("--samples", type=int, help=f"rows to write (default {d.num_samples})")
+    syn.add_argument("--sequence-types", nargs="+",
+                     help=f"names of the behaviour sequence types (default {' '.join(d.sequence_types)})")
+    syn.add_argument("--behaviours", type=int, help=f"M: max behaviours per sequence (default {d.behaviours_per_sequence})")
+    syn.add_argument("--tokens", type=int, help=f"K: approximate words per behaviour text (default {d.tokens_per_behaviour})")
+    syn.add_argument("--distinct", type=int,
+                     help=f"H: distinct behaviour texts per sequence type (default {d.distinct_behaviours})")
+    syn.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     syn.set_defaults(run=_synthetic)
 
     cr = sub.add_parser("criteo", help="Criteo TSV day files (DLRM layout) -> one .parquet, no text sequences")
