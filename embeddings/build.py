@@ -1,0 +1,271 @@
+"""Build or refresh a behaviour store: encode only what the store has not seen, crash-safely.
+
+``build_store(root, sample_files, EncoderConfig(...))``:
+
+1. counts every normalised text of the sample files (sequences and item texts);
+2. opens the LATEST version as the parent (if any), refuses a parent built by another model, k,
+   pooling, dtype or token settings, and extends its vocabulary: old ids stay, new texts append;
+3. splits the new texts into chunks of ``chunk_texts`` ids; rank r of a torchrun launch encodes
+   chunks r, r + world, ...; each finished chunk is saved under ``<root>/.work/<version>/`` by an
+   atomic rename, so a killed run resumes where it stopped and never re-encodes a finished chunk;
+4. rank 0 assembles the parent's rows (copied unchanged) and the chunks into a new version
+   directory, writes checksums and the manifest, renames the directory into place and only then
+   moves ``LATEST``. A crash at any point leaves the previous version intact and current.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
+from embeddings.pretrained import resolve_model_dir, weights_sha256
+from embeddings.store import (
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    VECTORS,
+    VOCAB,
+    BehaviourStore,
+    Expected,
+    StoreError,
+    file_sha256,
+    latest_version,
+    version_name,
+    write_text_atomic,
+)
+from embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
+
+WORK = ".work"
+_ENCODER_FIELDS_THAT_CHANGE_VECTORS = ("k", "pooling", "dtype", "max_tokens", "batch_tokens", "fixed_shapes")
+
+
+@dataclass
+class BuildReport:
+    version: str
+    parent: str | None
+    rows: int
+    distinct_texts: int  # distinct texts in the given data
+    occurrences: int  # their occurrences in the given data
+    new_texts: int  # texts encoded by this build (all ranks)
+    resumed_chunks: int  # chunks found finished from an interrupted run and not re-encoded
+    tokens_encoded: int
+    tokens_per_occurrence_encoder: int  # what encoding every occurrence would have cost
+    truncated: int
+    padding_waste: float
+    seconds: float
+
+    def format(self) -> str:
+        ratio = self.occurrences / max(self.distinct_texts, 1)
+        saving = self.tokens_per_occurrence_encoder / max(self.tokens_encoded, 1)
+        return (f"store version {self.version} (parent {self.parent or 'none'}): {self.rows:,} rows\n"
+                f"data: {self.distinct_texts:,} distinct texts, {self.occurrences:,} occurrences (x{ratio:.1f})\n"
+                f"encoded now: {self.new_texts:,} new texts, {self.tokens_encoded:,} tokens in {self.seconds:.1f}s "
+                f"(a per-occurrence encoder: {self.tokens_per_occurrence_encoder:,} tokens, x{saving:.1f}); "
+                f"{self.truncated} truncated, padding waste {self.padding_waste:.1%}, "
+                f"{self.resumed_chunks} chunk(s) resumed")
+
+
+def _rank_world() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _encoder_identity(config: EncoderConfig) -> dict:
+    return {"k": config.k, "pooling": config.pooling, "dtype": config.dtype, "max_tokens": config.max_tokens,
+            "batch_tokens": config.batch_tokens, "fixed_shapes": config.fixed_shapes}
+
+
+def _check_parent(parent: BehaviourStore, identity: dict, sha: str) -> None:
+    parent.check(Expected(model_sha256=sha, k=identity["k"], pooling=identity["pooling"]))
+    differs = [f"{key}: parent {parent.manifest['encoder'][key]!r}, now {identity[key]!r}"
+               for key in _ENCODER_FIELDS_THAT_CHANGE_VECTORS if parent.manifest["encoder"][key] != identity[key]]
+    if differs:
+        raise StoreError(f"cannot refresh {parent.path} with other encoder settings ({'; '.join(differs)}): its "
+                         "vectors would not be comparable; use the parent's settings or build a new store elsewhere")
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with open(partial, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _prepare_work_dir(work: Path, plan: dict, rank: int) -> None:
+    """Reuse an interrupted build's chunks only if it planned exactly this build."""
+    if rank == 0:
+        plan_path = work / "plan.json"
+        if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+            shutil.rmtree(work)  # a stale build of other data or settings
+        work.mkdir(parents=True, exist_ok=True)
+        if not plan_path.is_file():
+            write_text_atomic(plan_path, json.dumps(plan, indent=2, sort_keys=True))
+    _barrier()
+
+
+def _encode_chunks(work: Path, texts: list[str], config: EncoderConfig, chunk_texts: int, rank: int, world: int,
+                   show_progress: bool) -> tuple[EncodeStats, int]:
+    """Encode this rank's unfinished chunks; returns (stats of this run, chunks found finished)."""
+    n_chunks = -(-len(texts) // chunk_texts)
+    mine = [c for c in range(n_chunks) if c % world == rank]
+    todo = [c for c in mine if not (work / f"chunk-{c:06d}.npy").is_file()]
+    stats = EncodeStats()
+    if todo:
+        encoder = ShallowEncoder(config)
+        total = sum(len(texts[c * chunk_texts:(c + 1) * chunk_texts]) for c in todo)
+        bar = tqdm(total=total, unit="text", desc=f"encode rank {rank}", disable=not show_progress, file=sys.stderr)
+        tokens_done = [0]
+
+        def tick(n_texts: int, n_tokens: int) -> None:
+            tokens_done[0] += n_tokens
+            bar.update(n_texts)
+            bar.set_postfix_str(f"{tokens_done[0] / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False)
+
+        for c in todo:
+            chunk = texts[c * chunk_texts:(c + 1) * chunk_texts]
+            vectors, chunk_stats = encoder.encode(chunk, progress=tick)
+            _save_atomic(work / f"chunk-{c:06d}.npy", vectors)
+            write_text_atomic(work / f"chunk-{c:06d}.json", json.dumps(asdict(chunk_stats)))
+            stats.add(chunk_stats)
+        bar.close()
+    return stats, len(mine) - len(todo)
+
+
+def _finished_chunk_stats(work: Path, n_chunks: int) -> EncodeStats:
+    total = EncodeStats()
+    for c in range(n_chunks):
+        item = json.loads((work / f"chunk-{c:06d}.json").read_text())
+        item["length_histogram"] = {int(k): v for k, v in item["length_histogram"].items()}
+        total.add(EncodeStats(**item))
+    return total
+
+
+def _manifest(version: str, parent: str | None, config: EncoderConfig, model_dir: Path, sha: str, identity: dict,
+              rows: int, stats: EncodeStats) -> dict:
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
+    return {
+        "format": FORMAT, "version": version, "parent": parent,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": str(config.model), "dir": str(model_dir), "sha256": sha,
+                  "architecture": (model_config.architectures or [model_config.model_type])[0],
+                  "num_layers": model_config.num_hidden_layers, "hidden_size": model_config.hidden_size},
+        "encoder": identity, "dim": int(model_config.hidden_size), "rows": rows, "store_dtype": "float32",
+        "stats": {"new_texts": stats.texts, "tokens": stats.tokens, "computed_tokens": stats.computed_tokens,
+                  "truncated": stats.truncated, "encode_seconds": round(stats.seconds, 3)},
+    }
+
+
+def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | None, vocab: BehaviourVocabulary,
+              n_chunks: int, dim: int, manifest: dict) -> None:
+    staging = work / "assembled"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    vectors = np.lib.format.open_memmap(staging / VECTORS, mode="w+", dtype=np.float32, shape=(len(vocab), dim))
+    start = len(RESERVED)
+    if parent is not None:
+        for block in range(0, parent.rows_count, 65_536):  # stream the parent's rows, never all at once
+            stop = min(block + 65_536, parent.rows_count)
+            vectors[block:stop] = parent.rows(block, stop)
+        start = parent.rows_count
+    else:
+        vectors[:start] = 0.0  # <pad> and <unknown> rows
+    for c in range(n_chunks):
+        chunk = np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False)
+        vectors[start:start + len(chunk)] = chunk
+        start += len(chunk)
+    if start != len(vocab):
+        raise StoreError(f"assembled {start} rows for a vocabulary of {len(vocab)}: chunks are missing in {work}")
+    vectors.flush()
+    del vectors
+    vocab.save(staging / VOCAB)
+    manifest["files"] = {name: {"sha256": file_sha256(staging / name), "bytes": (staging / name).stat().st_size}
+                         for name in (VECTORS, VOCAB)}
+    write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(staging, root / version)
+    write_text_atomic(root / LATEST, version + "\n")
+    shutil.rmtree(work)
+
+
+def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], config: EncoderConfig, *,
+                chunk_texts: int = 4096, show_progress: bool = True) -> BuildReport:
+    """Create the first version of a store, or refresh its LATEST version with new texts."""
+    if chunk_texts < 1:
+        raise ValueError(f"chunk_texts must be >= 1, got {chunk_texts}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rank, world = _rank_world()
+    model_dir = resolve_model_dir(config.model)
+    sha = weights_sha256(model_dir)
+    identity = _encoder_identity(config)
+    parent_name = latest_version(root)
+    parent = BehaviourStore(root / parent_name) if parent_name else None
+    if parent is not None:
+        _check_parent(parent, identity, sha)
+    vocab = BehaviourVocabulary(parent.vocabulary.texts, parent.vocabulary.counts) if parent else BehaviourVocabulary()
+    counts = count_texts(sample_files)
+    new_ids = vocab.extend(counts)
+    new_texts = [vocab.texts[i] for i in new_ids]
+    existing = sorted(p.name for p in root.glob("v[0-9]*") if p.is_dir())
+    version = version_name(int(existing[-1][1:]) + 1 if existing else 1)
+
+    stats, resumed = EncodeStats(), 0
+    if new_texts:
+        work = root / WORK / version
+        plan = {"parent": parent_name, "first_new_id": new_ids[0], "new_texts": len(new_texts),
+                "texts_sha256": hashlib.sha256("\n".join(new_texts).encode()).hexdigest(), "chunk_texts": chunk_texts,
+                "model_sha256": sha, "encoder": identity}
+        _prepare_work_dir(work, plan, rank)
+        stats, resumed = _encode_chunks(work, new_texts, config, chunk_texts, rank, world,
+                                        show_progress and rank == 0)
+        _barrier()
+        n_chunks = -(-len(new_texts) // chunk_texts)
+        if rank == 0:
+            stats = _finished_chunk_stats(work, n_chunks)  # this run's and earlier runs' chunks alike
+            manifest = _manifest(version, parent_name, config, model_dir, sha, identity, len(vocab), stats)
+            _assemble(root, work, version, parent, vocab, n_chunks, manifest["dim"], manifest)
+        _barrier()
+    else:
+        version = parent_name  # nothing new: the LATEST version already covers the data
+
+    per_occurrence = _per_occurrence_tokens(counts, config, model_dir)
+    return BuildReport(version=version, parent=parent_name if new_texts else None, rows=len(vocab),
+                       distinct_texts=len(counts), occurrences=sum(counts.values()), new_texts=len(new_texts),
+                       resumed_chunks=resumed, tokens_encoded=stats.tokens, tokens_per_occurrence_encoder=per_occurrence,
+                       truncated=stats.truncated, padding_waste=stats.padding_waste, seconds=stats.seconds)
+
+
+def _per_occurrence_tokens(counts, config: EncoderConfig, model_dir: Path) -> int:
+    """Tokens an encoder that re-encodes every occurrence would process (truncation applied)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
+    texts = list(counts)
+    total = 0
+    for start in range(0, len(texts), 8192):
+        batch = texts[start:start + 8192]
+        for text, ids in zip(batch, tokenizer(batch, add_special_tokens=True)["input_ids"]):
+            total += counts[text] * min(len(ids), config.max_tokens)
+    return total

@@ -1,0 +1,109 @@
+"""`bahe-encode`: build, refresh, inspect and verify a behaviour embedding store.
+
+  bahe-encode build --store stores/ml --data data/ml/train.parquet data/ml/valid.parquet --k 6
+  bahe-encode build --store stores/ml --data data/new_day.parquet   # refresh: encodes only new texts
+  bahe-encode info stores/ml
+  bahe-encode verify stores/ml
+
+`build` under torchrun splits the encoding across ranks:
+  torchrun --nproc_per_node 2 -m embeddings.cli build --store ... --data ...
+An interrupted build resumes from its finished chunks when run again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ctr_data.schema import DataError
+from embeddings.pretrained import DEFAULT_MODEL, ModelError
+from embeddings.store import BehaviourStore, StoreError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from embeddings.build import build_store
+    from embeddings.encoder import EncoderConfig
+
+    config = EncoderConfig(model=args.model, k=args.k, pooling=args.pooling, dtype=args.dtype, device=args.device,
+                           max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
+                           fixed_shapes=not args.dynamic_shapes,
+                           trust_remote_code=args.trust_remote_code)
+    report = build_store(args.store, args.data, config, chunk_texts=args.chunk_texts, show_progress=not args.quiet)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(vars(report), indent=2) if args.json else report.format())
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    store = BehaviourStore.open(args.store, args.version)
+    manifest = dict(store.manifest)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        enc, model = manifest["encoder"], manifest["model"]
+        print(f"{store.path}: {manifest['rows']:,} rows x {manifest['dim']} ({manifest['store_dtype']}), "
+              f"parent {manifest['parent'] or 'none'}, created {manifest['created_utc']}\n"
+              f"model {model['name']} ({model['architecture']}, {model['num_layers']} layers, sha256 "
+              f"{model['sha256'][:12]}...), k={enc['k']}, pooling {enc['pooling']}, dtype {enc['dtype']}, "
+              f"max_tokens {enc['max_tokens']}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    store = BehaviourStore.open(args.store, args.version)
+    store.verify()
+    print(f"{store.path}: every checksum matches")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bahe-encode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="create a store, or refresh its LATEST version with the new texts of --data")
+    build.add_argument("--store", type=Path, required=True, help="store root folder (created if missing)")
+    build.add_argument("--data", type=Path, nargs="+", required=True,
+                       help="sample .parquet files (bahe-data); every sequence text and item text is collected")
+    build.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model alias (smollm2-135m, minilm-l6) or local Hugging Face folder (default {DEFAULT_MODEL})")
+    build.add_argument("--k", type=int, default=6, help="shallow frozen layers that encode a text (default 6)")
+    build.add_argument("--pooling", choices=("mean", "last"), default="mean", help="token pooling (default mean)")
+    build.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    build.add_argument("--max-tokens", type=int, default=64, help="longer texts are truncated (default 64)")
+    build.add_argument("--batch-tokens", type=int, default=256,
+                       help="tokens per micro-batch; fixes the batch shape per text length (default 256)")
+    build.add_argument("--dynamic-shapes", action="store_true",
+                       help="skip the filler rows that keep batch shapes fixed: less compute on small stores, "
+                            "but vectors are no longer byte-identical across refreshes, resumes and ranks")
+    build.add_argument("--chunk-texts", type=int, default=4096,
+                       help="texts per resumable chunk and per unit of work across ranks (default 4096)")
+    build.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument("--json", action="store_true", help="print the report as JSON")
+    build.set_defaults(run=_build)
+    for name, run, text in (("info", _info, "print a version's manifest"),
+                            ("verify", _verify, "recompute a version's checksums")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("store", type=Path, help="store root folder")
+        cmd.add_argument("--version", default=None, help="a version name such as v000002 (default LATEST)")
+        cmd.add_argument("--json", action="store_true", help="JSON output")
+        cmd.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (StoreError, ModelError, DataError, ValueError, FileNotFoundError) as err:
+        print(f"bahe-encode: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
