@@ -1,8 +1,9 @@
 """The behaviour vocabulary: every distinct behaviour text (and item title) with a stable id.
 
-Normalisation (:func:`normalize_text`), applied before two texts are compared:
-Unicode NFC, every run of whitespace (tabs, newlines, non-breaking spaces) collapsed to one space,
-leading / trailing whitespace removed. Case, punctuation, digits, non-ASCII letters and emoji are
+Normalisation (:func:`normalize_texts`, vectorised with pyarrow; :func:`normalize_text` for one),
+applied before two texts are compared: Unicode NFC, every run of whitespace (ASCII whitespace and
+Unicode separators such as the non-breaking space) collapsed to one space, leading / trailing
+whitespace removed. Case, punctuation, digits, non-ASCII letters and emoji are
 kept: they carry meaning for the LLM ("Purchase Starbucks" and "purchase starbucks" stay two texts).
 
 Ids: ``PAD_ID`` (0) pads sequences and stands for an empty text; ``UNKNOWN_ID`` (1) is a text the
@@ -14,12 +15,11 @@ sorted order so that the same data always gives the same ids.
 from __future__ import annotations
 
 import os
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,14 +30,19 @@ from ctr_data.schema import ITEM_TEXT, DataError
 PAD_ID = 0
 UNKNOWN_ID = 1
 RESERVED = ("<pad>", "<unknown>")
-_WHITESPACE = re.compile(r"\s+")
+_WHITESPACE = r"[\s\pZ\x{0085}\x{000b}]+"  # RE2 syntax (pyarrow.compute)
 VOCAB_SCHEMA = pa.schema([pa.field("id", pa.int64(), False), pa.field("text", pa.string(), False),
                           pa.field("count", pa.int64(), False)])
 
 
+def normalize_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """NFC, whitespace runs -> one space, stripped (see the module docstring); string -> string."""
+    nfc = pc.utf8_normalize(texts, "NFC")
+    return pc.utf8_trim(pc.replace_substring_regex(nfc, _WHITESPACE, " "), " ")
+
+
 def normalize_text(text: str) -> str:
-    """NFC, whitespace runs -> one space, stripped (see the module docstring)."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    return normalize_texts(pa.array([text], pa.string()))[0].as_py()
 
 
 def count_texts(paths: Iterable[str | os.PathLike], *, include_item_text: bool = True) -> Counter:
@@ -53,14 +58,10 @@ def count_texts(paths: Iterable[str | os.PathLike], *, include_item_text: bool =
             for name in columns:
                 column = table.column(name)
                 flat = pc.list_flatten(column) if pa.types.is_list(column.type) else column
-                for value in pc.value_counts(flat).to_pylist():
-                    counts[value["values"]] += value["counts"]
-    normalised: Counter = Counter()
-    for text, n in counts.items():
-        norm = normalize_text(text)
-        if norm:
-            normalised[norm] += n
-    return normalised
+                for value in pc.value_counts(normalize_texts(flat)).to_pylist():
+                    if value["values"]:
+                        counts[value["values"]] += value["counts"]
+    return counts
 
 
 class BehaviourVocabulary:
@@ -114,6 +115,20 @@ class BehaviourVocabulary:
                 self.unknown_lookups += 1
                 found = UNKNOWN_ID
             ids.append(found)
+        return ids
+
+    def lookup_array(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Vectorised :meth:`lookup` over an Arrow string array; returns int64 ids."""
+        if getattr(self, "_value_set_size", -1) != len(self.texts):  # the reserved rows never match a text
+            self._value_set = pa.array(["\x00pad", "\x00unknown", *self.texts[len(RESERVED):]], pa.string())
+            self._value_set_size = len(self.texts)
+        norm = normalize_texts(texts)
+        found = pc.index_in(norm, value_set=self._value_set)
+        empty = pc.equal(norm, "").to_numpy(zero_copy_only=False)
+        missing = found.is_null().to_numpy(zero_copy_only=False) & ~empty
+        self.unknown_lookups += int(missing.sum())
+        ids = found.fill_null(UNKNOWN_ID).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids[empty] = PAD_ID
         return ids
 
     # Parquet ------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""Sample tables -> training batches in TorchRec's ``Batch`` layout, plus text behaviours.
+
+A :class:`BaheBatch` is a ``torchrec.datasets.utils.Batch`` (dense_features B x F_dense,
+sparse_features KeyedJaggedTensor of the ID features, labels B) with one more plain attribute,
+``behaviour_features``: a KeyedJaggedTensor of behaviour-store ids, one key per behaviour
+sequence type plus ``item_text``. Being a plain attribute of the batch, it is pipelined by
+``TrainPipelineSparseDist`` like ``sparse_features``.
+
+:class:`SampleBatcher` converts Arrow tables of the sample schema (``ctr_data.schema``) into
+batches, vectorised:
+
+* dense: ``log1p(max(x, 0))`` (DLRM's transform of Criteo counts; harmless on MovieLens rates);
+* ID features ``user_id``, ``item_id`` and every ``cat_<name>``: hashed ``id % num_embeddings``;
+  a negative id is an error;
+* behaviours: each sequence's texts -> store ids (unknown texts -> the reserved unknown row,
+  counted), keeping the ``max_behaviours`` most recent, oldest first; the item text -> one id
+  (none when the text is empty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ctr_data.schema import CAT_PREFIX, ITEM_TEXT, LABEL, SEQ_PREFIX, DataError, SampleSchema
+from embeddings.vocabulary import PAD_ID, BehaviourVocabulary
+
+ITEM_TEXT_KEY = "item_text"
+
+
+@dataclass
+class BaheBatch(Batch):
+    """torchrec's Batch plus ``behaviour_features`` (KJT of store ids; None for the DLRM-only arm)."""
+
+    behaviour_features: KeyedJaggedTensor | None = None
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> BaheBatch:
+        return BaheBatch(
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            behaviour_features=None if self.behaviour_features is None
+            else self.behaviour_features.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        if self.behaviour_features is not None:
+            self.behaviour_features.record_stream(stream)
+
+    def pin_memory(self) -> BaheBatch:
+        return BaheBatch(
+            dense_features=self.dense_features.pin_memory(),
+            sparse_features=self.sparse_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            behaviour_features=None if self.behaviour_features is None else self.behaviour_features.pin_memory(),
+        )
+
+
+def id_feature_names(schema: SampleSchema) -> list[str]:
+    """The ID features of a schema, in KJT key order: user_id, item_id, then cat_<name>..."""
+    return ["user_id", "item_id", *schema.categorical_columns]
+
+
+def keep_most_recent(lengths: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a flattened list column: (mask of the values to keep, new lengths), keeping the last
+    ``cap`` values of every row in their order."""
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    position = np.arange(lengths.sum()) - starts
+    keep = position >= np.repeat(lengths - np.minimum(lengths, cap), lengths)
+    return keep, np.minimum(lengths, cap)
+
+
+class SampleBatcher:
+    """Arrow tables of one sample schema -> :class:`BaheBatch`.
+
+    Args:
+        schema: the sample schema of the tables.
+        table_sizes: rows of the hashed ID table per ID feature (see :func:`id_feature_names`).
+        vocabulary: the behaviour store's vocabulary; None builds batches without behaviours.
+        sequence_names: the behaviour sequence types to read (default: all of the schema's).
+        max_behaviours: M, the most recent behaviours kept per sequence.
+    """
+
+    def __init__(self, schema: SampleSchema, table_sizes: dict[str, int],
+                 vocabulary: BehaviourVocabulary | None = None, sequence_names: tuple[str, ...] | None = None,
+                 max_behaviours: int = 50):
+        self.schema = schema
+        self.id_features = id_feature_names(schema)
+        missing = [name for name in self.id_features if name not in table_sizes]
+        if missing:
+            raise ValueError(f"table_sizes lacks {missing}; give a table size for every ID feature {self.id_features}")
+        self.table_sizes = table_sizes
+        self.vocabulary = vocabulary
+        self.sequence_names = tuple(sequence_names if sequence_names is not None else schema.sequences)
+        unknown = [n for n in self.sequence_names if n not in schema.sequences]
+        if unknown:
+            raise ValueError(f"sequence type(s) {unknown} are not in the data, which has {list(schema.sequences)}")
+        if max_behaviours < 1:
+            raise ValueError(f"max_behaviours must be >= 1, got {max_behaviours}")
+        self.max_behaviours = max_behaviours
+
+    @property
+    def behaviour_keys(self) -> list[str]:
+        return [SEQ_PREFIX + n for n in self.sequence_names] + [ITEM_TEXT_KEY]
+
+    def _id_features(self, table: pa.Table) -> KeyedJaggedTensor:
+        values, lengths = [], []
+        for name in self.id_features:
+            column = table.column(name).combine_chunks()
+            if name.startswith(CAT_PREFIX):
+                flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+                count = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            else:
+                flat = column.to_numpy(zero_copy_only=False)
+                count = np.ones(len(flat), dtype=np.int64)
+            if len(flat) and flat.min() < 0:
+                raise DataError(f"ids must be >= 0, found {flat.min()}", field=name)
+            values.append(flat.astype(np.int64) % self.table_sizes[name])
+            lengths.append(count.astype(np.int64))
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=self.id_features, values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)))
+
+    def _behaviour_features(self, table: pa.Table) -> KeyedJaggedTensor:
+        values, lengths = [], []
+        for name in self.sequence_names:
+            column = table.column(SEQ_PREFIX + name).combine_chunks()
+            ids = self.vocabulary.lookup_array(pc.list_flatten(column))
+            count = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+            keep, count = keep_most_recent(count, self.max_behaviours)
+            ids = ids[keep]
+            padless = ids != PAD_ID  # an empty text inside a sequence carries nothing: drop it
+            if not padless.all():
+                owners = np.repeat(np.arange(len(count)), count)
+                count = np.bincount(owners[padless], minlength=len(count)).astype(np.int64)
+                ids = ids[padless]
+            values.append(ids)
+            lengths.append(count)
+        item = self.vocabulary.lookup_array(table.column(ITEM_TEXT))
+        values.append(item[item != PAD_ID])
+        lengths.append((item != PAD_ID).astype(np.int64))
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=self.behaviour_keys, values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)))
+
+    def __call__(self, table: pa.Table) -> BaheBatch:
+        dense = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in self.schema.dense_columns], axis=1) \
+            if self.schema.dense else np.zeros((table.num_rows, 0), dtype=np.float32)
+        return BaheBatch(
+            dense_features=torch.from_numpy(np.log1p(np.maximum(dense, 0.0)).astype(np.float32)),
+            sparse_features=self._id_features(table),
+            labels=torch.from_numpy(table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.float32)),
+            behaviour_features=self._behaviour_features(table) if self.vocabulary is not None else None,
+        )
+

@@ -1,0 +1,113 @@
+"""Configuration of the BAHE model: one dataclass per concern, validated at construction.
+
+* :class:`TablesConfig` -- the sparse ID tables (hash sizes, embedding dim D);
+* :class:`ArchConfig` -- DLRM's dense and over arch sizes;
+* :class:`TextConfig` -- the behaviour store, the LLM and its deep layers, sequences and lengths;
+* :class:`BaheModelConfig` -- the three together (text None = the DLRM-only arm), with the checks
+  that span them. :func:`model.factory.build_model` checks the rest against the data, the store
+  and the LLM before anything trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from embeddings.pretrained import DEFAULT_MODEL
+from model.deep_layers import ATTENTIONS, POOLINGS
+
+
+@dataclass(frozen=True)
+class TablesConfig:
+    """Args:
+        embedding_dim: D, shared by every ID table (DLRM's rule) and the text projections.
+        default_rows: hash size of an ID feature's table unless ``rows`` names it.
+        rows: per-feature hash sizes, e.g. {"user_id": 1000, "cat_genres": 20}.
+    """
+
+    embedding_dim: int = 64
+    default_rows: int = 100_000
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1:
+            raise ValueError(f"TablesConfig.embedding_dim must be >= 1, got {self.embedding_dim}")
+        bad = {k: v for k, v in {"default_rows": self.default_rows, **self.rows}.items() if v < 1}
+        if bad:
+            raise ValueError(f"TablesConfig: table sizes must be >= 1, got {bad}")
+
+    def rows_for(self, feature: str) -> int:
+        return self.rows.get(feature, self.default_rows)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Args:
+        dense_arch_layer_sizes: DenseArch MLP sizes; the last must equal TablesConfig.embedding_dim.
+        over_arch_layer_sizes: OverArch sizes; the last must be 1 (one logit).
+    """
+
+    dense_arch_layer_sizes: tuple[int, ...] = (128, 64)
+    over_arch_layer_sizes: tuple[int, ...] = (256, 64, 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dense_arch_layer_sizes", tuple(self.dense_arch_layer_sizes))
+        object.__setattr__(self, "over_arch_layer_sizes", tuple(self.over_arch_layer_sizes))
+        if not self.dense_arch_layer_sizes or min(self.dense_arch_layer_sizes) < 1:
+            raise ValueError(f"ArchConfig.dense_arch_layer_sizes must be positive sizes, got {self.dense_arch_layer_sizes}")
+        if len(self.over_arch_layer_sizes) < 2 or self.over_arch_layer_sizes[-1] != 1:
+            raise ValueError("ArchConfig.over_arch_layer_sizes needs >= 2 layers ending in 1 (one logit), got "
+                             f"{self.over_arch_layer_sizes}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Args:
+        store: root folder of the behaviour store (bahe-encode build --store ...).
+        llm: the SAME model the store was encoded with (alias or local Hugging Face folder).
+        k: shallow layers the store used; None = read it from the store's manifest.
+        deep_layers: trainable layers k..k+deep-1; None = all the rest (L - k).
+        pooling: ``mean`` over behaviours or the ``last`` behaviour's state.
+        attention: ``causal`` (default, how the LLM was trained) or ``bidirectional``.
+        sequences: behaviour sequence types to use; () = every type of the data.
+        max_behaviours: M, the most recent behaviours kept per sequence.
+        gradient_checkpointing: recompute deep-layer activations in backward (saves memory).
+    """
+
+    store: str
+    llm: str = DEFAULT_MODEL
+    k: int | None = None
+    deep_layers: int | None = None
+    pooling: str = "mean"
+    attention: str = "causal"
+    sequences: tuple[str, ...] = ()
+    max_behaviours: int = 50
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sequences", tuple(self.sequences))
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"TextConfig.k must be >= 1 (or None for the store's), got {self.k}")
+        if self.deep_layers is not None and self.deep_layers < 1:
+            raise ValueError(f"TextConfig.deep_layers must be >= 1 (or None for all the rest), got {self.deep_layers}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"TextConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"TextConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.max_behaviours < 1:
+            raise ValueError(f"TextConfig.max_behaviours must be >= 1, got {self.max_behaviours}")
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ValueError(f"TextConfig.sequences has duplicates: {self.sequences}")
+
+
+@dataclass(frozen=True)
+class BaheModelConfig:
+    """The whole model. ``text=None`` builds the DLRM-only arm from the same tables and head."""
+
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    text: TextConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch.dense_arch_layer_sizes[-1] != self.tables.embedding_dim:
+            raise ValueError(f"the last dense arch layer ({self.arch.dense_arch_layer_sizes[-1]}) must equal the "
+                             f"embedding dim D ({self.tables.embedding_dim}): change one of them")

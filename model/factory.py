@@ -1,0 +1,67 @@
+"""Build a BAHE model and its batcher from a config, checked against the data, store and LLM.
+
+Every mismatch is found here, before training: a sequence type the data lacks, a store encoded by
+another model or k, k + deep layers beyond the LLM's depth, dims that do not meet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+from ctr_data.schema import SEQ_PREFIX, SampleSchema
+from embeddings.pretrained import resolve_model_dir, weights_sha256
+from embeddings.store import BehaviourStore, Expected
+from model.bahe import BAHE
+from model.batch import SampleBatcher, id_feature_names
+from model.behaviour_lookup import BehaviourLookup
+from model.config import BaheModelConfig
+from model.deep_layers import DeepLayerAggregator
+from model.text_arch import ITEM_TEXT_KEY, BehaviourTextArch
+
+
+def id_tables(config: BaheModelConfig, schema: SampleSchema, device: torch.device | None = None
+              ) -> EmbeddingBagCollection:
+    """One trainable EBC table per ID feature (user_id, item_id, cat_*), sized by TablesConfig."""
+    return EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name=f"t_{name}", embedding_dim=config.tables.embedding_dim,
+                                   num_embeddings=config.tables.rows_for(name), feature_names=[name])
+                for name in id_feature_names(schema)],
+        device=device)
+
+
+def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.device | str | None = None
+                ) -> tuple[BAHE, SampleBatcher, BehaviourStore | None]:
+    """Returns (model, batcher, store). Tables are built on ``device`` (use ``meta`` before DMP and
+    load the store with :func:`model.behaviour_lookup.load_store_rows` after wrapping)."""
+    device = torch.device(device) if device is not None else None
+    table_sizes = {name: config.tables.rows_for(name) for name in id_feature_names(schema)}
+    text = config.text
+    if text is None:
+        batcher = SampleBatcher(schema, table_sizes, vocabulary=None)
+        ebc = id_tables(config, schema, device)
+        return BAHE(ebc, len(schema.dense), list(config.arch.dense_arch_layer_sizes),
+                    list(config.arch.over_arch_layer_sizes), dense_device=_dense(device)), batcher, None
+    sequences = text.sequences or schema.sequences
+    unknown = [s for s in sequences if s not in schema.sequences]
+    if unknown or not sequences:
+        raise ValueError(f"TextConfig.sequences {list(sequences)}: the data has sequence types "
+                         f"{list(schema.sequences)}; unknown: {unknown}")
+    store = BehaviourStore.open(text.store)
+    model_dir = resolve_model_dir(text.llm)
+    k = text.k if text.k is not None else int(store.manifest["encoder"]["k"])
+    store.check(Expected(model_sha256=weights_sha256(model_dir), k=k))
+    keys = [SEQ_PREFIX + s for s in sequences]
+    lookup = BehaviourLookup(store.rows_count, store.dim, [*keys, ITEM_TEXT_KEY],
+                             {**dict.fromkeys(keys, text.max_behaviours), ITEM_TEXT_KEY: 1}, device=device)
+    aggregator = DeepLayerAggregator(model_dir, k, text.deep_layers, pooling=text.pooling, attention=text.attention,
+                                     gradient_checkpointing=text.gradient_checkpointing)
+    text_arch = BehaviourTextArch(lookup, aggregator, keys, config.tables.embedding_dim)
+    model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
+                 list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
+    batcher = SampleBatcher(schema, table_sizes, store.vocabulary, tuple(sequences), text.max_behaviours)
+    return model, batcher, store
+
+
+def _dense(device: torch.device | None) -> torch.device | None:
+    return None if device is None or device.type == "meta" else device

@@ -1,0 +1,69 @@
+"""The text side of BAHE: behaviour lookup -> deep-layer aggregation -> projection to D.
+
+``BehaviourTextArch`` turns a KJT of store ids (N behaviour sequence types + the item text) into
+N + 1 "text features" of the embedding dim D, which the interaction arch treats like sparse
+features:
+
+* feature parallel (bahe.md, step 3): the N sequence types of a batch run as ONE (B*N) x M x H
+  batch through the shared deep layers, then split back into B x N x H (Q_u^1 .. Q_u^N);
+* item side (step 4): the item text's vector goes through the same layers as a length-1
+  sequence (Q_i);
+* a linear projection maps H -> D (one for user sequences, one for the item).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from model.behaviour_lookup import BehaviourLookup
+from model.deep_layers import DeepLayerAggregator
+
+ITEM_TEXT_KEY = "item_text"
+
+
+class BehaviourTextArch(nn.Module):
+    """Args:
+        lookup: the frozen behaviour table (keys: ``seq_<name>`` per sequence type, ``item_text``).
+        aggregator: the LLM's deep layers.
+        sequence_keys: the N sequence keys, in the order their features are emitted.
+        embedding_dim: D of the interaction arch.
+
+    Example::
+
+        text = BehaviourTextArch(lookup, aggregator, ["seq_liked", "seq_disliked"], embedding_dim=64)
+        features = text(kjt)    # B x 3 x 64: liked, disliked, item
+    """
+
+    def __init__(self, lookup: BehaviourLookup, aggregator: DeepLayerAggregator, sequence_keys: list[str],
+                 embedding_dim: int):
+        super().__init__()
+        if lookup.dim != aggregator.hidden_size:
+            raise ValueError(f"the behaviour store's vectors are {lookup.dim}-dim but the LLM's deep layers take "
+                             f"{aggregator.hidden_size}: encode the store with the same model")
+        missing = [k for k in [*sequence_keys, ITEM_TEXT_KEY] if k not in lookup.keys]
+        if missing:
+            raise ValueError(f"the behaviour lookup does not serve {missing}")
+        self.lookup, self.aggregator = lookup, aggregator
+        self.sequence_keys = list(sequence_keys)
+        self.user_projection = nn.Linear(aggregator.hidden_size, embedding_dim)
+        self.item_projection = nn.Linear(aggregator.hidden_size, embedding_dim)
+
+    @property
+    def num_text_features(self) -> int:
+        return len(self.sequence_keys) + 1
+
+    def forward(self, behaviour_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Returns B x (N + 1) x D: one feature per sequence type, then the item text's."""
+        looked_up = self.lookup(behaviour_features)
+        width = max(looked_up[k][0].shape[1] for k in self.sequence_keys)
+        vectors = torch.stack([nn.functional.pad(looked_up[k][0], (0, 0, 0, width - looked_up[k][0].shape[1]))
+                               for k in self.sequence_keys], dim=1)  # B x N x M x H
+        lengths = torch.stack([looked_up[k][1] for k in self.sequence_keys], dim=1)  # B x N
+        batch, n_types = lengths.shape
+        pooled = self.aggregator(vectors.flatten(0, 1), lengths.flatten())  # (B*N) x H, one shared pass
+        user = self.user_projection(pooled.view(batch, n_types, -1))  # B x N x D
+        item_vectors, item_lengths = looked_up[ITEM_TEXT_KEY]
+        item = self.item_projection(self.aggregator(item_vectors[:, :1], item_lengths.clamp(max=1)))  # B x D
+        return torch.cat([user, item.unsqueeze(1)], dim=1)

@@ -1,0 +1,115 @@
+"""The BAHE model, unsharded: DLRM's contract, numerically a DLRM without text, feature-parallel
+aggregation equal to per-type runs, a frozen behaviour table, and clear config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torchrec.models.dlrm import DLRM
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from embeddings.pretrained import ModelError
+from embeddings.store import StoreError
+from model.bahe import BAHETrain
+from model.behaviour_lookup import load_store_rows
+from model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+from model.factory import build_model
+from tests.model_fixtures import TINY_LAYERS, make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+def built(pipeline, **kw):
+    torch.manual_seed(0)
+    model, batcher, store = build_model(pipeline.config(**kw), pipeline.schema)
+    if store is not None:
+        load_store_rows(model, store)
+    return model, batcher, store
+
+
+def test_forward_and_train_wrapper_keep_dlrms_contract(pipeline):
+    model, batcher, store = built(pipeline)
+    batch = batcher(pipeline.table(16))
+    logits = model(batch.dense_features, batch.sparse_features, batch.behaviour_features)
+    assert logits.shape == (16, 1)
+    loss, (loss_d, logits_d, labels) = BAHETrain(model)(batch)
+    assert loss.requires_grad and not loss_d.requires_grad and logits_d.shape == (16,) and torch.equal(labels, batch.labels)
+    torch.testing.assert_close(logits_d, logits.detach().squeeze(-1))
+    # the frozen table is not under sparse_arch (dlrm_main gives sparse_arch's parameters the sparse optimizer)
+    assert not any("behaviours" in name for name, _ in model.sparse_arch.named_parameters())
+    assert load_store_rows(model, store) == store.rows_count
+
+
+def test_without_text_it_is_numerically_torchrecs_dlrm(pipeline):
+    model, batcher, _ = built(pipeline, text=False)
+    dlrm = DLRM(model.sparse_arch.embedding_bag_collection, len(pipeline.schema.dense), [16, 8], [16, 1])
+    dlrm.load_state_dict(model.state_dict())  # same module names: a DLRM checkpoint loads as is
+    batch = batcher(pipeline.table(32))
+    assert batch.behaviour_features is None
+    torch.testing.assert_close(model(batch.dense_features, batch.sparse_features),
+                               dlrm(batch.dense_features, batch.sparse_features), rtol=0, atol=0)
+
+
+def test_feature_parallel_equals_each_sequence_type_alone(pipeline):
+    """One (B*N)-row pass through the deep layers == running each sequence type separately."""
+    model, batcher, _ = built(pipeline)
+    model.eval()
+    batch = batcher(pipeline.table(12))
+    text = model.text_arch
+    with torch.no_grad():
+        together = text(batch.behaviour_features)  # B x (N+1) x D
+        looked_up = text.lookup(batch.behaviour_features)
+        for i, key in enumerate(text.sequence_keys):
+            vectors, lengths = looked_up[key]
+            alone = text.user_projection(text.aggregator(vectors, lengths))
+            torch.testing.assert_close(together[:, i], alone, rtol=1e-5, atol=1e-6)
+    assert together.shape == (12, len(text.sequence_keys) + 1, 8)
+
+
+def test_behaviour_table_stays_frozen_while_the_rest_learns(pipeline):
+    model, batcher, _ = built(pipeline)
+    train = BAHETrain(model)
+    table = model.text_arch.lookup.embedding_collection.embeddings["behaviours"].weight
+    frozen_before = table.detach().clone()
+    layer_before = model.text_arch.aggregator.decoder.layers[0].mlp.up_proj.weight.detach().clone()
+    ids_before = model.sparse_arch.embedding_bag_collection.embedding_bags["t_user_id"].weight.detach().clone()
+    dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    assert not any("behaviours" in name for name in dense_params)
+    optimizer = torch.optim.Adam(dense_params.values(), lr=1e-2)
+    batch = batcher(pipeline.table(64))
+    losses = []
+    for _ in range(15):
+        loss, _ = train(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert torch.equal(table.detach(), frozen_before)
+    assert not torch.equal(model.text_arch.aggregator.decoder.layers[0].mlp.up_proj.weight, layer_before)
+    assert not torch.equal(model.sparse_arch.embedding_bag_collection.embedding_bags["t_user_id"].weight, ids_before)
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_config_errors_are_clear(pipeline):
+    with pytest.raises(ValueError, match="must equal the embedding dim D"):
+        BaheModelConfig(tables=TablesConfig(embedding_dim=8), arch=ArchConfig(dense_arch_layer_sizes=(16, 4)))
+    with pytest.raises(ValueError, match="ending in 1"):
+        ArchConfig(over_arch_layer_sizes=(16, 2))
+    with pytest.raises(ValueError, match="pooling"):
+        TextConfig(store="x", pooling="max")
+    config = pipeline.config()
+    with pytest.raises(ValueError, match=r"unknown: \['clicks'\]"):
+        build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, sequences=("bill", "clicks"))),
+                    pipeline.schema)
+    with pytest.raises(ModelError, match=f"need k \\+ deep_layers <= {TINY_LAYERS}"):
+        build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, deep_layers=3)), pipeline.schema)
+    with pytest.raises(StoreError, match="k: store has 2, config asks for 1"):
+        build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, k=1)), pipeline.schema)
+    with pytest.raises(StoreError, match="holds no complete store version"):
+        build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, store="/nonexistent")),
+                    pipeline.schema)
