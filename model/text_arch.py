@@ -45,6 +45,10 @@ class BehaviourTextArch(nn.Module):
         missing = [k for k in [*sequence_keys, ITEM_TEXT_KEY] if k not in lookup.keys]
         if missing:
             raise ValueError(f"the behaviour lookup does not serve {missing}")
+        widths = {lookup.max_lengths[k] for k in sequence_keys}
+        if len(widths) != 1 or lookup.max_lengths[ITEM_TEXT_KEY] != 1:
+            raise ValueError("every behaviour sequence must share one max length M and the item text must have "
+                             f"max length 1; got {lookup.max_lengths}")
         self.lookup, self.aggregator = lookup, aggregator
         self.sequence_keys = list(sequence_keys)
         self.user_projection = nn.Linear(aggregator.hidden_size, embedding_dim)
@@ -55,15 +59,16 @@ class BehaviourTextArch(nn.Module):
         return len(self.sequence_keys) + 1
 
     def forward(self, behaviour_features: KeyedJaggedTensor) -> torch.Tensor:
-        """Returns B x (N + 1) x D: one feature per sequence type, then the item text's."""
+        """Returns B x (N + 1) x D: one feature per sequence type, then the item text's.
+
+        Written with static shapes only: TorchRec's train pipeline fx-traces this module (it holds
+        the sharded lookup), and traced code cannot branch on tensor shapes.
+        """
         looked_up = self.lookup(behaviour_features)
-        width = max(looked_up[k][0].shape[1] for k in self.sequence_keys)
-        vectors = torch.stack([nn.functional.pad(looked_up[k][0], (0, 0, 0, width - looked_up[k][0].shape[1]))
-                               for k in self.sequence_keys], dim=1)  # B x N x M x H
+        vectors = torch.stack([looked_up[k][0] for k in self.sequence_keys], dim=1)  # B x N x M x H
         lengths = torch.stack([looked_up[k][1] for k in self.sequence_keys], dim=1)  # B x N
-        batch, n_types = lengths.shape
         pooled = self.aggregator(vectors.flatten(0, 1), lengths.flatten())  # (B*N) x H, one shared pass
-        user = self.user_projection(pooled.view(batch, n_types, -1))  # B x N x D
-        item_vectors, item_lengths = looked_up[ITEM_TEXT_KEY]
-        item = self.item_projection(self.aggregator(item_vectors[:, :1], item_lengths.clamp(max=1)))  # B x D
+        user = self.user_projection(pooled.view(-1, len(self.sequence_keys), self.aggregator.hidden_size))  # B x N x D
+        item_vectors, item_lengths = looked_up[ITEM_TEXT_KEY]  # B x 1 x H, B
+        item = self.item_projection(self.aggregator(item_vectors, item_lengths))  # B x D
         return torch.cat([user, item.unsqueeze(1)], dim=1)

@@ -1,0 +1,83 @@
+"""DistributedModelParallel for BAHE: planner, sharders and the sharding of each table.
+
+The behaviour table (an EmbeddingCollection) and the ID tables (an EmbeddingBagCollection) are
+sharded by TorchRec's planner over the launch's topology; the deep LLM layers and MLPs are
+replicated data-parallel. ``behaviour_sharding`` pins the behaviour table's sharding type
+(table_wise, row_wise, column_wise, data_parallel), e.g. row-wise for a store too big for one rank.
+
+On CPU torchrec's EmbeddingBagCollectionSharder does not offer row_wise / table_row_wise; the
+sharder here adds them (they work on CPU with gloo), so a plan tested on a laptop matches the GPU one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingType
+
+from model.behaviour_lookup import BEHAVIOUR_TABLE
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+
+
+def _behaviour_dim(module: nn.Module) -> int:
+    for name, param in module.named_parameters():
+        if name.endswith(f"embeddings.{BEHAVIOUR_TABLE}.weight"):
+            return int(param.shape[1])
+    raise ValueError("the module has no behaviour table")
+
+
+class CpuRowWiseEmbeddingBagSharder(EmbeddingBagCollectionSharder):
+    """torchrec's EBC sharder, plus row_wise and table_row_wise on CPU."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = list(super().sharding_types(compute_device_type))
+        if compute_device_type == "cpu":
+            types += [t for t in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value) if t not in types]
+        return types
+
+
+def sharders() -> list:
+    return [CpuRowWiseEmbeddingBagSharder(), EmbeddingCollectionSharder()]
+
+
+def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: str | None = None,
+                id_sharding: str | None = None, id_tables: list[str] = (), batch_size: int = 512
+                ) -> DistributedModelParallel:
+    """Plan and wrap ``module`` (tables built on ``meta``) with DistributedModelParallel.
+
+    Args:
+        module: e.g. ``BAHETrain(model)``; in-backward optimizers must already be attached.
+        device: this rank's device (cpu, or cuda:LOCAL_RANK).
+        behaviour_sharding: pin the behaviour table's sharding type (None: the planner chooses).
+        id_sharding: pin the sharding type of the ``id_tables`` (None: the planner chooses).
+        batch_size: per-rank batch size, for the planner's cost model.
+    """
+    for choice in (behaviour_sharding, id_sharding):
+        if choice is not None and choice not in SHARDING_TYPES:
+            raise ValueError(f"sharding type {choice!r} is not one of {SHARDING_TYPES}")
+    if behaviour_sharding == "data_parallel":
+        raise ValueError("data_parallel is not available for the behaviour table: torchrec 1.8's data-parallel "
+                         "EmbeddingCollection returns one pooled row per (sample, key) instead of one per position "
+                         "(construct_jagged_tensors then fails). A frozen table gains nothing from replication's "
+                         "gradient sync anyway; use table_wise (one full copy) or row_wise / column_wise")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    constraints = {}
+    if behaviour_sharding:
+        # column-wise: one column block per rank (the planner would otherwise keep small tables whole)
+        columns = {"min_partition": max(4, _behaviour_dim(module) // world)} if behaviour_sharding == "column_wise" else {}
+        constraints[BEHAVIOUR_TABLE] = ParameterConstraints(sharding_types=[behaviour_sharding], **columns)
+    if id_sharding:
+        constraints.update({name: ParameterConstraints(sharding_types=[id_sharding]) for name in id_tables})
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device=device.type, local_world_size=world),
+        batch_size=batch_size, constraints=constraints)
+    pg = dist.GroupMember.WORLD if dist.is_initialized() else None
+    plan = planner.collective_plan(module, sharders(), pg) if pg is not None else planner.plan(module, sharders())
+    return DistributedModelParallel(module, device=device, plan=plan, sharders=sharders())
