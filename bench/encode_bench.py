@@ -6,20 +6,22 @@ shifts both sides. What each figure means:
 * matmul rate (GFLOP/s): fp32 ``torch.nn.functional.linear``, median of repeats after warm-up, at a
   large square shape (the machine's own fp32 rate for this thread count) and at the shapes one
   encoder layer runs (M = micro-batch tokens; K, N = hidden, kv, intermediate sizes), combined in
-  the layer's own proportions (the "same-shape" rate).
+  the layer's own proportions (the "layer" rate).
 * encode rate: ShallowEncoder.encode (fp32) on real texts (MovieLens titles, synthetic behaviour
   texts) in full micro-batches of >= 64 rows. FLOPs: the linear layers' FLOPs counted by
   FlopCounterMode on the real forward calls (checked against 2 * tokens * k * layer weights), plus
   the attention-score FLOPs 4 * L^2 * heads * head_dim per text and layer (analytic: FlopCounterMode
-  does not see the CPU attention kernel). The achieved fraction is encode GFLOP/s over matmul
-  GFLOP/s; matmul and encode alternate, and the fraction is the median over those rounds.
+  does not see the CPU attention kernel). The achieved fraction is encode GFLOP/s over the mean of
+  the matmul rates measured just before and just after that encode pass; median over the rounds.
+  Also shown: the latency of one small elementwise op, which the encoder runs ~50 times per layer.
 * padding waste: 1 - real tokens / computed tokens, from the EncodeStats of ShallowEncoder.encode's
   own batching with the model call stubbed out (the counts do not depend on its output; checked
   against the real default run), next to a conventional pad-to-longest batching of the same batch
   size, with texts sorted by length or in vocabulary (alphabetical) order.
 * dedup win: time to encode every distinct text (count_texts + encode, measured) versus every
   occurrence, which is EXTRAPOLATED linearly from a measured uniform random sample of N occurrences
-  encoded as a list with repeats, exactly as a per-occurrence encoder would.
+  encoded as a list with repeats, exactly as a per-occurrence encoder would. The two encodes alternate
+  (--repeats times) and each keeps its fastest run: contention from other work only ever adds time.
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-distinct", type=int, help="distinct texts per sequence type, and items "
                    "(default 600; quick 100)")
     p.add_argument("--synthetic-samples", type=int, default=40_000, help="synthetic rows (40k rows ~ 1.2M behaviours)")
+    p.add_argument("--repeats", type=int, help="alternating distinct/sample encodes per dataset (default 2; quick 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name, full, quick in (("rounds", 3, 2), ("tp_tokens", 8_000, 3_000), ("sample", 2_000, 300),
-                              ("synthetic_distinct", 600, 100)):
+                              ("synthetic_distinct", 600, 100), ("repeats", 2, 1)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args
@@ -144,7 +147,11 @@ def variant(encoder: ShallowEncoder, stub: bool = False, **changes) -> ShallowEn
 
 
 def matmul_rates(shapes: dict[tuple[int, int], int], m: int, repeats: int) -> dict:
-    """GFLOP/s of F.linear at every layer shape (M = m) and at SQUARE^3; 'layer' combines the shapes."""
+    """GFLOP/s of F.linear at every layer shape (M = m) and at SQUARE^3; 'layer' combines the shapes.
+
+    Also the latency of one small elementwise op (m x hidden): on an oversubscribed CPU every op
+    waits for all threads, which hurts the encoder's many small ops far more than one large matmul.
+    """
     out, flops_sum, time_sum = {}, 0.0, 0.0
     for (k, n), count in shapes.items():
         x, w = torch.randn(m, k), torch.randn(n, k)
@@ -153,6 +160,8 @@ def matmul_rates(shapes: dict[tuple[int, int], int], m: int, repeats: int) -> di
         flops_sum += count * 2 * m * k * n
         time_sum += count * seconds
     out["layer"] = flops_sum / time_sum / 1e9
+    y = torch.randn(m, next(iter(shapes))[0])
+    out["small_op_us"] = median_seconds(lambda: y * y, 20) * 1e6  # the encoder runs ~50 such ops per layer
     a, b = torch.randn(SQUARE, SQUARE), torch.randn(SQUARE, SQUARE)
     out["square"] = 2 * SQUARE**3 / median_seconds(lambda: F.linear(a, b), max(3, repeats // 2)) / 1e9
     return out
@@ -203,7 +212,7 @@ def bench_throughput(encoder: ShallowEncoder, corpora: dict[str, list[str]], arg
             "micro_batches": sum(n // enc.rows_per_batch(length) for length, n in stats.length_histogram.items()),
             "min_rows": min(rows), "max_rows": max(rows), "lengths": sorted(stats.length_histogram),
             "linear_flops_counted": counted, "linear_flops_analytic": linear, "attention_flops": attention,
-            "flop_check_ok": counted == linear, "rounds": []}
+            "flop_check_ok": counted == linear, "hidden": enc.dim, "rounds": []}
     # matmul, encode A, matmul, encode B, matmul, ...: each encode is compared with the mean of the
     # matmul rates measured just before and just after it
     result["matmul_runs"] = [matmul_rates(shapes, batch_tokens, repeats=5)]
@@ -261,22 +270,26 @@ def bench_padding(encoder: ShallowEncoder, texts: list[str], tp_batch_tokens: in
 # 4: dedup win ------------------------------------------------------------------------------------
 
 
-def bench_dedup(encoder: ShallowEncoder, paths: list[Path], n_sample: int, rng: np.random.Generator) -> dict:
+def timed_encode(encoder: ShallowEncoder, texts: list[str]) -> tuple[float, EncodeStats]:
+    start = time.perf_counter()
+    _, stats = encoder.encode(texts)
+    return time.perf_counter() - start, stats
+
+
+def bench_dedup(encoder: ShallowEncoder, paths: list[Path], args, rng: np.random.Generator) -> dict:
+    """Distinct and sampled encodes alternate `args.repeats` times; each time is the fastest of its runs
+    (contention only ever adds time)."""
     start = time.perf_counter()
     counts = count_texts(paths)
     count_s = time.perf_counter() - start
     texts = sorted(counts)  # vocabulary order
     occ = np.array([counts[t] for t in texts], dtype=np.int64)
-    total = int(occ.sum())
-    start = time.perf_counter()
-    _, distinct = encoder.encode(texts)
-    distinct_s = time.perf_counter() - start
+    total, n_sample = int(occ.sum()), args.sample
     lengths = np.array([len(x) for x in encoder.tokenize(texts)[0]])
     occ_tokens = int((occ * lengths).sum())
     sample = [texts[i] for i in rng.choice(len(texts), size=n_sample, p=occ / total)]
-    start = time.perf_counter()
-    _, sampled = encoder.encode(sample)
-    sample_s = time.perf_counter() - start
+    runs = [(timed_encode(encoder, texts), timed_encode(encoder, sample)) for _ in range(args.repeats)]
+    (distinct_s, distinct), (sample_s, sampled) = (min((r[i] for r in runs), key=lambda x: x[0]) for i in (0, 1))
     occ_s = sample_s * total / n_sample
     linear, attention = encode_flops(encoder, distinct)
     return {
@@ -288,7 +301,8 @@ def bench_dedup(encoder: ShallowEncoder, paths: list[Path], n_sample: int, rng: 
         "occurrence_seconds_extrapolated": occ_s,
         "occurrence_seconds_extrapolated_by_tokens": sample_s / sampled.computed_tokens * occ_tokens,
         "ratio": occ_s / distinct_s, "ratio_with_counting": occ_s / (distinct_s + count_s),
-        "distinct_stats": {"tokens": distinct.tokens, "computed_tokens": distinct.computed_tokens}, "_texts": texts}
+        "distinct_stats": {"tokens": distinct.tokens, "computed_tokens": distinct.computed_tokens},
+        "all_seconds": [[d[0], o[0]] for d, o in runs], "_texts": texts}
 
 
 # Report ------------------------------------------------------------------------------------------
@@ -297,12 +311,13 @@ def bench_dedup(encoder: ShallowEncoder, paths: list[Path], n_sample: int, rng: 
 def format_table(res: dict) -> str:
     tp, pad, dd = res["throughput"], res["padding"], res["dedup"]
     mm = tp["matmul"]
-    shapes = ", ".join(f"{key} {value:.0f}" for key, value in mm.items() if "x" in key)
-    lines = [f"## encoding throughput (fp32, {res['machine']['torch_threads']} threads, k={res['config']['k']}, "
+    shapes = ", ".join(f"{key} {value:.0f}" for key, value in mm.items() if key[0].isdigit())
+    lines = [f"## encoding throughput (fp32, threads={res['machine']['torch_threads']}, k={res['config']['k']}, "
              f"batch_tokens={tp['batch_tokens']}: full micro-batches of >= {MIN_ROWS} rows; median of "
              f"{res['config']['rounds']} rounds, each encode bracketed by matmul runs)",
              f"fp32 matmul GFLOP/s: square {SQUARE}^3 {mm['square']:.0f}; encoder layer shapes {mm['layer']:.0f} "
-             f"(MxKxN: {shapes})",
+             f"(MxKxN: {shapes}); one {tp['batch_tokens']}x{next(iter(tp['corpora'].values()))['hidden']} "
+             f"elementwise op {mm['small_op_us']:.0f} us",
              f"{'corpus':<11}{'rows':>9}{'tok/s':>9}{'GFLOP/s':>9}{'of square':>11}{'of layer':>10}"]
     for name, c in tp["corpora"].items():
         lines.append(f"{name:<11}{c['min_rows']:>4}-{c['max_rows']:<4}{c['tokens_per_s']:>9.0f}{c['gflops']:>9.1f}"
@@ -357,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         dedup = {}
         for name, files in paths.items():
             log(f"dedup: {name}")
-            dedup[name] = bench_dedup(encoder, files, args.sample, rng)
+            dedup[name] = bench_dedup(encoder, files, args, rng)
     texts = {name: d.pop("_texts") for name, d in dedup.items()}
     log("throughput (interleaved with matmul)")
     throughput = bench_throughput(encoder, texts, args, rng)

@@ -145,8 +145,10 @@ def _encode_chunks(work: Path, texts: list[str], config: EncoderConfig, chunk_te
         for c in todo:
             chunk = texts[c * chunk_texts:(c + 1) * chunk_texts]
             vectors, chunk_stats = encoder.encode(chunk, progress=tick)
-            _save_atomic(work / f"chunk-{c:06d}.npy", vectors)
+            # the .npy is the chunk's completion marker, so it is written last: a kill between the two
+            # writes leaves a chunk that is simply encoded again
             write_text_atomic(work / f"chunk-{c:06d}.json", json.dumps(asdict(chunk_stats)))
+            _save_atomic(work / f"chunk-{c:06d}.npy", vectors)
             stats.add(chunk_stats)
         bar.close()
     return stats, len(mine) - len(todo)

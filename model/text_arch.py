@@ -51,6 +51,10 @@ class BehaviourTextArch(nn.Module):
                              f"max length 1; got {lookup.max_lengths}")
         self.lookup, self.aggregator = lookup, aggregator
         self.sequence_keys = list(sequence_keys)
+        # LLM hidden states carry a few huge, nearly constant channels; the variation between users
+        # lives in the rest. A LayerNorm per side rescales that before projecting to D.
+        self.user_norm = nn.LayerNorm(aggregator.hidden_size)
+        self.item_norm = nn.LayerNorm(aggregator.hidden_size)
         self.user_projection = nn.Linear(aggregator.hidden_size, embedding_dim)
         self.item_projection = nn.Linear(aggregator.hidden_size, embedding_dim)
 
@@ -68,7 +72,7 @@ class BehaviourTextArch(nn.Module):
         vectors = torch.stack([looked_up[k][0] for k in self.sequence_keys], dim=1)  # B x N x M x H
         lengths = torch.stack([looked_up[k][1] for k in self.sequence_keys], dim=1)  # B x N
         pooled = self.aggregator(vectors.flatten(0, 1), lengths.flatten())  # (B*N) x H, one shared pass
-        user = self.user_projection(pooled.view(-1, len(self.sequence_keys), self.aggregator.hidden_size))  # B x N x D
+        user = self.user_projection(self.user_norm(pooled.view(-1, len(self.sequence_keys), self.aggregator.hidden_size)))
         item_vectors, item_lengths = looked_up[ITEM_TEXT_KEY]  # B x 1 x H, B
-        item = self.item_projection(self.aggregator(item_vectors, item_lengths))  # B x D
+        item = self.item_projection(self.item_norm(self.aggregator(item_vectors, item_lengths)))  # B x D
         return torch.cat([user, item.unsqueeze(1)], dim=1)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from ctr_data.schema import SampleSchema
+# Small test models run best on one thread, and two processes spinning two OpenMP threads each on
+# a 2-core machine slow each other down a hundredfold; torchrun children get 1 thread anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from ctr_data.schema import SampleSchema  # noqa: E402
 
 
 @pytest.fixture

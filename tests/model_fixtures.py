@@ -37,11 +37,13 @@ class TinyPipeline:
         return SampleReader(self.data).schema
 
 
-def make_tiny_pipeline(root: Path, *, samples: int = 400, seed: int = 0) -> TinyPipeline:
-    llm = make_tiny_llama(root / "llm", layers=TINY_LAYERS, hidden=TINY_HIDDEN)
+def make_tiny_pipeline(root: Path, *, samples: int = 400, seed: int = 0, hidden: int = TINY_HIDDEN,
+                       **synthetic) -> TinyPipeline:
+    llm = make_tiny_llama(root / "llm", layers=TINY_LAYERS, hidden=hidden)
     data = root / "samples.parquet"
-    write_synthetic(SyntheticConfig(num_users=200, num_items=60, num_samples=samples, behaviours_per_sequence=8,
-                                    tokens_per_behaviour=6, distinct_behaviours=40, num_topics=4, seed=seed), data)
+    options = {"num_users": 200, "num_items": 60, "num_samples": samples, "behaviours_per_sequence": 8,
+               "tokens_per_behaviour": 6, "distinct_behaviours": 40, "num_topics": 4, "seed": seed, **synthetic}
+    write_synthetic(SyntheticConfig(**options), data)
     build_store(root / "store", [data], EncoderConfig(model=str(llm), k=K, device="cpu", batch_tokens=64),
                 show_progress=False)
     return TinyPipeline(llm, data, root / "store")

@@ -66,7 +66,7 @@ def test_feature_parallel_equals_each_sequence_type_alone(pipeline):
         looked_up = text.lookup(batch.behaviour_features)
         for i, key in enumerate(text.sequence_keys):
             vectors, lengths = looked_up[key]
-            alone = text.user_projection(text.aggregator(vectors, lengths))
+            alone = text.user_projection(text.user_norm(text.aggregator(vectors, lengths)))
             torch.testing.assert_close(together[:, i], alone, rtol=1e-5, atol=1e-6)
     assert together.shape == (12, len(text.sequence_keys) + 1, 8)
 

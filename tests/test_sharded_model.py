@@ -48,7 +48,8 @@ def test_behaviour_table_is_frozen_in_every_shard(results, sharding):
         assert result["plan"]["model.text_arch.lookup.embedding_collection"] == {"behaviours": sharding}
         assert result["checksums_before"] == result["checksums_after"]
         shards.update(result["checksums_before"])
-        assert result["losses"][-1] < result["losses"][0] - 0.03  # while the model learns
+        losses, epoch = result["losses"], len(result["losses"]) // 4  # 4 passes over the same batches
+        assert sum(losses[-epoch:]) / epoch < sum(losses[:epoch]) / epoch - 0.02  # while the model learns
         assert result["layer_moved"]  # and the deep LLM layers train
     rows = sum(shape[0] for _, _, shape in shards.values())
     columns = sum(shape[1] for _, _, shape in shards.values())
