@@ -21,6 +21,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from model.text_arch import BehaviourTextArch
+from model.token_baseline import TokenLevelTextArch
 
 
 class BAHE(nn.Module):
@@ -31,7 +32,8 @@ class BAHE(nn.Module):
         dense_in_features: number of dense features.
         dense_arch_layer_sizes: DenseArch sizes; the last must be D.
         over_arch_layer_sizes: OverArch sizes, ending in 1.
-        text_arch: the behaviour text arch (None: a plain DLRM, the DLRM-only arm).
+        text_arch: the behaviour text arch, or the token-level baseline's (None: a plain DLRM, the
+            DLRM-only arm). It maps the batch's ``behaviour_features`` to B x T x D text features.
         dense_device: where to build the dense arches.
 
     Example::
@@ -43,7 +45,7 @@ class BAHE(nn.Module):
 
     def __init__(self, embedding_bag_collection: EmbeddingBagCollection, dense_in_features: int,
                  dense_arch_layer_sizes: list[int], over_arch_layer_sizes: list[int],
-                 text_arch: BehaviourTextArch | None = None, dense_device: torch.device | None = None):
+                 text_arch: BehaviourTextArch | TokenLevelTextArch | None = None, dense_device: torch.device | None = None):
         super().__init__()
         configs = embedding_bag_collection.embedding_bag_configs()
         if not configs:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from embeddings.pretrained import DEFAULT_MODEL
 from model.deep_layers import ATTENTIONS, POOLINGS
 
+ARMS = ("bahe", "token_level")
+
 
 @dataclass(frozen=True)
 class TablesConfig:
@@ -71,6 +73,9 @@ class TextConfig:
         sequences: behaviour sequence types to use; () = every type of the data.
         max_behaviours: M, the most recent behaviours kept per sequence.
         gradient_checkpointing: recompute deep-layer activations in backward (saves memory).
+        arm: ``bahe`` (behaviour store + deep layers) or ``token_level`` (the baseline: every
+            behaviour text tokenised and run through layers 0..k+deep; model/token_baseline.py).
+        max_user_tokens: the token-level arm's token budget per user (most recent tokens kept).
     """
 
     store: str
@@ -82,9 +87,15 @@ class TextConfig:
     sequences: tuple[str, ...] = ()
     max_behaviours: int = 50
     gradient_checkpointing: bool = False
+    arm: str = "bahe"
+    max_user_tokens: int = 2048
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sequences", tuple(self.sequences))
+        if self.arm not in ARMS:
+            raise ValueError(f"TextConfig.arm must be one of {ARMS}, got {self.arm!r}")
+        if self.max_user_tokens < 1:
+            raise ValueError(f"TextConfig.max_user_tokens must be >= 1, got {self.max_user_tokens}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"TextConfig.k must be >= 1 (or None for the store's), got {self.k}")
         if self.deep_layers is not None and self.deep_layers < 1:

@@ -18,6 +18,7 @@ from model.behaviour_lookup import BehaviourLookup
 from model.config import BaheModelConfig
 from model.deep_layers import DeepLayerAggregator
 from model.text_arch import ITEM_TEXT_KEY, BehaviourTextArch
+from model.token_baseline import TokenBatcher, TokenLevelTextArch
 
 
 def id_tables(config: BaheModelConfig, schema: SampleSchema, device: torch.device | None = None
@@ -47,8 +48,10 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
     if unknown or not sequences:
         raise ValueError(f"TextConfig.sequences {list(sequences)}: the data has sequence types "
                          f"{list(schema.sequences)}; unknown: {unknown}")
-    store = BehaviourStore.open(text.store)
     model_dir = resolve_model_dir(text.llm)
+    if text.arm == "token_level":
+        return _token_level(config, schema, sequences, table_sizes, model_dir, device)
+    store = BehaviourStore.open(text.store)
     k = text.k if text.k is not None else int(store.manifest["encoder"]["k"])
     store.check(Expected(model_sha256=weights_sha256(model_dir), k=k))
     keys = [SEQ_PREFIX + s for s in sequences]
@@ -61,6 +64,22 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
                  list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
     batcher = SampleBatcher(schema, table_sizes, store.vocabulary, tuple(sequences), text.max_behaviours)
     return model, batcher, store
+
+
+def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table_sizes, model_dir, device):
+    """The token-level baseline arm from the same config: same tables, head and LLM layers."""
+    from transformers import AutoTokenizer
+
+    text = config.text
+    k = text.k if text.k is not None else int(BehaviourStore.open(text.store).manifest["encoder"]["k"])
+    text_arch = TokenLevelTextArch(model_dir, k, text.deep_layers, config.tables.embedding_dim,
+                                   max_user_tokens=text.max_user_tokens, pooling=text.pooling,
+                                   attention=text.attention, gradient_checkpointing=text.gradient_checkpointing)
+    model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
+                 list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
+    batcher = TokenBatcher(schema, table_sizes, None, tuple(sequences), text.max_behaviours,
+                           tokenizer=AutoTokenizer.from_pretrained(model_dir), max_user_tokens=text.max_user_tokens)
+    return model, batcher, None
 
 
 def _dense(device: torch.device | None) -> torch.device | None:

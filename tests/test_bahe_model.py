@@ -113,3 +113,52 @@ def test_config_errors_are_clear(pipeline):
     with pytest.raises(StoreError, match="holds no complete store version"):
         build_model(dataclasses.replace(config, text=dataclasses.replace(config.text, store="/nonexistent")),
                     pipeline.schema)
+
+
+def test_token_level_arm_runs_every_text_through_all_layers(pipeline):
+    """The baseline arm: same tables and head; user texts tokenised, concatenated, most recent kept;
+    the shallow layers frozen (never trained), the deep layers and head trained."""
+    config = pipeline.config()
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, arm="token_level", max_user_tokens=40))
+    torch.manual_seed(0)
+    model, batcher, store = build_model(config, pipeline.schema)
+    assert store is None and model.text_arch.num_text_features == 2
+    table = pipeline.table(16)
+    batch = batcher(table)
+    tokens = batch.behaviour_features["user_tokens"]
+    assert int(tokens.lengths().max()) == 40  # long histories truncated to the budget
+    # the kept tokens are the MOST RECENT: the row's last behaviour text ends the sequence
+    row = next(i for i in range(16) if table.column("seq_app_visit")[i].as_py())
+    last_text = table.column("seq_app_visit")[row].as_py()[-1]
+    last_ids = batcher.tokenizer(last_text, add_special_tokens=False)["input_ids"]
+    row_tokens = tokens.values()[tokens.offsets()[row]:tokens.offsets()[row + 1]].tolist()
+    assert row_tokens[-len(last_ids) - len(batcher._separator):-len(batcher._separator)] == last_ids
+    shallow_before = [p.detach().clone() for p in model.text_arch.shallow.parameters()]
+    train = BAHETrain(model)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss, _ = train(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(shallow_before, model.text_arch.shallow.parameters()))
+    assert model.text_arch.deep.decoder.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_token_level_layers_equal_the_full_models_forward(pipeline):
+    """Shallow (0..k) + deep (k..L) layers of the baseline == the HF model's own forward on the tokens."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    from transformers import AutoModel
+
+    from model.token_baseline import TokenLevelTextArch
+
+    arch = TokenLevelTextArch(pipeline.llm, 2, None, 8, max_user_tokens=12, max_item_tokens=4, pooling="last").eval()
+    tokens = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 7, 8, 9]])
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["user_tokens", "item_tokens"],
+                                                   values=torch.cat([tokens[0], tokens[0, :3]]),
+                                                   lengths=torch.tensor([9, 3]))
+    full = AutoModel.from_pretrained(pipeline.llm).eval()
+    with torch.no_grad():
+        ours = arch._encode(features, "user_tokens")
+        reference = full(input_ids=tokens).last_hidden_state[:, -1]
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
