@@ -72,11 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-distinct", type=int, help="distinct texts per sequence type, and items "
                    "(default 600; quick 100)")
     p.add_argument("--synthetic-samples", type=int, default=40_000, help="synthetic rows (40k rows ~ 1.2M behaviours)")
-    p.add_argument("--repeats", type=int, help="alternating distinct/sample encodes per dataset (default 2; quick 1)")
+    p.add_argument("--repeats", type=int, help="alternating distinct/sample encodes per dataset (default 3; quick 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name, full, quick in (("rounds", 3, 2), ("tp_tokens", 8_000, 3_000), ("sample", 2_000, 300),
-                              ("synthetic_distinct", 600, 100), ("repeats", 2, 1)):
+                              ("synthetic_distinct", 600, 100), ("repeats", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args
@@ -337,12 +337,15 @@ def format_table(res: dict) -> str:
             f"{d['distinct_tokens']:>9,}{d['count_seconds']:>8.1f}{d['distinct_seconds']:>8.1f}"
             f"{d['occurrence_seconds_extrapolated']:>9,.0f}{d['ratio']:>8,.0f}x"
             f"{d['ratio_with_counting']:>10,.0f}x")
-    samples = "; ".join(f"{n}: N={d['sample_occurrences']:,} occurrences in {d['sample_seconds']:.1f}s, "
-        f"by tokens instead {d['occurrence_seconds_extrapolated_by_tokens']:,.0f}s = "
-        f"{d['occurrence_seconds_extrapolated_by_tokens'] / d['distinct_seconds']:,.0f}x"
-        for n, d in dd.items())
     lines.append("* occ s is EXTRAPOLATED linearly (x occurrences / N) from a measured uniform random sample of N "
-        f"occurrences, encoded as a list with repeats ({samples}); count s and dist s are measured")
+                 "occurrences, encoded as a list with repeats; count s and dist s are measured. Per dataset:")
+    for n, d in dd.items():
+        lines.append(f"  {n}: N={d['sample_occurrences']:,} in {d['sample_seconds']:.1f}s; computed tok/s sample "
+                     f"{d['sample_computed_tokens'] / d['sample_seconds']:,.0f}, distinct "
+                     f"{d['distinct_computed_tokens'] / d['distinct_seconds']:,.0f}; scaled by tokens instead of "
+                     f"occurrences {d['occurrence_seconds_extrapolated_by_tokens']:,.0f}s = "
+                     f"{d['occurrence_seconds_extrapolated_by_tokens'] / d['distinct_seconds']:,.0f}x; "
+                     f"token ratio {d['occurrence_tokens'] / d['distinct_tokens']:,.0f}x")
     return "\n".join(lines)
 
 

@@ -5,8 +5,9 @@ sharded by TorchRec's planner over the launch's topology; the deep LLM layers an
 replicated data-parallel. ``behaviour_sharding`` pins the behaviour table's sharding type
 (table_wise, row_wise, column_wise, data_parallel), e.g. row-wise for a store too big for one rank.
 
-On CPU torchrec's EmbeddingBagCollectionSharder does not offer row_wise / table_row_wise; the
-sharder here adds them (they work on CPU with gloo), so a plan tested on a laptop matches the GPU one.
+The behaviour table is kept to table_wise / row_wise / column_wise: the planner would choose
+data_parallel for a small one, and torchrec 1.8's data-parallel EmbeddingCollection is broken
+(docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingType
 
 from model.behaviour_lookup import BEHAVIOUR_TABLE
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+
+
+def _has_behaviour_table(module: nn.Module) -> bool:
+    return any(n.endswith(f"embeddings.{BEHAVIOUR_TABLE}.weight") for n, _ in module.named_parameters())
 
 
 def _behaviour_dim(module: nn.Module) -> int:
@@ -33,18 +37,8 @@ def _behaviour_dim(module: nn.Module) -> int:
     raise ValueError("the module has no behaviour table")
 
 
-class CpuRowWiseEmbeddingBagSharder(EmbeddingBagCollectionSharder):
-    """torchrec's EBC sharder, plus row_wise and table_row_wise on CPU."""
-
-    def sharding_types(self, compute_device_type: str) -> list[str]:
-        types = list(super().sharding_types(compute_device_type))
-        if compute_device_type == "cpu":
-            types += [t for t in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value) if t not in types]
-        return types
-
-
 def sharders() -> list:
-    return [CpuRowWiseEmbeddingBagSharder(), EmbeddingCollectionSharder()]
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
 def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: str | None = None,
@@ -55,7 +49,8 @@ def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: 
     Args:
         module: e.g. ``BAHETrain(model)``; in-backward optimizers must already be attached.
         device: this rank's device (cpu, or cuda:LOCAL_RANK).
-        behaviour_sharding: pin the behaviour table's sharding type (None: the planner chooses).
+        behaviour_sharding: pin the behaviour table's sharding type (None: the planner chooses among
+            table_wise, row_wise and column_wise).
         id_sharding: pin the sharding type of the ``id_tables`` (None: the planner chooses).
         batch_size: per-rank batch size, for the planner's cost model.
     """
@@ -68,11 +63,12 @@ def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: 
                          "(construct_jagged_tensors then fails). A frozen table gains nothing from replication's "
                          "gradient sync anyway; use table_wise (one full copy) or row_wise / column_wise")
     world = dist.get_world_size() if dist.is_initialized() else 1
-    constraints = {}
-    if behaviour_sharding:
-        # column-wise: one column block per rank (the planner would otherwise keep small tables whole)
-        columns = {"min_partition": max(4, _behaviour_dim(module) // world)} if behaviour_sharding == "column_wise" else {}
-        constraints[BEHAVIOUR_TABLE] = ParameterConstraints(sharding_types=[behaviour_sharding], **columns)
+    # the planner would pick data_parallel for a small behaviour table: keep it to the working types
+    allowed = [behaviour_sharding] if behaviour_sharding else ["table_wise", "row_wise", "column_wise"]
+    # column-wise: one column block per rank (the planner would otherwise keep small tables whole)
+    columns = {"min_partition": max(4, _behaviour_dim(module) // world)} if behaviour_sharding == "column_wise" else {}
+    constraints = {BEHAVIOUR_TABLE: ParameterConstraints(sharding_types=allowed, **columns)} \
+        if _has_behaviour_table(module) else {}
     if id_sharding:
         constraints.update({name: ParameterConstraints(sharding_types=[id_sharding]) for name in id_tables})
     planner = EmbeddingShardingPlanner(

@@ -47,3 +47,15 @@ def make_tiny_pipeline(root: Path, *, samples: int = 400, seed: int = 0, hidden:
     build_store(root / "store", [data], EncoderConfig(model=str(llm), k=K, device="cpu", batch_tokens=64),
                 show_progress=False)
     return TinyPipeline(llm, data, root / "store")
+
+
+def split_by_time(pipeline: TinyPipeline, out_dir: Path, fractions=(0.8, 0.1, 0.1)) -> Path:
+    """train/valid/test.parquet from the pipeline's (time-ordered) samples."""
+    from ctr_data.parquet_io import SampleWriter
+
+    table = pipeline.table()
+    cuts = [0, int(table.num_rows * fractions[0]), int(table.num_rows * (fractions[0] + fractions[1])), table.num_rows]
+    for name, start, stop in zip(("train", "valid", "test"), cuts, cuts[1:]):
+        with SampleWriter(out_dir / f"{name}.parquet", pipeline.schema) as writer:
+            writer.write(table.slice(start, stop - start))
+    return out_dir

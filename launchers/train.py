@@ -1,0 +1,103 @@
+"""`bahe-train`: train BAHE, the token-level baseline or the DLRM-only arm; one process per rank.
+
+  torchrun --nproc_per_node 2 -m launchers.train --data-dir runs/demo/data --store runs/demo/store \\
+      --out runs/demo/bahe --steps 200
+  (or through TorchX: python -m launchers.submit --profile local train -- ...)
+
+The same command trains every arm (--arm bahe | token_level | dlrm) from the same tables and head.
+A run folder that holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from embeddings.pretrained import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bahe-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and run")
+    g.add_argument("--data-dir", type=Path, required=True, help="folder with train/valid/test.parquet (bahe-data)")
+    g.add_argument("--out", type=Path, required=True, help="run folder: tensorboard/, checkpoints/, metrics.json")
+    g.add_argument("--arm", choices=("bahe", "token_level", "dlrm"), default="bahe",
+                   help="bahe (default), the token-level LLM baseline, or DLRM without text")
+    g.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
+    g.add_argument("--batch-size", type=int, default=128, help="samples per rank per step (default 128)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate on valid every N steps (default: at the end)")
+    g.add_argument("--eval-batches", type=int, default=None, help="cap on valid batches per periodic evaluation")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    g.add_argument("--stop-at", type=int, default=None,
+                   help="end this invocation after step N with a checkpoint (e.g. a time limit); rerun to resume")
+    g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard points (default 10)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    t = p.add_argument_group("text (ignored by --arm dlrm)")
+    t.add_argument("--store", help="behaviour store folder (bahe-encode build --store ...)")
+    t.add_argument("--llm", default=DEFAULT_MODEL, help=f"the model the store was encoded with (default {DEFAULT_MODEL})")
+    t.add_argument("--k", type=int, default=None, help="shallow layers (default: the store's)")
+    t.add_argument("--deep-layers", type=int, default=None, help="trainable deep layers (default: all the rest)")
+    t.add_argument("--max-behaviours", type=int, default=50, help="M: most recent behaviours per sequence")
+    t.add_argument("--max-user-tokens", type=int, default=2048, help="token budget per user of the token-level arm")
+    t.add_argument("--pooling", choices=("mean", "last"), default="mean")
+    t.add_argument("--attention", choices=("causal", "bidirectional"), default="causal")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    m = p.add_argument_group("tables, head and optimisers")
+    m.add_argument("--embedding-dim", type=int, default=64, help="D of every ID table and text feature")
+    m.add_argument("--table-rows", type=int, default=100_000, help="hash size of each ID table")
+    m.add_argument("--dense-arch", type=int, nargs="+", default=[128, 64], help="DenseArch sizes, ending in D")
+    m.add_argument("--over-arch", type=int, nargs="+", default=[256, 64, 1], help="OverArch sizes, ending in 1")
+    m.add_argument("--sparse-lr", type=float, default=0.05, help="row-wise Adagrad for the ID tables")
+    m.add_argument("--dense-lr", type=float, default=1e-3, help="AdamW for the MLPs and projections")
+    m.add_argument("--llm-lr", type=float, default=1e-4, help="AdamW for the LLM's deep layers")
+    m.add_argument("--warmup-steps", type=int, default=20)
+    m.add_argument("--decay", choices=("cosine", "linear", "none"), default="cosine")
+    m.add_argument("--grad-clip", type=float, default=1.0, help="L2 norm clip of the dense gradients, per group (0: off)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+    from training.config import OptimConfig, TrainConfig
+
+    text = None
+    if args.arm != "dlrm":
+        if not args.store:
+            raise ValueError(f"--arm {args.arm} needs --store (the behaviour store; it also fixes k)")
+        text = TextConfig(store=args.store, llm=args.llm, k=args.k, deep_layers=args.deep_layers,
+                          pooling=args.pooling, attention=args.attention, max_behaviours=args.max_behaviours,
+                          gradient_checkpointing=args.gradient_checkpointing, arm=args.arm,
+                          max_user_tokens=args.max_user_tokens)
+    model = BaheModelConfig(tables=TablesConfig(embedding_dim=args.embedding_dim, default_rows=args.table_rows),
+                            arch=ArchConfig(tuple(args.dense_arch), tuple(args.over_arch)), text=text)
+    optim = OptimConfig(sparse_lr=args.sparse_lr, dense_lr=args.dense_lr, llm_lr=args.llm_lr,
+                        warmup_steps=args.warmup_steps, decay=args.decay, grad_clip=args.grad_clip)
+    return TrainConfig(data_dir=args.data_dir, out_dir=args.out, model=model, optim=optim, batch_size=args.batch_size,
+                       steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at, seed=args.seed,
+                       device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"bahe-train: error: {err}", file=sys.stderr)
+        return 2
+    from training.loop import run_training
+
+    summary = run_training(config)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(json.dumps({k: summary[k] for k in ("steps", "stopped_at", "valid", "test") if k in summary}))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

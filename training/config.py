@@ -1,0 +1,86 @@
+"""What a training run does: data, steps, optimisers, evaluation, logging, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.config import BaheModelConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Args:
+        sparse_lr: row-wise Adagrad (fused, in backward) for the trainable ID tables.
+        dense_lr: AdamW for the MLPs, projections and norms.
+        llm_lr: AdamW for the LLM's deep layers (usually lower than dense_lr).
+        weight_decay: AdamW weight decay (both dense groups).
+        warmup_steps: linear warm-up of the dense learning rates from 10% to 100%.
+        decay: ``cosine`` or ``linear`` decay to 10% over the remaining steps, or ``none``.
+        grad_clip: L2 norm clip of the dense gradients, per group (dense, llm); 0 = off.
+    """
+
+    sparse_lr: float = 0.05
+    dense_lr: float = 1e-3
+    llm_lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    decay: str = "cosine"
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("sparse_lr", "dense_lr", "llm_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"OptimConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("OptimConfig: warmup_steps, grad_clip and weight_decay must be >= 0")
+        if self.decay not in ("cosine", "linear", "none"):
+            raise ValueError(f"OptimConfig.decay must be cosine, linear or none, got {self.decay!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Args:
+        data_dir: folder with train.parquet, valid.parquet, test.parquet (bahe-data writes them).
+        out_dir: run folder: tensorboard/, checkpoints/, metrics.json.
+        model: the model (text None = the DLRM-only arm).
+        optim: optimisers and schedules.
+        batch_size: samples per rank per step.
+        steps: optimisation steps (the data repeats in epochs if needed).
+        eval_every: evaluate on valid every this many steps (0: only at the end).
+        eval_batches: cap on valid batches per evaluation (None: the whole split).
+        checkpoint_every: save a checkpoint every this many steps (0: only at the end).
+        log_every: steps between TensorBoard points.
+        stop_at: end THIS invocation after this step (with a checkpoint), e.g. to fit a cluster's
+            time limit; the next invocation resumes there. The schedule still spans ``steps``.
+        seed: model initialisation and data order.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+
+    data_dir: Path
+    out_dir: Path
+    model: BaheModelConfig = field(default_factory=BaheModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 128
+    steps: int = 100
+    eval_every: int = 0
+    eval_batches: int | None = None
+    checkpoint_every: int = 0
+    log_every: int = 10
+    stop_at: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError(f"TrainConfig: batch_size and steps must be >= 1, got {self.batch_size}, {self.steps}")
+        if min(self.eval_every, self.checkpoint_every) < 0 or self.log_every < 1:
+            raise ValueError("TrainConfig: eval_every and checkpoint_every must be >= 0, log_every >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        for split in ("train", "valid", "test"):
+            if not (self.data_dir / f"{split}.parquet").is_file():
+                raise FileNotFoundError(f"{self.data_dir / (split + '.parquet')} is missing: write the data with "
+                                        "`bahe-data movielens --out DIR` (or synthetic / criteo)")

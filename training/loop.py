@@ -1,0 +1,197 @@
+"""The trainer: DistributedModelParallel + TrainPipelineSparseDist, evaluation, TensorBoard, checkpoints.
+
+One process per rank (torchrun / TorchX). gloo on CPU, nccl on CUDA. Rank 0 writes TensorBoard
+(train loss and NE, eval AUC / NE / log loss / calibration, samples/s across ranks, step time,
+data wait, peak memory, learning rates, and the final hparams) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from ctr_data.parquet_io import SampleReader
+from model.bahe import BAHETrain
+from model.behaviour_lookup import load_store_rows
+from model.factory import build_model
+from model.sharding import shard_model
+from training.checkpoint import Checkpointer
+from training.config import TrainConfig
+from training.data import batches, eval_batches
+from training.metrics import CtrMetrics
+from training.optimizers import attach_sparse_optimizer, build_optimizer
+
+
+def setup_distributed(preference: str) -> tuple[int, int, torch.device]:
+    """Init the process group from torchrun's environment (a single process works too)."""
+    cuda = torch.cuda.is_available() and preference in ("auto", "cuda")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.device is cuda but CUDA is not available here")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain single process: a 1-rank group of its own
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29577"))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
+class TimedIterator:
+    """Wraps an iterator and accumulates the seconds spent waiting for it (the data wait)."""
+
+    def __init__(self, inner: Iterator):
+        self.inner, self.wait = inner, 0.0
+
+    def __iter__(self) -> TimedIterator:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.inner)
+        finally:
+            self.wait += time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def evaluate(model, path: Path, batcher, config: TrainConfig, rank: int, world: int, device,
+             max_batches: int | None) -> dict[str, float]:
+    """Metrics of the model on a split, every rank scoring its own rows (no train pipeline attached)."""
+    model.eval()
+    metrics = CtrMetrics(device)
+    with torch.no_grad():
+        for n, (batch, real) in enumerate(eval_batches(path, batcher, config.batch_size, rank, world)):
+            if max_batches is not None and n >= max_batches:
+                break  # every rank holds the same number of batches, so all stop together
+            _, (_, logits, labels) = model(batch.to(device))
+            metrics.update(torch.sigmoid(logits[:real]), labels[:real])
+    model.train()
+    return metrics.compute()
+
+
+def segment_ends(config: TrainConfig, start: int) -> list[int]:
+    """Steps after which training pauses (evaluation, checkpoint, the end), in order."""
+    last = min(config.steps, config.stop_at or config.steps)
+    ends = {last}
+    for every in (config.eval_every, config.checkpoint_every):
+        if every:
+            ends.update(range(every, last, every))
+    return sorted(e for e in ends if e > start)
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train, evaluate and checkpoint; returns the final metrics (on every rank)."""
+    rank, world, device = setup_distributed(config.device)
+    torch.manual_seed(config.seed)
+    splits = {name: config.data_dir / f"{name}.parquet" for name in ("train", "valid", "test")}
+    schema = SampleReader(splits["train"]).schema
+    model, batcher, store = build_model(config.model, schema, device=torch.device("meta"))
+    attach_sparse_optimizer(model, config.optim)
+    dmp = shard_model(BAHETrain(model), device, batch_size=config.batch_size)
+    if store is not None:
+        load_store_rows(dmp, store)
+    optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
+    checkpointer = Checkpointer(config.out_dir / "checkpoints")
+    start = checkpointer.restore(dmp, optimizer, schedulers)
+    writer = SummaryWriter(str(config.out_dir / "tensorboard")) if rank == 0 else None
+    data = TimedIterator(batches(splits["train"], batcher, config.batch_size, rank, world, skip=start))
+    window = {"loss": 0.0, "steps": 0, "time": 0.0, "wait": 0.0, "pos": 0.0, "n": 0.0}
+    history = []
+    dmp.train()
+    step = start
+    for end in segment_ends(config, start):
+        # One train pipeline per segment, fed exactly end - step batches: it drains completely, so
+        # evaluation and checkpoints never race the batches it prefetches (in-flight collectives).
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
+        segment = itertools.islice(data, end - step)
+        while step < end:
+            begin, wait_before = time.perf_counter(), data.wait
+            loss, logits, labels = pipeline.progress(segment)
+            step += 1
+            for scheduler in schedulers:
+                scheduler.step()
+            window["loss"] += float(loss) * len(labels)
+            window["n"] += len(labels)
+            window["pos"] += float(labels.sum())
+            window["steps"] += 1
+            window["time"] += time.perf_counter() - begin
+            window["wait"] += data.wait - wait_before
+            if step % config.log_every == 0 or step == config.steps:
+                _log_train(writer, window, step, world, device, groups)
+                window = dict.fromkeys(window, 0.0)
+        pipeline.detach()
+        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+            result = evaluate(dmp, splits["valid"], batcher, config, rank, world, device, config.eval_batches)
+            history.append({"step": step, **result})
+            _log_eval(writer, "eval", result, step)
+        if (config.checkpoint_every and step % config.checkpoint_every == 0) or step in (config.steps, config.stop_at):
+            checkpointer.save(step, dmp, optimizer, schedulers)
+    if step < config.steps:  # stopped early on purpose (stop_at): the next invocation resumes from here
+        if writer is not None:
+            writer.close()
+        return {"steps": step, "stopped_at": step}
+    final = {split: evaluate(dmp, splits[split], batcher, config, rank, world, device, None)
+             for split in ("valid", "test")}
+    _log_eval(writer, "eval", final["valid"], config.steps)
+    _log_eval(writer, "test", final["test"], config.steps)
+    summary = {"steps": config.steps, "world_size": world, "valid": final["valid"], "test": final["test"],
+               "history": history, "peak_memory_mb": peak_memory_mb(device)}
+    if writer is not None:
+        writer.add_hparams({"arm": _arm(config), "batch_size": config.batch_size, "steps": config.steps,
+                            "world_size": world, "dense_lr": config.optim.dense_lr, "llm_lr": config.optim.llm_lr},
+                           {f"hparam/test_{k}": v for k, v in final["test"].items() if k != "samples"},
+                           run_name="hparams")
+        writer.close()
+        (config.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _arm(config: TrainConfig) -> str:
+    return "dlrm" if config.model.text is None else config.model.text.arm
+
+
+def _log_train(writer, window, step, world, device, groups) -> None:
+    """All-reduce the window's numbers so the logged throughput is across ranks."""
+    stats = torch.tensor([window["loss"], window["n"], window["pos"], window["time"], window["wait"],
+                          window["steps"]], dtype=torch.float64)
+    dist.all_reduce(stats)
+    if writer is None:
+        return
+    loss_sum, n, pos, seconds, wait, steps = stats.tolist()
+    loss = loss_sum / max(n, 1)
+    rate = min(max(pos / max(n, 1), 1e-7), 1 - 1e-7)
+    entropy = -(rate * torch.log(torch.tensor(rate)) + (1 - rate) * torch.log(torch.tensor(1 - rate))).item()
+    per_rank_time = seconds / world
+    writer.add_scalar("train/loss", loss, step)
+    writer.add_scalar("train/ne", loss / entropy, step)
+    writer.add_scalar("perf/samples_per_s", n / max(per_rank_time, 1e-9), step)
+    writer.add_scalar("perf/step_time_ms", 1000 * per_rank_time / max(steps / world, 1), step)
+    writer.add_scalar("perf/data_wait_ms", 1000 * wait / world / max(steps / world, 1), step)
+    writer.add_scalar("perf/peak_memory_mb", peak_memory_mb(device), step)
+    for name, group in groups.items():
+        writer.add_scalar(f"lr/{name}", group.param_groups[0]["lr"], step)
+
+
+def _log_eval(writer, prefix: str, result: dict, step: int) -> None:
+    if writer is None:
+        return
+    for key in ("auc", "ne", "logloss", "calibration"):
+        writer.add_scalar(f"{prefix}/{key}", result[key], step)
