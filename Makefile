@@ -30,7 +30,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	$(PY) -m launchers.demo --out $(DEMO_DIR)

@@ -1,29 +1,25 @@
 """Behaviour lookup layouts, measured side by side in one run (docs/decisions.md).
 
-Three ways to turn store ids into the B x N x M x H padded behaviour tensor (plus the item text's
-B x 1 x H) that the deep-layer aggregator takes, all from one frozen table ``behaviours``:
+Four ways from store ids to the B x N x M x H padded behaviour tensor (and the item's B x 1 x H) that
+the deep-layer aggregator takes, all from one frozen table ``behaviours``:
 
-* ``ec``: what the repo runs: model.behaviour_lookup.BehaviourLookup (an EmbeddingCollection, keys
-  seq_<n> + item_text, stride B, jagged_to_padded_dense per key) and torch.stack over the N keys,
-  as model/text_arch.py does;
-* ``ec1``: the same EmbeddingCollection with ONE key, rows ordered (n, b) and then the B item rows
-  (stride N*B + B), padded by one jagged_to_padded_dense straight into N x B x M x H (no stack copy;
-  text_arch would then flatten N x B instead of B x N) plus one for the item;
-* ``ebc``: "each position is a bag of one": an EmbeddingBagCollection (sum pooling) on a KJT of
-  stride B*M with the same keys (a sample's item text in its first bag, the other M-1 empty);
-  (B*M) x (N+1)H -> view B x M x (N+1) x H -> permute + copy to B x N x M x H;
-* ``ebc1``: the cheapest bags-of-one layout found: ONE key, bags ordered (n, b, m) and then B item
-  bags, so the output rows ARE the N x B x M x H tensor (a view, no copy, as in ec1) and the item's.
+* ec: the repo's model.behaviour_lookup.BehaviourLookup (EmbeddingCollection, keys seq_<n> +
+  item_text, stride B, jagged_to_padded_dense per key), then torch.stack over N as text_arch does;
+* ec1: the same EC with ONE key, rows (n, b) then the B item rows (stride N*B + B), padded by one
+  jagged_to_padded_dense straight into N x B x M x H (no stack; text_arch would flatten N x B);
+* ebc: bags of one: an EmbeddingBagCollection (sum) on a KJT of stride B*M, keys as ec (the item
+  in a sample's first bag, M-1 empty); (B*M) x (N+1)H -> permute + copy to B x N x M x H;
+* ebc1: bags of one with ONE key, bags (n, b, m) then B item bags: the output rows ARE N x B x M x H.
 
-Every layout runs as plain torchrec modules ("plain") and under DistributedModelParallel with one
-gloo rank, table-wise ("dmp": fbgemm's fused CPU kernels, as in training). The table is frozen as the
-repo freezes it (in-backward SGD, lr=0), so plain backward still computes the table's dense gradient.
-Measures: forward under torch.no_grad, forward with grad, forward + backward of a fixed random output
-gradient; KJT construction from the per-key flat ids + per-sample lengths the batcher holds. Median
-of 3 to --repeats repeats (fewer for slow cells) after one warm-up, all cells of a size interleaved (rotating order) in one process.
-Peak memory: torch.profiler(profile_memory=True), the high-water mark of the running sum of the CPU
-allocator's alloc/free records during one step (torch allocations only, relative to the step start).
-Correctness: every layout and mode equals a direct index of the weights, bit for bit.
+Each runs as plain torchrec modules (plain) and under DistributedModelParallel, one gloo rank,
+table-wise (dmp: fbgemm's fused CPU kernels, as in training), frozen as the repo freezes it
+(in-backward SGD, lr=0; plain backward still builds the table's dense gradient). Timed: forward
+under torch.no_grad, forward with grad, forward + backward of a fixed random output gradient, and
+the KJT construction from the per-key flat ids + per-sample lengths the batcher holds. Median of 3
+to --repeats repeats after a warm-up, every cell of a size interleaved in a rotating order.
+Peak memory: torch.profiler(profile_memory=True), high-water mark of the running sum of the CPU
+allocator's alloc/free records during one step (torch allocations only, from the step's start).
+Correctness: every layout and mode equals direct indexing of the weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -57,17 +54,18 @@ LAYOUTS = ("ec", "ec1", "ebc", "ebc1")
 OTHERS = LAYOUTS[1:]
 MODES = ("plain", "dmp")
 MEASURES = ("no_grad", "fwd", "fwd_bwd")
-# (rows, H, N, M): small and large N x M at both store sizes and both H, the two mixed N x M at 10k x 576
-FULL = [(r, h, n, m) for r in (10_000, 200_000) for h in (64, 576) for n, m in ((2, 20), (3, 50))]
-FULL[4:4] = [(10_000, 576, 2, 50), (10_000, 576, 3, 20)]
+# (rows, H, N, M): both H and small / large N x M at 10k rows (and the mixed N x M at H=576); at 200k rows
+# (where plain backward builds a 460 MB dense table gradient per key) H=64 both, H=576 the largest
+FULL = [(10_000, h, n, m) for h in (64, 576) for n, m in ((2, 20), (3, 50))]
+FULL += [(10_000, 576, 2, 50), (10_000, 576, 3, 20), (200_000, 64, 2, 20), (200_000, 64, 3, 50), (200_000, 576, 3, 50)]
 QUICK = [(10_000, 64, 2, 20), (10_000, 576, 2, 20)]
-CELL_BUDGET_S = 0.8  # seconds of repeats per cell: fast cells get up to --repeats, slow ones (>= 3) fewer
+CELL_BUDGET_S = 0.35  # seconds of repeats per cell: fast cells get up to --repeats, slow ones (>= 3) fewer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.lookup_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"2 sizes {QUICK}, 3 repeats, no JSON unless --json")
+    p.add_argument("--quick", action="store_true", help=f"sizes {QUICK} only, JSON only with --json")
     p.add_argument("--repeats", type=int, default=None, help="most timed repeats per cell (default 15, --quick 7); "
                    f"a cell slower than {CELL_BUDGET_S}/repeats s gets fewer, never under 3")
     p.add_argument("--threads", type=int, default=1,
@@ -85,34 +83,23 @@ def sample_ids(rows: int, n: int, m: int, rng: np.random.Generator) -> dict:
             "item_lengths": has_item, "item_values": rng.integers(0, rows, int(has_item.sum()))}
 
 
-def kjt_ec(s: dict, keys: list[str]) -> KeyedJaggedTensor:
+def kjt_rows(s: dict, keys: list[str]) -> KeyedJaggedTensor:
+    """ec (keys seq_<n> + item_text, stride B) and ec1 (one key, stride N*B + B): the same values and lengths."""
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.from_numpy(np.concatenate([*s["values"], s["item_values"]])),
         lengths=torch.from_numpy(np.concatenate([*s["lengths"], s["item_lengths"]])))
 
 
-def kjt_ec1(s: dict) -> KeyedJaggedTensor:
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[BEHAVIOUR_TABLE], values=torch.from_numpy(np.concatenate([*s["values"], s["item_values"]])),
-        lengths=torch.from_numpy(np.concatenate([*s["lengths"], s["item_lengths"]])))
-
-
-def kjt_ebc(s: dict, keys: list[str], m: int) -> KeyedJaggedTensor:
-    slots = np.arange(m)
-    bags = [(slots < x[:, None]).astype(np.int64).ravel() for x in s["lengths"]]  # B*M bags per key
-    item = np.zeros((B, m), dtype=np.int64)
-    item[:, 0] = s["item_lengths"]
+def kjt_bags(s: dict, keys: list[str], m: int) -> KeyedJaggedTensor:
+    """ebc (keys seq_<n> + item_text, stride B*M) or ebc1 (one key: N*B*M sequence bags, then B item bags)."""
+    bags = [(np.arange(m) < x[:, None]).astype(np.int64).ravel() for x in s["lengths"]]
+    item = s["item_lengths"]
+    if len(keys) > 1:  # the item in each sample's first bag
+        item = np.zeros((B, m), dtype=np.int64)
+        item[:, 0] = s["item_lengths"]
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.from_numpy(np.concatenate([*s["values"], s["item_values"]])),
         lengths=torch.from_numpy(np.concatenate([*bags, item.ravel()])))
-
-
-def kjt_ebc1(s: dict, m: int) -> KeyedJaggedTensor:
-    slots = np.arange(m)
-    bags = [(slots < x[:, None]).astype(np.int64).ravel() for x in s["lengths"]]  # (n, b, m) order
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[BEHAVIOUR_TABLE], values=torch.from_numpy(np.concatenate([*s["values"], s["item_values"]])),
-        lengths=torch.from_numpy(np.concatenate([*bags, s["item_lengths"]])))
 
 
 class Bags(nn.Module):
@@ -151,12 +138,9 @@ def arms(modules: dict, n: int, m: int, h: int) -> dict:
 
 
 def load_weights(module: nn.Module, weights: torch.Tensor) -> None:
-    for name, t in module.state_dict().items():
-        if name.endswith(f"{BEHAVIOUR_TABLE}.weight"):
-            shards = [s.tensor for s in t.local_shards()] if hasattr(t, "local_shards") else [t]
-            with torch.no_grad():
-                for shard in shards:  # one rank, table-wise: the whole table
-                    shard.copy_(weights)
+    (t,) = [t for name, t in module.state_dict().items() if name.endswith(f"{BEHAVIOUR_TABLE}.weight")]
+    with torch.no_grad():  # one rank, table-wise: one shard, the whole table
+        (t.local_shards()[0].tensor if hasattr(t, "local_shards") else t).copy_(weights)
 
 
 def build(mode: str, rows: int, h: int, n: int, m: int, weights: torch.Tensor) -> dict:
@@ -199,7 +183,9 @@ def bench_size(rows: int, h: int, n: int, m: int, modes: tuple[str, ...], repeat
     s = sample_ids(rows, n, m, rng)
     keys = [*(f"seq_{i}" for i in range(n)), "item_text"]
     weights = torch.randn(rows, h, generator=torch.Generator().manual_seed(seed))
-    builders = {"ec": lambda: kjt_ec(s, keys), "ec1": lambda: kjt_ec1(s), "ebc": lambda: kjt_ebc(s, keys, m), "ebc1": lambda: kjt_ebc1(s, m)}
+    one = [BEHAVIOUR_TABLE]
+    builders = {"ec": lambda: kjt_rows(s, keys), "ec1": lambda: kjt_rows(s, one),
+                "ebc": lambda: kjt_bags(s, keys, m), "ebc1": lambda: kjt_bags(s, one, m)}
     kjts = {k: f() for k, f in builders.items()}
     fns = {mode: arms(build(mode, rows, h, n, m, weights), n, m, h) for mode in modes}
     g_seq, g_item = torch.randn(B, n, m, h), torch.randn(B, 1, h)
@@ -290,13 +276,14 @@ def report(results: list[dict], modes: tuple[str, ...], repeats: int) -> list[st
                 for lay in OTHERS:
                     x = r["ms"][f"{measure}/{mode}/{lay}"] / r["ms"][f"{measure}/{mode}/ec"]
                     ratio.setdefault(f"{mode:5} {measure:7}", {}).setdefault(lay, []).append(x)
+                ratio[f"{mode:5} {measure:7}"].setdefault("ebc1/ec1", []).append(
+                    r["ms"][f"{measure}/{mode}/ebc1"] / r["ms"][f"{measure}/{mode}/ec1"])
             exact = all(v for k, v in r["exact"].items() if k.startswith(mode))
             lines.append(f"{r['rows']:>7} {r['H']:>3} {r['N']:>1} {r['M']:>2} {mode:5} | " + " | ".join(cells)
                          + f" | {exact}")
-    lines += ["", "geometric mean of layout/ec over the sizes:  " + " ".join(f"{lay:>5}" for lay in OTHERS)]
+    lines += ["", "geometric mean over the sizes:               " + " ".join(f"{lay:>5}" for lay in OTHERS) + " ebc1/ec1"]
     for key, by_layout in ratio.items():
-        lines.append(f"  {key:42}" + " ".join(f"{float(np.exp(np.mean(np.log(by_layout[lay])))):5.2f}"
-                                             for lay in OTHERS))
+        lines.append(f"  {key:42}" + " ".join(f"{float(np.exp(np.mean(np.log(xs)))):5.2f}" for xs in by_layout.values()))
     lines += ["", "## KJT construction from the per-key flat ids + lengths (ms), and peak memory of one step "
               "(MiB, torch.profiler profile_memory); ec absolute, then layout/ec",
               f"{size} | {'kjt':<26}" + "".join(f" | {mode + ' ' + ms:<26}" for mode in modes
@@ -318,17 +305,21 @@ def main(argv: list[str] | None = None) -> int:
     modes = ("plain",) if args.no_dmp else MODES
     if "dmp" in modes and not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    start = time.time()
-    results = [bench_size(*size, modes, repeats, seed) for seed, size in enumerate(QUICK if args.quick else FULL)]
+    start, load = time.time(), os.getloadavg()[0]
+    results = []
+    for seed, size in enumerate(QUICK if args.quick else FULL):
+        t0 = time.time()
+        results.append({**bench_size(*size, modes, repeats, seed), "seconds": round(time.time() - t0, 1)})
     lines = report(results, modes, repeats)
     facts = structure()
     lines += ["", "## structure (installed torchrec)"] + [f"  {k}: {v}" for k, v in facts.items()]
-    lines.append(f"\n{len(results)} sizes in {time.time() - start:.0f} s")
+    lines.append(f"\n{len(results)} sizes in {time.time() - start:.0f} s; load average {load:.1f} at start, "
+                 f"{os.getloadavg()[0]:.1f} at end, {os.cpu_count()} CPUs")
     print("\n".join(lines))
     target = args.json or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "bench_lookup.json")
     if target:
         target.write_text(json.dumps({
-            "command": "python -m bench.lookup_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": " ".join(["python -m bench.lookup_bench", *(argv if argv is not None else sys.argv[1:])]),
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                        f"threads {torch.get_num_threads()}", "repeats": repeats, "results": results,
             "structure": facts, "table": lines}, indent=1))

@@ -11,8 +11,9 @@ Each rating becomes one sample:
   (multi-valued) and ``cat_release_decade`` (item), each mapped to a stable small integer;
 * ``dense_user_age``; ``dense_user_history`` = log1p(earlier ratings of the user);
   ``dense_user_prior_positive_rate`` and ``dense_item_prior_positive_rate`` (smoothed toward
-  0.5) and ``dense_item_history`` = log1p(earlier ratings of the item) -- all computed only from
-  ratings with a STRICTLY earlier timestamp, so nothing from the future leaks in;
+  0.5), ``dense_user_recent_positive_rate`` (the user's last 20 ratings; 0.5 with none) and
+  ``dense_item_history`` = log1p(earlier ratings of the item) -- all computed only from ratings
+  with a STRICTLY earlier timestamp, so nothing from the future leaks in;
 * ``item_text`` = the title with its year, "Toy Story (1995)";
 * two behaviour sequences, oldest first, from the user's strictly earlier ratings: ``seq_liked``
   (titles rated > 3) and ``seq_disliked`` (titles rated <= 3), each capped to its most recent
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,8 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
           "War", "Western")
 SPLITS = ("train", "valid", "test")
-_PRIOR_WEIGHT = 5.0  # pseudo-ratings at rate 0.5 that smooth the prior positive rates
+_PRIOR_WEIGHT = 5.0
+_RECENT = 20  # ratings in the user's recent positive rate  # pseudo-ratings at rate 0.5 that smooth the prior positive rates
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ class MovieLensConfig:
 def movielens_schema(config: MovieLensConfig) -> SampleSchema:
     return SampleSchema(
         categorical=("gender", "age_band", "occupation", "zip_region", "genres", "release_decade"),
-        dense=("user_age", "user_history", "user_prior_positive_rate", "item_history", "item_prior_positive_rate"),
+        dense=("user_age", "user_history", "user_prior_positive_rate", "user_recent_positive_rate", "item_history",
+               "item_prior_positive_rate"),
         sequences=("liked", "disliked"),
         dataset="movielens-100k",
         extra={"max_history": config.max_history, "label": "rating > 3"},
@@ -210,6 +213,7 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
     disliked: dict[int, list[str]] = defaultdict(list)
     user_seen: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # [ratings, positives]
     item_seen: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    user_recent: dict[int, deque] = defaultdict(lambda: deque(maxlen=_RECENT))
     cap = config.max_history
     start = 0
     while start < len(ratings):  # one group of equal timestamps at a time: features use only the past
@@ -235,6 +239,8 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
             cols["dense_user_age"].append(float(age))
             cols["dense_user_history"].append(math.log1p(u_n))
             cols["dense_user_prior_positive_rate"].append((u_pos + 0.5 * _PRIOR_WEIGHT) / (u_n + _PRIOR_WEIGHT))
+            recent = user_recent[user]
+            cols["dense_user_recent_positive_rate"].append(sum(recent) / len(recent) if recent else 0.5)
             cols["dense_item_history"].append(math.log1p(i_n))
             cols["dense_item_prior_positive_rate"].append((i_pos + 0.5 * _PRIOR_WEIGHT) / (i_n + _PRIOR_WEIGHT))
             cols["item_text"].append(title)
@@ -243,6 +249,7 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
         for _, user, item, rating in group:
             positive = rating > 3
             (liked if positive else disliked)[user].append(raw.items[item][0])
+            user_recent[user].append(positive)
             user_seen[user][0] += 1
             user_seen[user][1] += positive
             item_seen[item][0] += 1

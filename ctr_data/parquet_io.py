@@ -187,6 +187,16 @@ class SampleReader:
             yield validate_batch(batch, self.schema, path=self.path, row_offset=offset)
             offset += batch.num_rows
 
+    @property
+    def num_row_groups(self) -> int:
+        return self._file.metadata.num_row_groups
+
+    def read_row_group(self, index: int) -> pa.Table:
+        """One row group, validated (row numbers in errors count over the whole file)."""
+        offset = sum(self._file.metadata.row_group(i).num_rows for i in range(index))
+        table = self._file.read_row_group(index, columns=self.schema.arrow_schema().names)
+        return validate_batch(table, self.schema, path=self.path, row_offset=offset)
+
     def read_all(self) -> pa.Table:
         """The whole file as one validated table (small files and tests only)."""
         tables = list(self.iter_batches())

@@ -86,3 +86,19 @@ def test_a_stopped_run_resumes_to_the_same_result(setup, full_run):
     for split in ("valid", "test"):
         for key in ("auc", "ne", "logloss", "calibration"):
             assert resumed[split][key] == pytest.approx(expected[split][key], abs=1e-6), (split, key)
+
+
+def test_evaluate_rescores_the_latest_checkpoint(setup, full_run, tmp_path):
+    """bahe-evaluate restores the final checkpoint and reproduces the run's own final metrics."""
+    pipeline, data, _ = setup
+    expected, run = full_run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29564",
+           "-m", "launchers.evaluate", "--checkpoint", str(run), "--out", str(tmp_path), "--data-dir", str(data),
+           "--store", str(pipeline.store), "--llm", str(pipeline.llm), "--embedding-dim", "16", "--dense-arch", "32",
+           "16", "--over-arch", "32", "1", "--table-rows", "1000", "--max-behaviours", "6", "--batch-size", "32"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert result["step"] == 40
+    assert result["test"]["auc"] == pytest.approx(expected["test"]["auc"], abs=1e-6)

@@ -1,7 +1,10 @@
 """Per-rank batches from sample files: streaming, deterministic, resumable, equal-sized.
 
-The file is read in global batches of ``batch_size * world`` rows (row groups stream; the file is
-never loaded whole); rank r takes rows [r * batch_size, (r + 1) * batch_size) of each. Every rank
+The file is read in global batches of ``batch_size * world`` rows (one row group in memory at a
+time; the file is never loaded whole); rank r takes rows [r * batch_size, (r + 1) * batch_size) of
+each. Training shuffles within the split, which stays entirely earlier than valid and test: each
+epoch visits the row groups in a seeded random order and permutes the rows inside each one (a
+time-ordered stream would feed whole sessions of one user per batch). Every rank
 gets a batch of exactly ``batch_size`` rows at every step -- the sharded tables' collectives run in
 lockstep, and gloo's all-to-all needs equal sizes -- so training drops a final partial global
 batch, and evaluation pads it with repeated rows that are masked out of the metrics. Batch n of a
@@ -19,36 +22,56 @@ import pyarrow as pa
 from ctr_data.parquet_io import SampleReader
 
 
-def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bool, skip: int = 0
+def _training_stream(reader: SampleReader, seed: int) -> Iterator[pa.Table]:
+    """Row groups in a seeded random order per epoch, rows permuted inside each; forever."""
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, epoch])
+        for index in rng.permutation(reader.num_row_groups):
+            group = reader.read_row_group(int(index))
+            yield group.take(pa.array(rng.permutation(group.num_rows)))
+        epoch += 1
+
+
+def _global_batches(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Re-cut a stream of tables into tables of exactly ``size`` rows (a last shorter one at the end)."""
+    pending: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        pending.append(table)
+        count += table.num_rows
+        while count >= size:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, size)
+            rest = joined.slice(size)
+            pending, count = [rest], rest.num_rows
+    if count:
+        yield pa.concat_tables(pending)
+
+
+def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bool, skip: int = 0, seed: int = 0
                 ) -> Iterator[tuple[pa.Table, int]]:
     """Yield (table of exactly ``batch_size`` rows, number of real rows in it) for this rank.
 
     Args:
-        train: repeat the file forever and drop a final partial global batch; otherwise one pass,
-            the last global batch padded with repeated rows (real rows first).
+        train: shuffled (see the module doc) and endless; otherwise one pass in file order, the last
+            global batch padded with repeated rows (real rows first).
         skip: global batches to skip first (resuming at a data position).
+        seed: the training order's seed (the same on every rank).
     """
     reader = SampleReader(path)
     size = batch_size * world
     if train and reader.num_rows < size:
         raise ValueError(f"{path} has {reader.num_rows} rows, fewer than one global batch ({batch_size} x {world} "
                          "ranks); lower --batch-size")
-    produced = 0
-    while True:
-        for table in reader.iter_batches(size):
-            if table.num_rows < size:
-                if train:
-                    continue
-                real = table.num_rows
-                table = table.take(pa.array(np.arange(size) % real))
-            else:
-                real = size
-            produced += 1
-            if produced <= skip:
-                continue
-            yield table.slice(rank * batch_size, batch_size), int(np.clip(real - rank * batch_size, 0, batch_size))
-        if not train:
-            return
+    source = _training_stream(reader, seed) if train else reader.iter_batches(size)
+    for produced, table in enumerate(_global_batches(source, size), start=1):
+        if produced <= skip:
+            continue
+        real = table.num_rows
+        if real < size:  # only the last batch of an evaluation pass
+            table = table.take(pa.array(np.arange(size) % real))
+        yield table.slice(rank * batch_size, batch_size), int(np.clip(real - rank * batch_size, 0, batch_size))
 
 
 def batches(path: Path, batcher: Callable, batch_size: int, rank: int, world: int, **kw) -> Iterator:

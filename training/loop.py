@@ -111,8 +111,9 @@ def run_training(config: TrainConfig) -> dict:
     optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
     checkpointer = Checkpointer(config.out_dir / "checkpoints")
     start = checkpointer.restore(dmp, optimizer, schedulers)
-    writer = SummaryWriter(str(config.out_dir / "tensorboard")) if rank == 0 else None
-    data = TimedIterator(batches(splits["train"], batcher, config.batch_size, rank, world, skip=start))
+    writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
+    data = TimedIterator(batches(splits["train"], batcher, config.batch_size, rank, world, skip=start,
+                                 seed=config.seed))
     window = {"loss": 0.0, "steps": 0, "time": 0.0, "wait": 0.0, "pos": 0.0, "n": 0.0}
     history = []
     dmp.train()
