@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     build.add_argument("--max-tokens", type=int, default=64, help="longer texts are truncated (default 64)")
-    build.add_argument("--batch-tokens", type=int, default=256,
-                       help="tokens per micro-batch; fixes the batch shape per text length (default 256)")
+    build.add_argument("--batch-tokens", type=int, default=128,
+                       help="tokens per micro-batch; fixes the batch shape per text length (default 128; raise it on a GPU)")
     build.add_argument("--dynamic-shapes", action="store_true",
                        help="skip the filler rows that keep batch shapes fixed: less compute on small stores, "
                             "but vectors are no longer byte-identical across refreshes, resumes and ranks")

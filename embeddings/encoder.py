@@ -39,6 +39,8 @@ class EncoderConfig:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
         max_tokens: longer texts are truncated to this many tokens (counted and reported).
         batch_tokens: tokens per micro-batch; fixes the batch shape per text length (module doc).
+            128 keeps the filler under 10% even on a small store such as MovieLens' 1,664 titles
+            (docs/bench_encode.md); raise it on a GPU, where bigger batches pay.
         fixed_shapes: fill each length's last micro-batch up to the fixed shape, so vectors are
             byte-identical however texts are batched (default). False skips the filler: less
             compute on small stores, but vectors may then differ in the last bits between runs.
@@ -51,7 +53,7 @@ class EncoderConfig:
     dtype: str = "float32"
     device: str = "auto"
     max_tokens: int = 64
-    batch_tokens: int = 256
+    batch_tokens: int = 128
     fixed_shapes: bool = True
     trust_remote_code: bool = False
 

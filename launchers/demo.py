@@ -21,7 +21,7 @@ from pathlib import Path
 
 PRESETS = {
     # k shallow layers, deep layers, history cap, steps, per-rank batch
-    "cpu": {"k": 4, "deep_layers": 1, "max_history": 10, "steps": 300, "batch_size": 64},
+    "cpu": {"k": 4, "deep_layers": 1, "max_history": 5, "steps": 1000, "batch_size": 64},
     "full": {"k": 8, "deep_layers": 22, "max_history": 50, "steps": 5000, "batch_size": 256},
 }
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resolve_model_dir("smollm2-135m")  # the one-time GGUF conversion, before the ranks start
     _launch("encode", ["--store", str(out / "store"), "--data", ",".join(str(p) for p in paths.values()),
-                       "--k", str(preset["k"]), "--quiet"], args.profile)
+                       "-k", str(preset["k"]), "--quiet", "True"], args.profile)
     timings["store"] = time.perf_counter() - start - sum(timings.values())
 
     run = out / "bahe"
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--batch-size", str(preset["batch_size"]), "--deep-layers", str(preset["deep_layers"]),
                       "--max-behaviours", str(preset["max_history"]), "--embedding-dim", "32",
                       "--dense-arch", "64", "32", "--over-arch", "128", "32", "1", "--table-rows", "2000",
-                      "--dense-lr", "3e-3", "--llm-lr", "3e-4", "--log-every", "25"], args.profile)
+                      "--dense-lr", "3e-3", "--llm-lr", "1e-3", "--log-every", "25"], args.profile)
     timings["train"] = time.perf_counter() - start - sum(timings.values())
 
     print("\n[4/5] evaluate: test split, and the non-learned floor", flush=True)

@@ -181,6 +181,8 @@ def _log_train(writer, window, step, world, device, groups) -> None:
     rate = min(max(pos / max(n, 1), 1e-7), 1 - 1e-7)
     entropy = -(rate * torch.log(torch.tensor(rate)) + (1 - rate) * torch.log(torch.tensor(1 - rate))).item()
     per_rank_time = seconds / world
+    print(f"step {step}: train loss {loss:.4f}, NE {loss / entropy:.4f}, {n / max(per_rank_time, 1e-9):,.0f} samples/s",
+          flush=True)
     writer.add_scalar("train/loss", loss, step)
     writer.add_scalar("train/ne", loss / entropy, step)
     writer.add_scalar("perf/samples_per_s", n / max(per_rank_time, 1e-9), step)
