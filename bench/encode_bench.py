@@ -250,10 +250,17 @@ def pad_to_longest_waste(lengths: np.ndarray, batch: int, sort: bool) -> float:
     return 1.0 - float(order.sum()) / computed
 
 
+def default_label(encoder: ShallowEncoder) -> str:
+    c = encoder.config
+    return f"B={c.batch_tokens} fixed" if c.fixed_shapes else f"B={c.batch_tokens} fixed_shapes=False"
+
+
 def bench_padding(encoder: ShallowEncoder, texts: list[str], tp_batch_tokens: int) -> dict:
     settings = {f"B={b} fixed": {"batch_tokens": b, "fixed_shapes": True}
-                for b in sorted({128, 256, 512, 1024, tp_batch_tokens})}
-    settings["B=256 fixed_shapes=False"] = {"batch_tokens": 256, "fixed_shapes": False}
+                for b in sorted({64, 128, 256, 512, 1024, tp_batch_tokens, encoder.config.batch_tokens})
+                if b >= encoder.config.max_tokens}
+    settings[f"B={encoder.config.batch_tokens} fixed_shapes=False"] = {"batch_tokens": encoder.config.batch_tokens,
+                                                                     "fixed_shapes": False}
     out = {}
     for label, changes in settings.items():
         enc = variant(encoder, stub=True, **changes)
@@ -263,8 +270,8 @@ def bench_padding(encoder: ShallowEncoder, texts: list[str], tp_batch_tokens: in
                       "padding_waste": stats.padding_waste, "micro_batches": batches,
                       "mean_rows": stats.texts / batches}
     lengths = np.array([len(x) for x in encoder.tokenize(texts)[0]])
-    same = max(1, round(out["B=256 fixed"]["mean_rows"]))
-    for batch, tag in ((same, "same rows as B=256"), (MIN_ROWS, f"b={MIN_ROWS}")):
+    same = max(1, round(out[default_label(encoder)]["mean_rows"]))
+    for batch, tag in ((same, "same rows as default"), (MIN_ROWS, f"b={MIN_ROWS}")):
         for sort in (True, False):
             label = f"pad-to-longest, {tag}, {'length-sorted' if sort else 'vocab order'}"
             out[label] = {"padding_waste": pad_to_longest_waste(lengths, batch, sort), "batch": batch}
@@ -346,9 +353,12 @@ def format_table(res: dict) -> str:
               f"{'setting':<50}" + "".join(f"{n:>11}" for n in names)]
     for label in pad[names[0]]:
         lines.append(f"{label:<50}" + "".join(f"{pad[n][label]['padding_waste']:>11.1%}" for n in names))
-    same = ", ".join(f"{n} {p['pad-to-longest, same rows as B=256, length-sorted']['batch']}" for n, p in pad.items())
-    lines.append(f"(B = batch_tokens; 'same rows as B=256' = its mean rows per micro-batch: {same})")
-    lines += ["", "## dedup win (default settings: batch_tokens=256, fixed_shapes=True)",
+    same = ", ".join(f"{n} {p['pad-to-longest, same rows as default, length-sorted']['batch']}" for n, p in pad.items())
+    enc = res["config"]["encoder"]
+    lines.append(f"(B = batch_tokens; default = EncoderConfig(): B={enc['batch_tokens']} "
+                 f"fixed_shapes={enc['fixed_shapes']}, mean rows per micro-batch {same})")
+    lines += ["", f"## dedup win (default settings: batch_tokens={enc['batch_tokens']}, "
+              f"fixed_shapes={enc['fixed_shapes']})",
               f"{'dataset':<10}{'occurrences':>12}{'distinct':>9}{'tok occ':>12}{'tok dist':>9}{'count s':>8}"
               f"{'dist s':>8}{'occ s*':>9}{'occ/dist':>9}{'incl count':>11}"]
     for name, d in dd.items():
@@ -401,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     log("padding waste")
     padding = {name: bench_padding(encoder, t, throughput["batch_tokens"]) for name, t in texts.items()}
     for name, d in dedup.items():  # the stubbed batching must count exactly what the real run did
-        stub = padding[name]["B=256 fixed"]
+        stub = padding[name][default_label(encoder)]
         d["stub_matches_real_run"] = d.pop("distinct_stats") == {k: stub[k] for k in ("tokens", "computed_tokens")}
     machine["loadavg_end"] = os.getloadavg()
     config = {**{k: v for k, v in vars(args).items() if k != "out"}, "encoder": dataclasses.asdict(encoder.config),

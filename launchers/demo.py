@@ -21,7 +21,7 @@ from pathlib import Path
 
 PRESETS = {
     # k shallow layers, deep layers, history cap, steps, per-rank batch
-    "cpu": {"k": 4, "deep_layers": 1, "max_history": 5, "steps": 1000, "batch_size": 64},
+    "cpu": {"k": 4, "deep_layers": 1, "max_history": 5, "steps": 600, "batch_size": 64},
     "full": {"k": 8, "deep_layers": 22, "max_history": 50, "steps": 5000, "batch_size": 256},
 }
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launchers.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where every output goes (runs/demo)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (about 10 min) or full")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (about 6 min on 2 cores) or full")
     parser.add_argument("--profile", default="local", help="launch profile of torchx.yaml (default local: 1x2 CPU)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     args = parser.parse_args(argv)

@@ -15,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from launchers.train import build_parser, config_from_args
+from launchers.train import build_parser, config_from_args, quiet_library_deprecations
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_deprecations()
     parser = build_parser()
     parser.prog, parser.description = "bahe-evaluate", __doc__
     parser.add_argument("--checkpoint", type=Path, required=True, help="the training run folder (its --out)")

@@ -81,7 +81,18 @@ def config_from_args(args: argparse.Namespace):
                        device=args.device)
 
 
+def quiet_library_deprecations() -> None:
+    """torch / torchrec deprecation notices (ShardedTensor, fx tracing, DDP arguments) are not the
+    user's to act on; every other warning still shows."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_deprecations()
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
