@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -132,6 +133,8 @@ def _encode_chunks(work: Path, texts: list[str], config: EncoderConfig, chunk_te
     todo = [c for c in mine if not (work / f"chunk-{c:06d}.npy").is_file()]
     stats = EncodeStats()
     if todo:
+        if config.device in ("auto", "cuda") and torch.cuda.is_available():  # one GPU per rank, not all on GPU 0
+            config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         encoder = ShallowEncoder(config)
         total = sum(len(texts[c * chunk_texts:(c + 1) * chunk_texts]) for c in todo)
         bar = tqdm(total=total, unit="text", desc=f"encode rank {rank}", disable=not show_progress, file=sys.stderr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
@@ -121,7 +120,3 @@ class TokenBatcher(SampleBatcher):
         batch = super().__call__(table)
         batch.behaviour_features = self._token_features(table)
         return batch
-
-    def user_token_lengths(self, table: pa.Table) -> np.ndarray:
-        """Tokens per user after truncation (for reporting the text length of a dataset)."""
-        return self._token_features(table)[USER_TOKENS].lengths().numpy()
