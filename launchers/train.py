@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at", type=int, default=None,
                    help="end this invocation after step N with a checkpoint (e.g. a time limit); rerun to resume")
     g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard points (default 10)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="model initialisation and training order")
+    g.add_argument("--no-shuffle", action="store_true", help="train in file (time) order instead of shuffled")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     t = p.add_argument_group("text (ignored by --arm dlrm)")
     t.add_argument("--store", help="behaviour store folder (bahe-encode build --store ...)")
@@ -77,7 +78,7 @@ def config_from_args(args: argparse.Namespace):
                         warmup_steps=args.warmup_steps, decay=args.decay, grad_clip=args.grad_clip)
     return TrainConfig(data_dir=args.data_dir, out_dir=args.out, model=model, optim=optim, batch_size=args.batch_size,
                        steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at, shuffle=not args.no_shuffle, seed=args.seed,
                        device=args.device)
 
 

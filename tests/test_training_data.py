@@ -69,3 +69,8 @@ def test_non_learned_floor_on_movielens(tmp_path):
     write_movielens(MovieLensConfig(max_history=2), tmp_path)
     floor = non_learned_baseline(tmp_path)
     assert 0.70 < floor["test"] < 0.78 and 0.70 < floor["valid"] < 0.78
+
+
+def test_no_shuffle_trains_in_file_order(samples):
+    batches = take(rank_tables(samples, 4, 0, 2, train=True, shuffle=False), 3)
+    assert [ids(t) for t, _ in batches] == [[0, 1, 2, 3], [8, 9, 10, 11], [16, 17, 18, 19]]

@@ -53,6 +53,7 @@ class TrainConfig:
         log_every: steps between TensorBoard points.
         stop_at: end THIS invocation after this step (with a checkpoint), e.g. to fit a cluster's
             time limit; the next invocation resumes there. The schedule still spans ``steps``.
+        shuffle: shuffle the train split (seeded; default). False trains in file (time) order.
         seed: model initialisation and data order.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
@@ -68,6 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     stop_at: int | None = None
+    shuffle: bool = True
     seed: int = 0
     device: str = "auto"
 

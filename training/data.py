@@ -22,14 +22,15 @@ import pyarrow as pa
 from ctr_data.parquet_io import SampleReader
 
 
-def _training_stream(reader: SampleReader, seed: int) -> Iterator[pa.Table]:
-    """Row groups in a seeded random order per epoch, rows permuted inside each; forever."""
+def _training_stream(reader: SampleReader, seed: int, shuffle: bool) -> Iterator[pa.Table]:
+    """Row groups in a seeded random order per epoch, rows permuted inside each (or file order); forever."""
     epoch = 0
     while True:
         rng = np.random.default_rng([seed, epoch])
-        for index in rng.permutation(reader.num_row_groups):
+        order = rng.permutation(reader.num_row_groups) if shuffle else range(reader.num_row_groups)
+        for index in order:
             group = reader.read_row_group(int(index))
-            yield group.take(pa.array(rng.permutation(group.num_rows)))
+            yield group.take(pa.array(rng.permutation(group.num_rows))) if shuffle else group
         epoch += 1
 
 
@@ -49,13 +50,13 @@ def _global_batches(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]
         yield pa.concat_tables(pending)
 
 
-def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bool, skip: int = 0, seed: int = 0
-                ) -> Iterator[tuple[pa.Table, int]]:
+def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bool, skip: int = 0, seed: int = 0,
+                shuffle: bool = True) -> Iterator[tuple[pa.Table, int]]:
     """Yield (table of exactly ``batch_size`` rows, number of real rows in it) for this rank.
 
     Args:
-        train: shuffled (see the module doc) and endless; otherwise one pass in file order, the last
-            global batch padded with repeated rows (real rows first).
+        train: endless, shuffled unless ``shuffle`` is False (see the module doc); otherwise one pass
+            in file order, the last global batch padded with repeated rows (real rows first).
         skip: global batches to skip first (resuming at a data position).
         seed: the training order's seed (the same on every rank).
     """
@@ -64,7 +65,7 @@ def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bo
     if train and reader.num_rows < size:
         raise ValueError(f"{path} has {reader.num_rows} rows, fewer than one global batch ({batch_size} x {world} "
                          "ranks); lower --batch-size")
-    source = _training_stream(reader, seed) if train else reader.iter_batches(size)
+    source = _training_stream(reader, seed, shuffle) if train else reader.iter_batches(size)
     for produced, table in enumerate(_global_batches(source, size), start=1):
         if produced <= skip:
             continue

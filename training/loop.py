@@ -113,7 +113,7 @@ def run_training(config: TrainConfig) -> dict:
     start = checkpointer.restore(dmp, optimizer, schedulers)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
     data = TimedIterator(batches(splits["train"], batcher, config.batch_size, rank, world, skip=start,
-                                 seed=config.seed))
+                                 seed=config.seed, shuffle=config.shuffle))
     window = {"loss": 0.0, "steps": 0, "time": 0.0, "wait": 0.0, "pos": 0.0, "n": 0.0}
     history = []
     dmp.train()
