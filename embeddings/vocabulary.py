@@ -104,18 +104,7 @@ class BehaviourVocabulary:
 
     def lookup(self, texts: Iterable[str]) -> list[int]:
         """Ids of texts: PAD_ID for an empty text, UNKNOWN_ID (counted) for one never encoded."""
-        ids = []
-        for text in texts:
-            norm = normalize_text(text)
-            if not norm:
-                ids.append(PAD_ID)
-                continue
-            found = self._index.get(norm)
-            if found is None:
-                self.unknown_lookups += 1
-                found = UNKNOWN_ID
-            ids.append(found)
-        return ids
+        return self.lookup_array(pa.array(list(texts), pa.string())).tolist()
 
     def lookup_array(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Vectorised :meth:`lookup` over an Arrow string array; returns int64 ids."""
