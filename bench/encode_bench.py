@@ -15,14 +15,13 @@ shifts both sides. What each figure means:
   the matmul rates measured just before and just after that encode pass, median over the rounds;
   and "best": the fastest encode pass over the fastest matmul run. Other work on the cores slows
   the encoder's many small ops far more than one large matmul, so "best" is the closest to a quiet
-  machine.
-  Also shown: the latency of one small elementwise op, which the encoder runs ~50 times per layer.
+  machine. Also shown: the latency of one small elementwise op (the encoder runs ~50 per layer).
 * padding waste: 1 - real tokens / computed tokens, from the EncodeStats of ShallowEncoder.encode's
   own batching with the model call stubbed out (the counts do not depend on its output; checked
   against the real default run), next to a conventional pad-to-longest batching of the same batch
   size, with texts sorted by length or in vocabulary (alphabetical) order.
-* dedup win: time to encode every distinct text (count_texts + encode, measured) versus every
-  occurrence, which is EXTRAPOLATED linearly from a measured uniform random sample of N occurrences
+* dedup win: time to encode every distinct text (measured; "incl count" adds the count_texts time)
+  versus every occurrence, which is EXTRAPOLATED linearly from a measured uniform random sample of N occurrences
   encoded as a list with repeats, exactly as a per-occurrence encoder would. The two are timed one
   micro-batch at a time (the micro-batches one encode() call would run), alternating, so contention
   hits both alike; each micro-batch's time is the fastest of --repeats runs.
@@ -69,19 +68,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=6, help="shallow layers")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: %(default)s)")
     p.add_argument("--rounds", type=int, help="interleaved matmul/encode rounds (default 5; quick 2)")
-    p.add_argument("--tp-tokens", type=int, help="tokens per throughput pass and corpus (default 6000; quick 3000)")
+    p.add_argument("--tp-tokens", type=int, help="tokens per throughput pass and corpus (default 8000; quick 3000)")
     p.add_argument("--tp-batch-tokens", type=int, help="batch_tokens of the throughput passes (default: 64 x the "
                    "90th percentile token length, so rows >= 64)")
-    p.add_argument("--sample", type=int, help="occurrences encoded per dataset to extrapolate (default 1500; quick 300)")
+    p.add_argument("--sample", type=int, help="occurrences encoded per dataset to extrapolate (default 2500; quick 300)")
     p.add_argument("--synthetic-distinct", type=int, help="distinct texts per sequence type, and items "
-                   "(default 500; quick 100)")
+                   "(default 800; quick 100)")
     p.add_argument("--synthetic-samples", type=int, default=40_000, help="synthetic rows (40k rows ~ 1.2M behaviours)")
-    p.add_argument("--repeats", type=int, help="timed runs of each length group in the dedup section, fastest kept "
+    p.add_argument("--repeats", type=int, help="timed runs of each micro-batch in the dedup section, fastest kept "
                    "(default 2; quick 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name, full, quick in (("rounds", 5, 2), ("tp_tokens", 6_000, 3_000), ("sample", 1_500, 300),
-                              ("synthetic_distinct", 500, 100), ("repeats", 2, 1)):
+    for name, full, quick in (("rounds", 5, 2), ("tp_tokens", 8_000, 3_000), ("sample", 2_500, 300),
+                              ("synthetic_distinct", 800, 100), ("repeats", 2, 1)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args
