@@ -13,11 +13,11 @@ from ctr_data.schema import SEQ_PREFIX, SampleSchema
 from embeddings.pretrained import resolve_model_dir, weights_sha256
 from embeddings.store import BehaviourStore, Expected
 from model.bahe import BAHE
-from model.batch import SampleBatcher, id_feature_names
+from model.batch import ITEM_TEXT_KEY, SampleBatcher, id_feature_names
 from model.behaviour_lookup import BehaviourLookup
 from model.config import BaheModelConfig
 from model.deep_layers import DeepLayerAggregator
-from model.text_arch import ITEM_TEXT_KEY, BehaviourTextArch
+from model.text_arch import BehaviourTextArch
 from model.token_baseline import TokenBatcher, TokenLevelTextArch
 
 

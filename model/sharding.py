@@ -26,15 +26,9 @@ from model.behaviour_lookup import BEHAVIOUR_TABLE
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 
 
-def _has_behaviour_table(module: nn.Module) -> bool:
-    return any(n.endswith(f"embeddings.{BEHAVIOUR_TABLE}.weight") for n, _ in module.named_parameters())
-
-
-def _behaviour_dim(module: nn.Module) -> int:
-    for name, param in module.named_parameters():
-        if name.endswith(f"embeddings.{BEHAVIOUR_TABLE}.weight"):
-            return int(param.shape[1])
-    raise ValueError("the module has no behaviour table")
+def _behaviour_table(module: nn.Module) -> nn.Parameter | None:
+    """The behaviour table's weight, or None for a model without text (the DLRM-only arm)."""
+    return next((p for n, p in module.named_parameters() if n.endswith(f"embeddings.{BEHAVIOUR_TABLE}.weight")), None)
 
 
 def sharders() -> list:
@@ -66,9 +60,11 @@ def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: 
     # the planner would pick data_parallel for a small behaviour table: keep it to the working types
     allowed = [behaviour_sharding] if behaviour_sharding else ["table_wise", "row_wise", "column_wise"]
     # column-wise: one column block per rank (the planner would otherwise keep small tables whole)
-    columns = {"min_partition": max(4, _behaviour_dim(module) // world)} if behaviour_sharding == "column_wise" else {}
+    table = _behaviour_table(module)
+    columns = {"min_partition": max(4, int(table.shape[1]) // world)} \
+        if behaviour_sharding == "column_wise" and table is not None else {}
     constraints = {BEHAVIOUR_TABLE: ParameterConstraints(sharding_types=allowed, **columns)} \
-        if _has_behaviour_table(module) else {}
+        if table is not None else {}
     if id_sharding:
         constraints.update({name: ParameterConstraints(sharding_types=[id_sharding]) for name in id_tables})
     planner = EmbeddingShardingPlanner(

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from model.batch import ITEM_TEXT_KEY
 from model.behaviour_lookup import BehaviourLookup
 from model.deep_layers import DeepLayerAggregator
-
-ITEM_TEXT_KEY = "item_text"
 
 
 class BehaviourTextArch(nn.Module):
