@@ -284,3 +284,55 @@ def convert_criteo_tsv(
             for table in iter_criteo_tsv(path, block_size=block_size, first_timestamp=writer.rows_written):
                 writer.write(table)
         return writer.rows_written
+
+
+def _count_lines(path: Path) -> int:
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+def write_criteo_splits(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                        block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, Path]:
+    """Criteo TSV day files -> ``train/valid/test.parquet`` in ``out_dir``, in time order.
+
+    Several days follow dlrm_main: every day but the last trains, and the last day's first half
+    validates and its second half tests. A single file splits its rows 80% / 10% / 10% in order.
+    Each file appears only once complete (see :func:`convert_criteo_tsv`).
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise ValueError("write_criteo_splits: no input files given")
+    for path in paths:
+        if not path.is_file():
+            raise DataError("no such Criteo TSV file", path=path)
+    sizes = [_count_lines(p) for p in paths]
+    total = sum(sizes)
+    if len(paths) > 1:
+        train_end = total - sizes[-1]
+        valid_end = train_end + sizes[-1] // 2
+    else:
+        train_end, valid_end = int(total * 0.8), int(total * 0.9)
+    if not 0 < train_end < valid_end < total:
+        raise DataError(f"{total} rows cannot fill train, valid and test (each needs rows)", path=paths[-1])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bounds = {"train": (0, train_end), "valid": (train_end, valid_end), "test": (valid_end, total)}
+    writers = {name: SampleWriter(out_dir / f"{name}.parquet", criteo_schema()) for name in bounds}
+    try:
+        row = 0
+        for path in paths:
+            for table in iter_criteo_tsv(path, block_size=block_size, first_timestamp=row):
+                for name, (lo, hi) in bounds.items():
+                    start, stop = max(lo - row, 0), min(hi - row, table.num_rows)
+                    if start < stop:
+                        writers[name].write(table.slice(start, stop - start))
+                row += table.num_rows
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return {name: writer.close() for name, writer in writers.items()}

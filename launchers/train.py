@@ -21,7 +21,14 @@ from embeddings.pretrained import DEFAULT_MODEL
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bahe-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and run")
-    g.add_argument("--data-dir", type=Path, required=True, help="folder with train/valid/test.parquet (bahe-data)")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with train/valid/test.parquet (bahe-data); with --criteo-tsv, where they are "
+                        "converted to (default OUT/data)")
+    g.add_argument("--criteo-tsv", type=Path, nargs="+", default=[], metavar="DAY_FILE",
+                   help="train on Criteo TSV day files (DLRM's layout), oldest first: all but the last day train, "
+                        "the last day's halves validate and test (one file: 80/10/10 by row order)")
+    g.add_argument("--random-data", action="store_true",
+                   help="train on torchrec's RandomRecDataset (Criteo-shaped random batches; speed checks)")
     g.add_argument("--out", type=Path, required=True, help="run folder: tensorboard/, checkpoints/, metrics.json")
     g.add_argument("--arm", choices=("bahe", "token_level", "dlrm"), default="bahe",
                    help="bahe (default), the token-level LLM baseline, or DLRM without text")
@@ -49,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("tables, head and optimisers")
     m.add_argument("--embedding-dim", type=int, default=64, help="D of every ID table and text feature")
     m.add_argument("--table-rows", type=int, default=100_000, help="hash size of each ID table")
+    m.add_argument("--table-rows-for", nargs="+", default=[], metavar="FEATURE=ROWS",
+                   help="per-feature hash sizes, e.g. item_id=2000 cat_genres=32 (others: --table-rows)")
+    m.add_argument("--drop-id-features", nargs="+", default=[], metavar="FEATURE",
+                   help="ID features left out of the model, e.g. user_id when test users are mostly new")
     m.add_argument("--dense-arch", type=int, nargs="+", default=[128, 64], help="DenseArch sizes, ending in D")
     m.add_argument("--over-arch", type=int, nargs="+", default=[256, 64, 1], help="OverArch sizes, ending in 1")
     m.add_argument("--sparse-lr", type=float, default=0.05, help="row-wise Adagrad for the ID tables")
@@ -72,14 +83,30 @@ def config_from_args(args: argparse.Namespace):
                           pooling=args.pooling, attention=args.attention, max_behaviours=args.max_behaviours,
                           gradient_checkpointing=args.gradient_checkpointing, arm=args.arm,
                           max_user_tokens=args.max_user_tokens)
-    model = BaheModelConfig(tables=TablesConfig(embedding_dim=args.embedding_dim, default_rows=args.table_rows),
+    tables = TablesConfig(embedding_dim=args.embedding_dim, default_rows=args.table_rows,
+                          rows=_feature_rows(args.table_rows_for), drop=tuple(args.drop_id_features))
+    model = BaheModelConfig(tables=tables,
                             arch=ArchConfig(tuple(args.dense_arch), tuple(args.over_arch)), text=text)
     optim = OptimConfig(sparse_lr=args.sparse_lr, dense_lr=args.dense_lr, llm_lr=args.llm_lr,
                         warmup_steps=args.warmup_steps, decay=args.decay, grad_clip=args.grad_clip)
-    return TrainConfig(data_dir=args.data_dir, out_dir=args.out, model=model, optim=optim, batch_size=args.batch_size,
+    if sum([args.data_dir is not None and not args.criteo_tsv, bool(args.criteo_tsv), args.random_data]) != 1:
+        raise ValueError("give exactly one data input: --data-dir, --criteo-tsv or --random-data")
+    data = "criteo_tsv" if args.criteo_tsv else "random" if args.random_data else "parquet"
+    data_dir = args.data_dir or args.out / "data"
+    return TrainConfig(data_dir=data_dir, data=data, criteo_tsv=tuple(args.criteo_tsv), out_dir=args.out, model=model, optim=optim, batch_size=args.batch_size,
                        steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at, shuffle=not args.no_shuffle, seed=args.seed,
                        device=args.device)
+
+
+def _feature_rows(pairs: list[str]) -> dict[str, int]:
+    rows = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not name or not value.isdigit():
+            raise ValueError(f"--table-rows-for takes FEATURE=ROWS (e.g. item_id=2000), got {pair!r}")
+        rows[name] = int(value)
+    return rows
 
 
 def quiet_library_deprecations() -> None:

@@ -82,7 +82,8 @@ class SampleBatcher:
 
     Args:
         schema: the sample schema of the tables.
-        table_sizes: rows of the hashed ID table per ID feature (see :func:`id_feature_names`).
+        table_sizes: rows of the hashed ID table per ID feature to read (see :func:`id_feature_names`);
+            the data's ID features it leaves out are not read.
         vocabulary: the behaviour store's vocabulary; None builds batches without behaviours.
         sequence_names: the behaviour sequence types to read (default: all of the schema's).
         max_behaviours: M, the most recent behaviours kept per sequence.
@@ -92,10 +93,12 @@ class SampleBatcher:
                  vocabulary: BehaviourVocabulary | None = None, sequence_names: tuple[str, ...] | None = None,
                  max_behaviours: int = 50):
         self.schema = schema
-        self.id_features = id_feature_names(schema)
-        missing = [name for name in self.id_features if name not in table_sizes]
-        if missing:
-            raise ValueError(f"table_sizes lacks {missing}; give a table size for every ID feature {self.id_features}")
+        available = id_feature_names(schema)
+        unknown = [name for name in table_sizes if name not in available]
+        if unknown or not table_sizes:
+            raise ValueError(f"table_sizes {sorted(table_sizes)} must name some of the data's ID features {available}; "
+                             f"unknown: {unknown}")
+        self.id_features = [name for name in available if name in table_sizes]
         self.table_sizes = table_sizes
         self.vocabulary = vocabulary
         self.sequence_names = tuple(sequence_names if sequence_names is not None else schema.sequences)

@@ -24,11 +24,14 @@ class TablesConfig:
         embedding_dim: D, shared by every ID table (DLRM's rule) and the text projections.
         default_rows: hash size of an ID feature's table unless ``rows`` names it.
         rows: per-feature hash sizes, e.g. {"user_id": 1000, "cat_genres": 20}.
+        drop: ID features left out of the model (no table, not read), e.g. ("user_id",) when most
+            test users are new and a per-user row only memorises the train period.
     """
 
     embedding_dim: int = 64
     default_rows: int = 100_000
     rows: dict[str, int] = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.embedding_dim < 1:
@@ -36,6 +39,20 @@ class TablesConfig:
         bad = {k: v for k, v in {"default_rows": self.default_rows, **self.rows}.items() if v < 1}
         if bad:
             raise ValueError(f"TablesConfig: table sizes must be >= 1, got {bad}")
+        object.__setattr__(self, "drop", tuple(self.drop))
+        both = sorted(set(self.drop) & set(self.rows))
+        if both:
+            raise ValueError(f"TablesConfig: {both} are both dropped and given a size in rows; keep one")
+
+    def features(self, available: list[str]) -> list[str]:
+        """The ID features of ``available`` (the data's, in KJT order) that get a table."""
+        unknown = sorted(set(self.drop) - set(available)) + sorted(set(self.rows) - set(available))
+        if unknown:
+            raise ValueError(f"TablesConfig names ID features the data lacks: {unknown}; the data has {available}")
+        kept = [name for name in available if name not in self.drop]
+        if not kept:
+            raise ValueError(f"TablesConfig.drop leaves no ID feature (the data has {available}); keep at least one")
+        return kept
 
     def rows_for(self, feature: str) -> int:
         return self.rows.get(feature, self.default_rows)

@@ -23,11 +23,11 @@ from model.token_baseline import TokenBatcher, TokenLevelTextArch
 
 def id_tables(config: BaheModelConfig, schema: SampleSchema, device: torch.device | None = None
               ) -> EmbeddingBagCollection:
-    """One trainable EBC table per ID feature (user_id, item_id, cat_*), sized by TablesConfig."""
+    """One trainable EBC table per kept ID feature (user_id, item_id, cat_*), sized by TablesConfig."""
     return EmbeddingBagCollection(
         tables=[EmbeddingBagConfig(name=f"t_{name}", embedding_dim=config.tables.embedding_dim,
                                    num_embeddings=config.tables.rows_for(name), feature_names=[name])
-                for name in id_feature_names(schema)],
+                for name in config.tables.features(id_feature_names(schema))],
         device=device)
 
 
@@ -36,7 +36,7 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
     """Returns (model, batcher, store). Tables are built on ``device`` (use ``meta`` before DMP and
     load the store with :func:`model.behaviour_lookup.load_store_rows` after wrapping)."""
     device = torch.device(device) if device is not None else None
-    table_sizes = {name: config.tables.rows_for(name) for name in id_feature_names(schema)}
+    table_sizes = {name: config.tables.rows_for(name) for name in config.tables.features(id_feature_names(schema))}
     text = config.text
     if text is None:
         batcher = SampleBatcher(schema, table_sizes, vocabulary=None)

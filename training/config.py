@@ -41,7 +41,11 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Args:
-        data_dir: folder with train.parquet, valid.parquet, test.parquet (bahe-data writes them).
+        data_dir: folder with train.parquet, valid.parquet, test.parquet (bahe-data writes them;
+            with ``criteo_tsv`` the trainer converts the TSV days into it).
+        data: ``parquet`` (data_dir), ``criteo_tsv`` (the ``criteo_tsv`` day files) or ``random``
+            (torchrec's RandomRecDataset, Criteo-shaped; for speed and plumbing checks).
+        criteo_tsv: Criteo TSV day files, oldest first (``data="criteo_tsv"``).
         out_dir: run folder: tensorboard/, checkpoints/, metrics.json.
         model: the model (text None = the DLRM-only arm).
         optim: optimisers and schedules.
@@ -61,6 +65,8 @@ class TrainConfig:
     data_dir: Path
     out_dir: Path
     model: BaheModelConfig = field(default_factory=BaheModelConfig)
+    data: str = "parquet"
+    criteo_tsv: tuple[Path, ...] = ()
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 128
     steps: int = 100
@@ -82,7 +88,18 @@ class TrainConfig:
             raise ValueError("TrainConfig: eval_every and checkpoint_every must be >= 0, log_every >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
-        for split in ("train", "valid", "test"):
+        object.__setattr__(self, "criteo_tsv", tuple(Path(p) for p in self.criteo_tsv))
+        if self.data not in ("parquet", "criteo_tsv", "random"):
+            raise ValueError(f"TrainConfig.data must be parquet, criteo_tsv or random, got {self.data!r}")
+        if (self.data == "criteo_tsv") != bool(self.criteo_tsv):
+            raise ValueError("TrainConfig: give criteo_tsv files exactly when data is 'criteo_tsv'")
+        missing = [str(p) for p in self.criteo_tsv if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"Criteo TSV file(s) not found: {missing}")
+        if self.data != "parquet" and self.model.text is not None:
+            raise ValueError(f"TrainConfig.data={self.data!r} has no behaviour texts: train the DLRM-only arm "
+                             "(no text config / --arm dlrm), or convert text data with bahe-data")
+        for split in ("train", "valid", "test") if self.data == "parquet" else ():
             if not (self.data_dir / f"{split}.parquet").is_file():
                 raise FileNotFoundError(f"{self.data_dir / (split + '.parquet')} is missing: write the data with "
                                         "`bahe-data movielens --out DIR` (or synthetic / criteo)")

@@ -13,23 +13,21 @@ import os
 import resource
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from ctr_data.parquet_io import SampleReader
 from model.bahe import BAHETrain
 from model.behaviour_lookup import load_store_rows
 from model.factory import build_model
 from model.sharding import shard_model
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
-from training.data import batches, eval_batches
 from training.metrics import CtrMetrics
 from training.optimizers import attach_sparse_optimizer, build_optimizer
+from training.sources import ParquetData, RandomData, criteo_data
 
 
 def setup_distributed(preference: str) -> tuple[int, int, torch.device]:
@@ -72,19 +70,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def evaluate(model, path: Path, batcher, config: TrainConfig, rank: int, world: int, device,
+def evaluate(model, source, split: str, batcher, config: TrainConfig, rank: int, world: int, device,
              max_batches: int | None) -> dict[str, float]:
     """Metrics of the model on a split, every rank scoring its own rows (no train pipeline attached)."""
     model.eval()
     metrics = CtrMetrics(device)
     with torch.no_grad():
-        for n, (batch, real) in enumerate(eval_batches(path, batcher, config.batch_size, rank, world)):
+        for n, (batch, real) in enumerate(source.evaluate(split, batcher, config.batch_size, rank, world)):
             if max_batches is not None and n >= max_batches:
                 break  # every rank holds the same number of batches, so all stop together
             _, (_, logits, labels) = model(batch.to(device))
             metrics.update(torch.sigmoid(logits[:real]), labels[:real])
     model.train()
     return metrics.compute()
+
+
+def open_source(config: TrainConfig, rank: int):
+    """The run's batches: Parquet splits, Criteo TSV days (converted into data_dir once) or random."""
+    if config.data == "random":
+        return RandomData(config.eval_batches or 8)
+    if config.data == "criteo_tsv":
+        return criteo_data(config.criteo_tsv, config.data_dir, rank)
+    return ParquetData(config.data_dir)
 
 
 def segment_ends(config: TrainConfig, start: int) -> list[int]:
@@ -101,9 +108,8 @@ def run_training(config: TrainConfig) -> dict:
     """Train, evaluate and checkpoint; returns the final metrics (on every rank)."""
     rank, world, device = setup_distributed(config.device)
     torch.manual_seed(config.seed)
-    splits = {name: config.data_dir / f"{name}.parquet" for name in ("train", "valid", "test")}
-    schema = SampleReader(splits["train"]).schema
-    model, batcher, store = build_model(config.model, schema, device=torch.device("meta"))
+    source = open_source(config, rank)
+    model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"))
     attach_sparse_optimizer(model, config.optim)
     dmp = shard_model(BAHETrain(model), device, batch_size=config.batch_size)
     if store is not None:
@@ -112,8 +118,8 @@ def run_training(config: TrainConfig) -> dict:
     checkpointer = Checkpointer(config.out_dir / "checkpoints")
     start = checkpointer.restore(dmp, optimizer, schedulers)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
-    data = TimedIterator(batches(splits["train"], batcher, config.batch_size, rank, world, skip=start,
-                                 seed=config.seed, shuffle=config.shuffle))
+    data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip=start, seed=config.seed,
+                                      shuffle=config.shuffle))
     window = {"loss": 0.0, "steps": 0, "time": 0.0, "wait": 0.0, "pos": 0.0, "n": 0.0}
     history = []
     dmp.train()
@@ -140,7 +146,7 @@ def run_training(config: TrainConfig) -> dict:
                 window = dict.fromkeys(window, 0.0)
         pipeline.detach()
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-            result = evaluate(dmp, splits["valid"], batcher, config, rank, world, device, config.eval_batches)
+            result = evaluate(dmp, source, "valid", batcher, config, rank, world, device, config.eval_batches)
             history.append({"step": step, **result})
             _log_eval(writer, "eval", result, step)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or step in (config.steps, config.stop_at):
@@ -149,7 +155,7 @@ def run_training(config: TrainConfig) -> dict:
         if writer is not None:
             writer.close()
         return {"steps": step, "stopped_at": step}
-    final = {split: evaluate(dmp, splits[split], batcher, config, rank, world, device, None)
+    final = {split: evaluate(dmp, source, split, batcher, config, rank, world, device, None)
              for split in ("valid", "test")}
     _log_eval(writer, "eval", final["valid"], config.steps)
     _log_eval(writer, "test", final["test"], config.steps)

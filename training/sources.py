@@ -1,0 +1,81 @@
+"""Where the trainer's batches come from: sample Parquet splits, Criteo TSV day files, or torchrec's
+random dataset -- the three inputs a dlrm_main user brings.
+
+Every source gives the model's :class:`~ctr_data.schema.SampleSchema` and two streams per rank:
+
+* ``train(...)``: endless ``Batch`` objects of ``batch_size`` rows (equal on every rank);
+* ``evaluate(split, ...)``: ``(batch, real_rows)`` pairs covering a split once (rows past
+  ``real_rows`` are padding, so every rank runs the same number of collectives).
+
+``ParquetData`` reads ``train/valid/test.parquet`` (``bahe-data`` writes them; :func:`criteo_data`
+converts TSV days into them first). ``RandomData`` is ``torchrec.datasets.random.RandomRecDataset``
+unchanged, its plain ``torchrec.datasets.utils.Batch`` going straight into the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch.distributed as dist
+from torchrec.datasets.random import RandomRecDataset
+
+from ctr_data.criteo import criteo_schema, write_criteo_splits
+from ctr_data.parquet_io import SampleReader
+from ctr_data.schema import SampleSchema
+from training.data import batches, eval_batches
+
+SPLITS = ("train", "valid", "test")
+
+
+class ParquetData:
+    """``train/valid/test.parquet`` in ``data_dir``; batches through the model's batcher."""
+
+    def __init__(self, data_dir: Path):
+        self.paths = {name: Path(data_dir) / f"{name}.parquet" for name in SPLITS}
+        self.schema: SampleSchema = SampleReader(self.paths["train"]).schema
+
+    def train(self, batcher, batch_size: int, rank: int, world: int, *, skip: int, seed: int,
+              shuffle: bool) -> Iterator:
+        return batches(self.paths["train"], batcher, batch_size, rank, world, skip=skip, seed=seed, shuffle=shuffle)
+
+    def evaluate(self, split: str, batcher, batch_size: int, rank: int, world: int) -> Iterator:
+        return eval_batches(self.paths[split], batcher, batch_size, rank, world)
+
+
+class RandomData:
+    """torchrec's ``RandomRecDataset``: Criteo-shaped random batches (13 dense, c1..c26 plus user_id
+    and item_id, one id per feature within each table's hash size, random labels). For speed and
+    plumbing checks: its AUC is 0.5 by construction. ``eval_batches`` batches per split and rank."""
+
+    def __init__(self, eval_batches: int = 8):
+        self.schema = criteo_schema()
+        self.eval_batches = eval_batches
+
+    def _dataset(self, batcher, batch_size: int, seed: int, num_batches: int | None) -> RandomRecDataset:
+        keys = list(batcher.id_features)
+        return RandomRecDataset(keys=keys, batch_size=batch_size, hash_sizes=[batcher.table_sizes[k] for k in keys],
+                                ids_per_feature=1, num_dense=len(self.schema.dense), manual_seed=seed,
+                                num_batches=num_batches)
+
+    def train(self, batcher, batch_size: int, rank: int, world: int, *, skip: int, seed: int,
+              shuffle: bool) -> Iterator:
+        stream = iter(self._dataset(batcher, batch_size, seed * 1009 + rank, None))
+        return itertools.islice(stream, skip, None)
+
+    def evaluate(self, split: str, batcher, batch_size: int, rank: int, world: int) -> Iterator:
+        seed = 1_000_003 * (SPLITS.index(split) + 1) + rank
+        return ((batch, batch_size) for batch in self._dataset(batcher, batch_size, seed, self.eval_batches))
+
+
+def criteo_data(tsv_files: tuple[Path, ...], data_dir: Path, rank: int) -> ParquetData:
+    """Convert Criteo TSV days into ``data_dir`` once (rank 0; the others wait), then read them.
+    An existing complete conversion is reused."""
+    data_dir = Path(data_dir)
+    if rank == 0 and not all((data_dir / f"{name}.parquet").is_file() for name in SPLITS):
+        print(f"converting {len(tsv_files)} Criteo TSV file(s) -> {data_dir}", flush=True)
+        write_criteo_splits(tsv_files, data_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return ParquetData(data_dir)
