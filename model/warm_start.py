@@ -12,10 +12,13 @@ Example::
     report = load_dlrm_weights(model, "runs/dlrm/model.pt")    # DLRM / DLRMTrain / DMP state dict
     print(len(report.copied), report.zero_initialised_columns)
 
-Sharded models: pass the DistributedModelParallel module itself; its ``load_state_dict`` slices
-the full tables into each rank's shards. Or warm-start the unsharded model before wrapping it
-(a model built on ``meta`` must be wrapped first: meta tensors hold nothing to copy into).
+Sharded models: call it on every rank with the DistributedModelParallel module itself and the full
+state dict; DMP's ``load_state_dict`` slices each full table into the shards that rank holds. Or
+warm-start the unsharded model before wrapping it (a model built on ``meta`` must be wrapped first:
+meta tensors hold nothing to copy into).
 BAHE's ID tables must be listed in the DLRM's order: the over arch's interaction columns follow it.
+A state dict's key order shows that order only when the keys are not sorted (DMP and safetensors sort
+them), so a different order is caught for ``DLRM.state_dict()`` but cannot be for every source.
 """
 
 from __future__ import annotations
@@ -204,7 +207,8 @@ def load_dlrm_weights(model: nn.Module, dlrm_state: Mapping[str, Tensor] | str |
             shared.append(config.name)
         index += len(config.feature_names)
     dlrm_order = [k[len(_TABLES):].rsplit(".", 1)[0] for k in source if k.startswith(_TABLES)]
-    if ordered and [t for t in dlrm_order if t in shared] != shared:
+    # key order is the module order for state_dict(), sorted for DMP's and safetensors': check it when unsorted
+    if ordered and dlrm_order != sorted(dlrm_order) and [t for t in dlrm_order if t in shared] != shared:
         errors.append(f"ID tables: the DLRM orders them {dlrm_order}, BAHE {[c.name for c in configs]} -- list "
                       "BAHE's EmbeddingBagConfigs in the DLRM's order (the over arch's columns follow it)")
     zeroed = 0
