@@ -191,6 +191,10 @@ class SampleReader:
     def num_row_groups(self) -> int:
         return self._file.metadata.num_row_groups
 
+    def row_group_rows(self, index: int) -> int:
+        """Rows in one row group (from the footer; nothing is read)."""
+        return self._file.metadata.row_group(index).num_rows
+
     def read_row_group(self, index: int) -> pa.Table:
         """One row group, validated (row numbers in errors count over the whole file)."""
         offset = sum(self._file.metadata.row_group(i).num_rows for i in range(index))

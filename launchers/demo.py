@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                       "--batch-size", str(preset["batch_size"]), "--deep-layers", str(preset["deep_layers"]),
                       "--max-behaviours", str(preset["max_history"]), "--embedding-dim", "32",
                       "--dense-arch", "64", "32", "--over-arch", "128", "32", "1", "--table-rows", "2000",
-                      "--dense-lr", "3e-3", "--llm-lr", "1e-3", "--log-every", "25"], args.profile)
+                      "--dense-lr", "3e-3", "--llm-lr", "1e-3", "--log-every", "25",
+                      # most test-period users are new: a per-user row would only memorise the train period
+                      "--drop-id-features", "user_id"], args.profile)
     timings["train"] = time.perf_counter() - start - sum(timings.values())
 
     print("\n[4/5] evaluate: test split, and the non-learned floor", flush=True)

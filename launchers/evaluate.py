@@ -5,7 +5,8 @@
 
 The model flags (arm, dims, layers, ...) must be those of the training run: the checkpoint holds
 weights, not the architecture. The run is restored exactly as a resumed training would be, nothing
-is trained, and the metrics go to <out>/evaluation.json (default: the run folder).
+is trained, and the metrics go to <out>/evaluation.json (default: <run>/evaluation/; the run's own
+metrics.json and TensorBoard logs are left as they are).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     step = int(latest.read_text().strip().split("-")[-1])
-    target = args.out or run
-    args.out = run  # the trainer restores from <out>/checkpoints
+    target = args.out or run / "evaluation"
+    args.out = target
     try:
-        config = dataclasses.replace(config_from_args(args), steps=step, eval_every=0, checkpoint_every=0)
+        config = dataclasses.replace(config_from_args(args), steps=step, eval_every=0, checkpoint_every=0,
+                                     checkpoint_dir=run / "checkpoints")
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-evaluate: error: {err}", file=sys.stderr)
         return 2

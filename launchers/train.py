@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard points (default 10)")
     g.add_argument("--seed", type=int, default=0, help="model initialisation and training order")
     g.add_argument("--no-shuffle", action="store_true", help="train in file (time) order instead of shuffled")
+    g.add_argument("--no-dense-standardize", action="store_true",
+                   help="feed log1p(dense) as it is, without z-scoring it with the train split's statistics")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     t = p.add_argument_group("text (ignored by --arm dlrm)")
     t.add_argument("--store", help="behaviour store folder (bahe-encode build --store ...)")
@@ -95,7 +97,8 @@ def config_from_args(args: argparse.Namespace):
     data_dir = args.data_dir or args.out / "data"
     return TrainConfig(data_dir=data_dir, data=data, criteo_tsv=tuple(args.criteo_tsv), out_dir=args.out, model=model, optim=optim, batch_size=args.batch_size,
                        steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at, shuffle=not args.no_shuffle, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at,
+                       shuffle=not args.no_shuffle, standardize_dense=not args.no_dense_standardize, seed=args.seed,
                        device=args.device)
 
 

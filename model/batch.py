@@ -9,7 +9,8 @@ sequence type plus ``item_text``. Being a plain attribute of the batch, it is pi
 :class:`SampleBatcher` converts Arrow tables of the sample schema (``ctr_data.schema``) into
 batches, vectorised:
 
-* dense: ``log1p(max(x, 0))`` (DLRM's transform of Criteo counts; harmless on MovieLens rates);
+* dense: ``log1p(max(x, 0))`` (DLRM's transform of Criteo counts), standardised with the train
+  split's statistics when a :class:`~model.dense_features.DenseNormalizer` is given;
 * ID features ``user_id``, ``item_id`` and every ``cat_<name>``: hashed ``id % num_embeddings``;
   a negative id is an error;
 * behaviours: each sequence's texts -> store ids (unknown texts -> the reserved unknown row,
@@ -30,6 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctr_data.schema import CAT_PREFIX, ITEM_TEXT, LABEL, SEQ_PREFIX, DataError, SampleSchema
 from embeddings.vocabulary import PAD_ID, BehaviourVocabulary
+from model.dense_features import DenseNormalizer, log1p_dense
 
 ITEM_TEXT_KEY = "item_text"
 
@@ -87,12 +89,17 @@ class SampleBatcher:
         vocabulary: the behaviour store's vocabulary; None builds batches without behaviours.
         sequence_names: the behaviour sequence types to read (default: all of the schema's).
         max_behaviours: M, the most recent behaviours kept per sequence.
+        dense_normalizer: train statistics to standardise the dense features with (None: log1p only).
     """
 
     def __init__(self, schema: SampleSchema, table_sizes: dict[str, int],
                  vocabulary: BehaviourVocabulary | None = None, sequence_names: tuple[str, ...] | None = None,
-                 max_behaviours: int = 50):
+                 max_behaviours: int = 50, dense_normalizer: DenseNormalizer | None = None):
         self.schema = schema
+        if dense_normalizer is not None and list(dense_normalizer.columns) != list(schema.dense_columns):
+            raise ValueError(f"the dense statistics are for {list(dense_normalizer.columns)}, the data has "
+                             f"{list(schema.dense_columns)}: fit them on this data's train split")
+        self.dense_normalizer = dense_normalizer
         available = id_feature_names(schema)
         unknown = [name for name in table_sizes if name not in available]
         if unknown or not table_sizes:
@@ -154,10 +161,10 @@ class SampleBatcher:
             lengths=torch.from_numpy(np.concatenate(lengths)))
 
     def __call__(self, table: pa.Table) -> BaheBatch:
-        dense = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in self.schema.dense_columns], axis=1) \
-            if self.schema.dense else np.zeros((table.num_rows, 0), dtype=np.float32)
+        dense = self.dense_normalizer(table) if self.dense_normalizer is not None \
+            else log1p_dense(table, tuple(self.schema.dense_columns)).astype(np.float32)
         return BaheBatch(
-            dense_features=torch.from_numpy(np.log1p(np.maximum(dense, 0.0)).astype(np.float32)),
+            dense_features=torch.from_numpy(dense),
             sparse_features=self._id_features(table),
             labels=torch.from_numpy(table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.float32)),
             behaviour_features=self._behaviour_features(table) if self.vocabulary is not None else None,

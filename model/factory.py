@@ -17,6 +17,7 @@ from model.batch import ITEM_TEXT_KEY, SampleBatcher, id_feature_names
 from model.behaviour_lookup import BehaviourLookup
 from model.config import BaheModelConfig
 from model.deep_layers import DeepLayerAggregator
+from model.dense_features import DenseNormalizer
 from model.text_arch import BehaviourTextArch
 from model.token_baseline import TokenBatcher, TokenLevelTextArch
 
@@ -31,15 +32,16 @@ def id_tables(config: BaheModelConfig, schema: SampleSchema, device: torch.devic
         device=device)
 
 
-def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.device | str | None = None
-                ) -> tuple[BAHE, SampleBatcher, BehaviourStore | None]:
+def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.device | str | None = None,
+                dense_normalizer: DenseNormalizer | None = None) -> tuple[BAHE, SampleBatcher, BehaviourStore | None]:
     """Returns (model, batcher, store). Tables are built on ``device`` (use ``meta`` before DMP and
-    load the store with :func:`model.behaviour_lookup.load_store_rows` after wrapping)."""
+    load the store with :func:`model.behaviour_lookup.load_store_rows` after wrapping). The batcher
+    standardises the dense features with ``dense_normalizer`` (train statistics) when given."""
     device = torch.device(device) if device is not None else None
     table_sizes = {name: config.tables.rows_for(name) for name in config.tables.features(id_feature_names(schema))}
     text = config.text
     if text is None:
-        batcher = SampleBatcher(schema, table_sizes, vocabulary=None)
+        batcher = SampleBatcher(schema, table_sizes, vocabulary=None, dense_normalizer=dense_normalizer)
         ebc = id_tables(config, schema, device)
         return BAHE(ebc, len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                     list(config.arch.over_arch_layer_sizes), dense_device=_dense(device)), batcher, None
@@ -50,7 +52,7 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
                          f"{list(schema.sequences)}; unknown: {unknown}")
     model_dir = resolve_model_dir(text.llm)
     if text.arm == "token_level":
-        return _token_level(config, schema, sequences, table_sizes, model_dir, device)
+        return _token_level(config, schema, sequences, table_sizes, model_dir, device, dense_normalizer)
     store = BehaviourStore.open(text.store)
     k = text.k if text.k is not None else int(store.manifest["encoder"]["k"])
     store.check(Expected(model_sha256=weights_sha256(model_dir), k=k))
@@ -62,11 +64,13 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
     text_arch = BehaviourTextArch(lookup, aggregator, keys, config.tables.embedding_dim)
     model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                  list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
-    batcher = SampleBatcher(schema, table_sizes, store.vocabulary, tuple(sequences), text.max_behaviours)
+    batcher = SampleBatcher(schema, table_sizes, store.vocabulary, tuple(sequences), text.max_behaviours,
+                            dense_normalizer=dense_normalizer)
     return model, batcher, store
 
 
-def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table_sizes, model_dir, device):
+def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table_sizes, model_dir, device,
+                 dense_normalizer):
     """The token-level baseline arm from the same config: same tables, head and LLM layers."""
     from transformers import AutoTokenizer
 
@@ -78,7 +82,8 @@ def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table
     model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                  list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
     batcher = TokenBatcher(schema, table_sizes, None, tuple(sequences), text.max_behaviours,
-                           tokenizer=AutoTokenizer.from_pretrained(model_dir), max_user_tokens=text.max_user_tokens)
+                           tokenizer=AutoTokenizer.from_pretrained(model_dir), max_user_tokens=text.max_user_tokens,
+                           dense_normalizer=dense_normalizer)
     return model, batcher, None
 
 

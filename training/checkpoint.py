@@ -1,5 +1,7 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): sharded tables included, every rank writes
-its own shards; the step (= data position) and the learning-rate schedules travel along.
+its own shards; the step, the data position (training rows consumed, which does not depend on the
+world size) and the learning-rate schedules travel along. DCP reshards the tables on load, so a run
+may resume on another number of ranks.
 
 The frozen behaviour table and its (lr=0) optimizer state are left out: they come from the
 behaviour store, which the trainer loads at start-up, so checkpoints stay small.
@@ -43,6 +45,7 @@ def merge_into(target: dict, loaded: dict) -> None:
 class Checkpointer:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self.rows_seen = 0  # the data position of the restored checkpoint (0 for a fresh run)
 
     def _is_rank0(self) -> bool:
         return not dist.is_initialized() or dist.get_rank() == 0
@@ -58,7 +61,7 @@ class Checkpointer:
         path = self.directory / pointer.read_text().strip()
         return path if path.is_dir() else None
 
-    def save(self, step: int, dmp, optimizer, schedulers) -> Path:
+    def save(self, step: int, dmp, optimizer, schedulers, *, rows_seen: int) -> Path:
         name = f"step-{step:07d}"
         partial = self.directory / f".partial-{name}"
         if self._is_rank0():
@@ -66,7 +69,7 @@ class Checkpointer:
             partial.mkdir(parents=True)
         self._barrier()
         state = {"model": without_frozen(dmp.state_dict()), "optimizer": without_frozen(optimizer.state_dict()),
-                 "progress": {"step": torch.tensor(step),
+                 "progress": {"step": torch.tensor(step), "rows_seen": torch.tensor(rows_seen),
                               "schedulers": torch.tensor([s.last_epoch for s in schedulers])}}
         dcp.save(state, checkpoint_id=str(partial))
         self._barrier()
@@ -89,7 +92,8 @@ class Checkpointer:
         optimizer.init_state()
         model_state, optimizer_state = dmp.state_dict(), optimizer.state_dict()
         state = {"model": without_frozen(model_state), "optimizer": without_frozen(optimizer_state),
-                 "progress": {"step": torch.tensor(0), "schedulers": torch.zeros(len(schedulers), dtype=torch.long)}}
+                 "progress": {"step": torch.tensor(0), "rows_seen": torch.tensor(0),
+                              "schedulers": torch.zeros(len(schedulers), dtype=torch.long)}}
         dcp.load(state, checkpoint_id=str(path))
         merge_into(model_state, state["model"])
         merge_into(optimizer_state, state["optimizer"])
@@ -99,4 +103,5 @@ class Checkpointer:
             scheduler.last_epoch = last
             for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base * scheduler.lr_lambdas[0](last)
+        self.rows_seen = int(state["progress"]["rows_seen"])
         return int(state["progress"]["step"])

@@ -47,6 +47,8 @@ class TrainConfig:
             (torchrec's RandomRecDataset, Criteo-shaped; for speed and plumbing checks).
         criteo_tsv: Criteo TSV day files, oldest first (``data="criteo_tsv"``).
         out_dir: run folder: tensorboard/, checkpoints/, metrics.json.
+        checkpoint_dir: where checkpoints are saved and resumed from (default ``out_dir/checkpoints``);
+            bahe-evaluate points it at a training run's checkpoints and ``out_dir`` elsewhere.
         model: the model (text None = the DLRM-only arm).
         optim: optimisers and schedules.
         batch_size: samples per rank per step.
@@ -57,6 +59,7 @@ class TrainConfig:
         log_every: steps between TensorBoard points.
         stop_at: end THIS invocation after this step (with a checkpoint), e.g. to fit a cluster's
             time limit; the next invocation resumes there. The schedule still spans ``steps``.
+        standardize_dense: z-score the log1p'd dense features with train statistics (model/dense_features.py).
         shuffle: shuffle the train split (seeded; default). False trains in file (time) order.
         seed: model initialisation and data order.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -64,6 +67,7 @@ class TrainConfig:
 
     data_dir: Path
     out_dir: Path
+    checkpoint_dir: Path | None = None
     model: BaheModelConfig = field(default_factory=BaheModelConfig)
     data: str = "parquet"
     criteo_tsv: tuple[Path, ...] = ()
@@ -75,6 +79,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     stop_at: int | None = None
+    standardize_dense: bool = True
     shuffle: bool = True
     seed: int = 0
     device: str = "auto"
@@ -82,6 +87,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir or self.out_dir / "checkpoints"))
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError(f"TrainConfig: batch_size and steps must be >= 1, got {self.batch_size}, {self.steps}")
         if min(self.eval_every, self.checkpoint_every) < 0 or self.log_every < 1:

@@ -7,8 +7,9 @@ epoch visits the row groups in a seeded random order and permutes the rows insid
 time-ordered stream would feed whole sessions of one user per batch). Every rank
 gets a batch of exactly ``batch_size`` rows at every step -- the sharded tables' collectives run in
 lockstep, and gloo's all-to-all needs equal sizes -- so training drops a final partial global
-batch, and evaluation pads it with repeated rows that are masked out of the metrics. Batch n of a
-run is fully determined by n, which is what a resumed run skips to.
+batch, and evaluation pads it with repeated rows that are masked out of the metrics. The order of
+rows does not depend on the world size, so a data position is a row count: a resumed run skips the
+rows already trained on -- with the same number of ranks or another one.
 """
 
 from __future__ import annotations
@@ -22,15 +23,23 @@ import pyarrow as pa
 from ctr_data.parquet_io import SampleReader
 
 
-def _training_stream(reader: SampleReader, seed: int, shuffle: bool) -> Iterator[pa.Table]:
-    """Row groups in a seeded random order per epoch, rows permuted inside each (or file order); forever."""
+def _training_stream(reader: SampleReader, seed: int, shuffle: bool, skip_rows: int = 0) -> Iterator[pa.Table]:
+    """Row groups in a seeded random order per epoch, rows permuted inside each (or file order); forever.
+    The first ``skip_rows`` rows of that stream are left out (whole row groups without reading them)."""
     epoch = 0
     while True:
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(reader.num_row_groups) if shuffle else range(reader.num_row_groups)
         for index in order:
+            rows = reader.row_group_rows(int(index))
+            permutation = rng.permutation(rows) if shuffle else None  # drawn even when skipped: same stream
+            if skip_rows >= rows:
+                skip_rows -= rows
+                continue
             group = reader.read_row_group(int(index))
-            yield group.take(pa.array(rng.permutation(group.num_rows))) if shuffle else group
+            group = group.take(pa.array(permutation)) if shuffle else group
+            yield group.slice(skip_rows)
+            skip_rows = 0
         epoch += 1
 
 
@@ -50,14 +59,15 @@ def _global_batches(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]
         yield pa.concat_tables(pending)
 
 
-def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bool, skip: int = 0, seed: int = 0,
-                shuffle: bool = True) -> Iterator[tuple[pa.Table, int]]:
+def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bool, skip_rows: int = 0,
+                seed: int = 0, shuffle: bool = True) -> Iterator[tuple[pa.Table, int]]:
     """Yield (table of exactly ``batch_size`` rows, number of real rows in it) for this rank.
 
     Args:
         train: endless, shuffled unless ``shuffle`` is False (see the module doc); otherwise one pass
             in file order, the last global batch padded with repeated rows (real rows first).
-        skip: global batches to skip first (resuming at a data position).
+        skip_rows: training rows to skip first (resuming at a data position: steps x batch x ranks
+            of the run that saved it, whatever the world size now).
         seed: the training order's seed (the same on every rank).
     """
     reader = SampleReader(path)
@@ -65,10 +75,8 @@ def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bo
     if train and reader.num_rows < size:
         raise ValueError(f"{path} has {reader.num_rows} rows, fewer than one global batch ({batch_size} x {world} "
                          "ranks); lower --batch-size")
-    source = _training_stream(reader, seed, shuffle) if train else reader.iter_batches(size)
-    for produced, table in enumerate(_global_batches(source, size), start=1):
-        if produced <= skip:
-            continue
+    source = _training_stream(reader, seed, shuffle, skip_rows) if train else reader.iter_batches(size)
+    for table in _global_batches(source, size):
         real = table.num_rows
         if real < size:  # only the last batch of an evaluation pass
             table = table.take(pa.array(np.arange(size) % real))

@@ -109,17 +109,19 @@ def run_training(config: TrainConfig) -> dict:
     rank, world, device = setup_distributed(config.device)
     torch.manual_seed(config.seed)
     source = open_source(config, rank)
-    model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"))
+    normalizer = source.dense_normalizer() if config.standardize_dense else None
+    model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"),
+                                        dense_normalizer=normalizer)
     attach_sparse_optimizer(model, config.optim)
     dmp = shard_model(BAHETrain(model), device, batch_size=config.batch_size)
     if store is not None:
         load_store_rows(dmp, store)
     optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
-    checkpointer = Checkpointer(config.out_dir / "checkpoints")
+    checkpointer = Checkpointer(config.checkpoint_dir)
     start = checkpointer.restore(dmp, optimizer, schedulers)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
-    data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip=start, seed=config.seed,
-                                      shuffle=config.shuffle))
+    data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip_rows=checkpointer.rows_seen,
+                                      seed=config.seed, shuffle=config.shuffle))
     window = {"loss": 0.0, "steps": 0, "time": 0.0, "wait": 0.0, "pos": 0.0, "n": 0.0}
     history = []
     dmp.train()
@@ -150,7 +152,8 @@ def run_training(config: TrainConfig) -> dict:
             history.append({"step": step, **result})
             _log_eval(writer, "eval", result, step)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or step in (config.steps, config.stop_at):
-            checkpointer.save(step, dmp, optimizer, schedulers)
+            checkpointer.save(step, dmp, optimizer, schedulers, rows_seen=checkpointer.rows_seen
+                              + (step - start) * config.batch_size * world)
     if step < config.steps:  # stopped early on purpose (stop_at): the next invocation resumes from here
         if writer is not None:
             writer.close()

@@ -24,6 +24,7 @@ from torchrec.datasets.random import RandomRecDataset
 from ctr_data.criteo import criteo_schema, write_criteo_splits
 from ctr_data.parquet_io import SampleReader
 from ctr_data.schema import SampleSchema
+from model.dense_features import DenseNormalizer
 from training.data import batches, eval_batches
 
 SPLITS = ("train", "valid", "test")
@@ -36,9 +37,14 @@ class ParquetData:
         self.paths = {name: Path(data_dir) / f"{name}.parquet" for name in SPLITS}
         self.schema: SampleSchema = SampleReader(self.paths["train"]).schema
 
-    def train(self, batcher, batch_size: int, rank: int, world: int, *, skip: int, seed: int,
+    def dense_normalizer(self) -> DenseNormalizer:
+        """Dense statistics of the train split (its first million rows)."""
+        return DenseNormalizer.fit(SampleReader(self.paths["train"]))
+
+    def train(self, batcher, batch_size: int, rank: int, world: int, *, skip_rows: int, seed: int,
               shuffle: bool) -> Iterator:
-        return batches(self.paths["train"], batcher, batch_size, rank, world, skip=skip, seed=seed, shuffle=shuffle)
+        return batches(self.paths["train"], batcher, batch_size, rank, world, skip_rows=skip_rows, seed=seed,
+                       shuffle=shuffle)
 
     def evaluate(self, split: str, batcher, batch_size: int, rank: int, world: int) -> Iterator:
         return eval_batches(self.paths[split], batcher, batch_size, rank, world)
@@ -53,16 +59,19 @@ class RandomData:
         self.schema = criteo_schema()
         self.eval_batches = eval_batches
 
+    def dense_normalizer(self) -> None:
+        return None  # RandomRecDataset's dense features are already uniform in [0, 1)
+
     def _dataset(self, batcher, batch_size: int, seed: int, num_batches: int | None) -> RandomRecDataset:
         keys = list(batcher.id_features)
         return RandomRecDataset(keys=keys, batch_size=batch_size, hash_sizes=[batcher.table_sizes[k] for k in keys],
                                 ids_per_feature=1, num_dense=len(self.schema.dense), manual_seed=seed,
                                 num_batches=num_batches)
 
-    def train(self, batcher, batch_size: int, rank: int, world: int, *, skip: int, seed: int,
+    def train(self, batcher, batch_size: int, rank: int, world: int, *, skip_rows: int, seed: int,
               shuffle: bool) -> Iterator:
         stream = iter(self._dataset(batcher, batch_size, seed * 1009 + rank, None))
-        return itertools.islice(stream, skip, None)
+        return itertools.islice(stream, skip_rows // (batch_size * world), None)
 
     def evaluate(self, split: str, batcher, batch_size: int, rank: int, world: int) -> Iterator:
         seed = 1_000_003 * (SPLITS.index(split) + 1) + rank
