@@ -42,14 +42,21 @@ def _option(flag: str, value: object) -> List[str]:
 
 def _launch(role: str, module: str, module_args: List[str], *, name: str, j: str, image: str, cpu: int, gpu: int,
             memMB: int, env: Optional[Dict[str, str]], max_retries: int, rdzv_port: int, rdzv_backend: str,
-            mounts: Optional[List[str]], debug: bool) -> specs.AppDef:
-    """``dist.ddp`` running ``python -m module module_args``, with BASE_ENV and the role renamed to ``role``."""
+            mounts: Optional[List[str]], debug: bool, max_restarts: int = 0) -> specs.AppDef:
+    """``dist.ddp`` running ``python -m module module_args``, with BASE_ENV and the role renamed to ``role``;
+    ``max_restarts`` > 0 lets torchrun restart the rank group in place after a rank dies."""
+    if max_restarts < 0:
+        raise ValueError(f"{role}: max_restarts must be >= 0, got {max_restarts}")
     if gpu < 0 or cpu < 1 or memMB < 1:
         raise ValueError(f"{role}: cpu and memMB must be >= 1 and gpu >= 0 (got cpu={cpu}, gpu={gpu}, memMB={memMB})")
     app = dist.ddp(*module_args, m=module, name=name, image=image, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
                    env={**BASE_ENV, **(env or {})}, max_retries=max_retries, rdzv_port=rdzv_port,
                    rdzv_backend=rdzv_backend, mounts=mounts, debug=debug)
     app.roles[0].name = role  # ddp names the role after the module's last part ("cli", "train")
+    if max_restarts:  # ddp has no torchrun --max_restarts option: add it to the torchrun command it built
+        command = app.roles[0].args[1]
+        assert command.startswith("torchrun "), command
+        app.roles[0].args[1] = f"torchrun --max_restarts {max_restarts} " + command[len("torchrun "):]
     return app
 
 
@@ -125,6 +132,7 @@ def train(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 1,
     rdzv_port: int = 29500,
     rdzv_backend: str = "c10d",
     mounts: Optional[List[str]] = None,
@@ -147,6 +155,7 @@ def train(
         memMB: memory per node in MB
         env: environment of every rank, K=V,K2=V2; overrides OMP_NUM_THREADS=1, TOKENIZERS_PARALLELISM=false
         max_retries: scheduler retries of the whole job
+        max_restarts: torchrun restarts of the ranks after one dies (each resumes from the last checkpoint)
         rdzv_port: rendezvous port on the first node (multi-node only)
         rdzv_backend: torchrun rendezvous backend (multi-node only)
         mounts: volumes, type=bind|volume,src=...,dst=...[,readonly] (container schedulers)
@@ -158,7 +167,7 @@ def train(
             *_option("--steps", steps), *script_args]
     return _launch("train", TRAIN_MODULE, args, name=name, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, env=env,
                    max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
-                   debug=debug)
+                   debug=debug, max_restarts=max_restarts)
 
 
 def evaluate(

@@ -13,9 +13,9 @@ Example::
     print(len(report.copied), report.zero_initialised_columns)
 
 Sharded models: call it on every rank with the DistributedModelParallel module itself and the full
-state dict; DMP's ``load_state_dict`` slices each full table into the shards that rank holds. Or
-warm-start the unsharded model before wrapping it (a model built on ``meta`` must be wrapped first:
-meta tensors hold nothing to copy into).
+state dict; DMP's ``load_state_dict`` slices each full table into the shards that rank holds, and
+the frozen behaviour table is handed its own values. Warm-start AFTER wrapping: DMP builds the
+sharded tables anew, so values copied into an unsharded model's tables before wrapping are lost.
 BAHE's ID tables must be listed in the DLRM's order: the over arch's interaction columns follow it.
 A state dict's key order shows that order only when the keys are not sorted (DMP and safetensors sort
 them), so a different order is caught for ``DLRM.state_dict()`` but cannot be for every source.
@@ -229,7 +229,10 @@ def load_dlrm_weights(model: nn.Module, dlrm_state: Mapping[str, Tensor] | str |
     if errors:
         raise ValueError(f"cannot warm-start BAHE from this DLRM: {len(errors)} mismatch(es):\n  - "
                          + "\n  - ".join(errors))
-    result = model.load_state_dict({prefix + k: v for k, v in loaded.items()}, strict=False)
+    # torchrec's load hooks of a sharded module want every one of its tables: hand the ones we do not
+    # load (the frozen behaviour table) their own values back
+    own = {k: v for k, v in state.items() if isinstance(v, ShardedTensor) and k[len(prefix):] not in loaded}
+    result = model.load_state_dict({**own, **{prefix + k: v for k, v in loaded.items()}}, strict=False)
     if result.unexpected_keys:  # cannot happen: every key was taken from the model's own state dict
         raise RuntimeError(f"load_state_dict did not take {result.unexpected_keys}")
     return WarmStartReport(tuple(k for k in target if k in loaded), zeroed, tuple(skipped))

@@ -25,8 +25,12 @@ def setup(tmp_path_factory):
     return pipeline, split_by_time(pipeline, root / "data"), root
 
 
-def train(pipeline, data: Path, out: Path, *extra: str, port: int, ranks: int = 2) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
+def train(pipeline, data: Path, out: Path, *extra: str, port: int, ranks: int = 2, restarts: int = 0,
+          env: dict | None = None) -> dict:
+    # c10d rendezvous (as TorchX launches): a restart gets a fresh rendezvous round; the static one
+    # would hand restarted ranks the dead attempt's gloo addresses
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"localhost:{port}", "--max_restarts", str(restarts),
            "-m", "launchers.train", "--data-dir", str(data), "--store", str(pipeline.store), "--llm", str(pipeline.llm),
            "--out", str(out), "--batch-size", str(64 // ranks), "--embedding-dim", "16", "--dense-arch", "32", "16",
            "--over-arch", "32", "1", "--table-rows", "1000", "--max-behaviours", "6", "--dense-lr", "5e-3",
@@ -34,10 +38,10 @@ def train(pipeline, data: Path, out: Path, *extra: str, port: int, ranks: int = 
            # time order: this small synthetic set is learned within 40 steps in file order (test AUC
            # 0.89) but not yet shuffled (0.53; 0.71 after 120 steps) -- an open question in the notes
            "--no-shuffle", *extra]
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "_log": done.stdout + done.stderr}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,24 @@ def full_run(setup):
     pipeline, data, root = setup
     out = root / "full"
     return train(pipeline, data, out, "--steps", "40", "--eval-every", "20", "--checkpoint-every", "20", port=29561), out
+
+
+def test_a_rank_killed_mid_run_is_restarted_and_resumes_from_the_last_checkpoint(setup, full_run):
+    """Rank 1 SIGKILLs itself after step 30 (checkpoints at 20 and 40); torchrun --max_restarts 1 restarts
+    both ranks, which resume from step 20. The final metrics equal the uninterrupted run's within 1e-6
+    (the resume test's tolerance: same arithmetic, same order), and the step-20 checkpoint stayed
+    loadable throughout (the kill never leaves LATEST naming a half-written one)."""
+    pipeline, data, root = setup
+    out = root / "killed"
+    result = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", "--checkpoint-every", "20",
+                   port=29567, restarts=1, env={"BAHE_FAULT_KILL_RANK_AT_STEP": "1:30"})
+    assert "rank 1 kills itself with SIGKILL after step 30" in result["_log"]
+    assert "SIGKILL" in result["_log"] and "Signals.SIGKILL" in result["_log"] or "exitcode: -9" in result["_log"]
+    expected, _ = full_run
+    for split in ("valid", "test"):
+        for key in ("auc", "ne", "logloss", "calibration"):
+            assert result[split][key] == pytest.approx(expected[split][key], abs=1e-6), (split, key)
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0000040"
 
 
 def test_two_rank_run_completes_and_learns_the_text_signal(full_run):
@@ -83,7 +105,7 @@ def test_a_stopped_run_resumes_to_the_same_result(setup, full_run):
     pipeline, data, root = setup
     out = root / "stopped"
     first = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", "--stop-at", "20", port=29562)
-    assert first == {"steps": 20, "stopped_at": 20}
+    assert {k: v for k, v in first.items() if k != "_log"} == {"steps": 20, "stopped_at": 20}
     resumed = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", port=29563)
     expected, _ = full_run
     for split in ("valid", "test"):
@@ -100,7 +122,7 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one(setup, full_run):
     pipeline, data, root = setup
     out = root / "rescaled"
     first = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", "--stop-at", "20", port=29565)
-    assert first == {"steps": 20, "stopped_at": 20}
+    assert {k: v for k, v in first.items() if k != "_log"} == {"steps": 20, "stopped_at": 20}
     resumed = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", port=29566, ranks=1)
     expected, _ = full_run
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 1

@@ -13,7 +13,7 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from model.bahe import BAHE, BAHETrain
-from model.batch import ITEM_TEXT_KEY
+from model.batch import ITEM_TEXT_KEY, BaheBatch
 from model.warm_start import load_dlrm_weights
 
 D, DENSE_IN, TABLES = 4, 3, ("t_user", "t_item", "t_cat")
@@ -217,3 +217,30 @@ def test_a_sharded_bahe_loads_a_sharded_dlrms_state_dict(dlrm, one_gloo_rank):
         _, (_, sharded_logits, _) = bahe(Batch(dense_features=dense_x, sparse_features=sparse,
                                                labels=torch.zeros(16)))
         torch.testing.assert_close(sharded_logits, dlrm(dense_x, sparse).squeeze(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_a_sharded_bahe_with_text_warm_starts_and_keeps_its_frozen_table(dlrm, text_arch_factory, one_gloo_rank):
+    """torchrec's load hook of the sharded behaviour table wants its key: the warm start hands the
+    table its own values, so it loads, the table is unchanged and the logits are the DLRM's."""
+    from model.behaviour_lookup import BehaviourLookup
+    from model.sharding import shard_model
+    from model.text_arch import BehaviourTextArch
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    built = text_arch_factory()
+    lookup = BehaviourLookup(30, 16, ["seq_liked", "seq_skipped", ITEM_TEXT_KEY],
+                             {"seq_liked": 5, "seq_skipped": 5, ITEM_TEXT_KEY: 1}, device=meta)
+    text_arch = BehaviourTextArch(lookup, built.aggregator, ["seq_liked", "seq_skipped"], D)
+    bahe = shard_model(BAHETrain(BAHE(id_tables(device=meta), DENSE_IN, [8, D], [8, 1], text_arch=text_arch)), cpu,
+                       id_sharding="table_wise", id_tables=list(TABLES))
+    table_key = next(k for k in bahe.state_dict() if k.endswith("embeddings.behaviours.weight"))
+    before = bahe.state_dict()[table_key].local_shards()[0].tensor.clone()
+    report = load_dlrm_weights(bahe, dlrm.state_dict())
+    assert report.zero_initialised_columns == 15
+    assert torch.equal(bahe.state_dict()[table_key].local_shards()[0].tensor, before)
+    dense_x, sparse = inputs(names=TABLES)
+    bahe.eval()
+    with torch.no_grad():
+        _, (_, sharded_logits, _) = bahe(BaheBatch(dense_features=dense_x, sparse_features=sparse,
+                                                   labels=torch.zeros(16), behaviour_features=behaviours()))
+    torch.testing.assert_close(sharded_logits, dlrm(dense_x, sparse).squeeze(-1), rtol=1e-6, atol=1e-6)
