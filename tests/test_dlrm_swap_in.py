@@ -111,6 +111,22 @@ def test_trainer_takes_criteo_tsv_days(tmp_path):
     assert (tmp_path / "run" / "data" / "train.parquet").is_file()  # converted once, into OUT/data
 
 
+@needs_criteo
+def test_a_criteo_conversion_is_reused_only_for_the_same_files(tmp_path):
+    from training.sources import criteo_data
+
+    day = tmp_path / "day_0"
+    day.write_bytes(CRITEO_SAMPLE.read_bytes())
+    first = criteo_data((day,), tmp_path / "data", rank=0)
+    assert SampleReader(first.paths["train"]).num_rows == 92
+    stamp = first.paths["train"].stat().st_mtime_ns
+    criteo_data((day,), tmp_path / "data", rank=0)
+    assert first.paths["train"].stat().st_mtime_ns == stamp  # same files: not converted again
+    day.write_bytes(b"".join(CRITEO_SAMPLE.read_bytes().splitlines(keepends=True)[:50]))
+    again = criteo_data((day,), tmp_path / "data", rank=0)
+    assert SampleReader(again.paths["train"]).num_rows == 40  # the file changed: converted anew
+
+
 @pytest.mark.integration
 def test_trainer_takes_torchrec_random_dataset(tmp_path):
     metrics = _train(["--random-data", "--batch-size", "16", "--eval-batches", "3"], tmp_path / "run")

@@ -15,6 +15,7 @@ unchanged, its plain ``torchrec.datasets.utils.Batch`` going straight into the m
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torchrec.datasets.random import RandomRecDataset
 from ctr_data.criteo import criteo_schema, write_criteo_splits
 from ctr_data.parquet_io import SampleReader
 from ctr_data.schema import SampleSchema
+from embeddings.store import write_text_atomic
 from model.dense_features import DenseNormalizer
 from training.data import batches, eval_batches
 
@@ -80,11 +82,18 @@ class RandomData:
 
 def criteo_data(tsv_files: tuple[Path, ...], data_dir: Path, rank: int) -> ParquetData:
     """Convert Criteo TSV days into ``data_dir`` once (rank 0; the others wait), then read them.
-    An existing complete conversion is reused."""
+    A complete conversion of the same files (paths, sizes, modification times) is reused."""
     data_dir = Path(data_dir)
-    if rank == 0 and not all((data_dir / f"{name}.parquet").is_file() for name in SPLITS):
+    marker = data_dir / "criteo_sources.json"
+    sources = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+               for p in map(Path, tsv_files)]
+    done = marker.is_file() and json.loads(marker.read_text()) == sources \
+        and all((data_dir / f"{name}.parquet").is_file() for name in SPLITS)
+    if rank == 0 and not done:
         print(f"converting {len(tsv_files)} Criteo TSV file(s) -> {data_dir}", flush=True)
+        marker.unlink(missing_ok=True)
         write_criteo_splits(tsv_files, data_dir)
+        write_text_atomic(marker, json.dumps(sources))
     if dist.is_initialized():
         dist.barrier()
     return ParquetData(data_dir)
