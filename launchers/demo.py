@@ -26,6 +26,17 @@ PRESETS = {
 }
 
 
+def trainer_flags(preset: dict) -> list[str]:
+    """The bahe-train flags of a preset (besides data, store, output, arm and steps); the quality
+    bench (bench/quality_bench.py) trains every arm with these too."""
+    return ["--batch-size", str(preset["batch_size"]), "--deep-layers", str(preset["deep_layers"]),
+            "--max-behaviours", str(preset["max_history"]), "--embedding-dim", "32",
+            "--dense-arch", "64", "32", "--over-arch", "128", "32", "1", "--table-rows", "2000",
+            "--dense-lr", "3e-3", "--llm-lr", "1e-3", "--log-every", "25",
+            # most test-period users are new: a per-user row would only memorise the train period
+            "--drop-id-features", "user_id"]
+
+
 def _launch(component: str, args: list[str], profile_name: str) -> None:
     from torchx.runner import get_runner
 
@@ -73,13 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     run = out / "bahe"
     print(f"\n[3/5] train: BAHE, {preset['steps']} steps on 2 ranks through TorchX -> {run}", flush=True)
     _launch("train", ["--data_dir", str(out / "data"), "--out", str(run), "--arm", "bahe", "--store",
-                      str(out / "store"), "--steps", str(preset["steps"]), "--",
-                      "--batch-size", str(preset["batch_size"]), "--deep-layers", str(preset["deep_layers"]),
-                      "--max-behaviours", str(preset["max_history"]), "--embedding-dim", "32",
-                      "--dense-arch", "64", "32", "--over-arch", "128", "32", "1", "--table-rows", "2000",
-                      "--dense-lr", "3e-3", "--llm-lr", "1e-3", "--log-every", "25",
-                      # most test-period users are new: a per-user row would only memorise the train period
-                      "--drop-id-features", "user_id"], args.profile)
+                      str(out / "store"), "--steps", str(preset["steps"]), "--", *trainer_flags(preset)],
+            args.profile)
     timings["train"] = time.perf_counter() - start - sum(timings.values())
 
     print("\n[4/5] evaluate: test split, and the non-learned floor", flush=True)

@@ -1,0 +1,172 @@
+"""Quality on MovieLens-100K (time-ordered 8:1:1 split): the DLRM-only arm, the token-level LLM
+baseline and BAHE, over several seeds, against the non-learned floor.
+
+Every arm trains with the SAME command, data, head, step budget and batch -- the `make demo`
+preset's trainer flags (launchers/demo.py ``trainer_flags``) -- on 2 local gloo ranks (torchrun),
+differing only in ``--arm``. The token-level arm runs the same LLM layers 0..k+deep over the
+tokens of the same M titles per sequence (``--max-user-tokens`` covers them all: nothing is cut),
+so BAHE and it see the same text. The floor is the item's train positive rate plus the user's
+recent positive rate (training/baselines.py). Seeds change the model initialisation and the
+training order; the data split is fixed.
+
+  python -m bench.quality_bench                       # 3 seeds x 3 arms, about 50 min on 2 CPU cores
+  python -m bench.quality_bench --seeds 0 --steps 50 --out /tmp/q.json   # a quick look
+
+Writes docs/bench_quality.json (machine, versions, config, every run's metrics), a markdown table
+beside it and, when matplotlib is installed, a PNG of test AUC per arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("dlrm", "token_level", "bahe")
+
+
+def prepare(work: Path, preset: dict) -> tuple[Path, Path]:
+    """MovieLens splits and the k-layer behaviour store, made once and reused."""
+    from ctr_data.movielens import MovieLensConfig, write_movielens
+    from embeddings.build import build_store
+    from embeddings.encoder import EncoderConfig
+    from embeddings.pretrained import DEFAULT_MODEL
+
+    data, store = work / "data", work / "store"
+    if not (data / "test.parquet").is_file():
+        write_movielens(MovieLensConfig(max_history=preset["max_history"]), data)
+    if not (store / "LATEST").is_file():
+        build_store(store, [data / f"{s}.parquet" for s in ("train", "valid", "test")],
+                    EncoderConfig(model=DEFAULT_MODEL, k=preset["k"], device="cpu"), show_progress=False)
+    return data, store
+
+
+def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict, port: int) -> dict:
+    from launchers.demo import trainer_flags
+
+    if (run / "metrics.json").is_file():  # a finished run is reused (the bench resumes after a crash)
+        return json.loads((run / "metrics.json").read_text())
+    extra = ["--max-user-tokens", "256"] if arm == "token_level" else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"localhost:{port}", "-m", "launchers.train", "--data-dir", str(data), "--store",
+           str(store), "--out", str(run), "--arm", arm, "--steps", str(steps), "--seed", str(seed),
+           *trainer_flags(preset), *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{arm} seed {seed} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["wall_seconds"] = time.perf_counter() - start
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def summarise(runs: dict[str, list[dict]], floor: dict) -> dict:
+    def stats(values: list[float]) -> dict:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values}
+
+    out = {arm: {key: stats([r["test"][key] for r in results]) for key in ("auc", "logloss")}
+           for arm, results in runs.items()}
+    for arm, results in runs.items():
+        out[arm]["wall_seconds"] = stats([r.get("wall_seconds", float("nan")) for r in results])
+    out["floor"] = {"auc": floor["test"]}
+    return out
+
+
+def table(summary: dict, steps: int, seeds: list[int]) -> str:
+    lines = [f"test split, {steps} steps x 2 ranks x the demo batch per arm, seeds {seeds} (mean +- std)", "",
+             "| arm | test AUC | test log loss | train wall s |", "|---|---|---|---|"]
+    for arm in ARMS:
+        if arm in summary:
+            s = summary[arm]
+            lines.append(f"| {arm} | {s['auc']['mean']:.4f} +- {s['auc']['std']:.4f} | "
+                         f"{s['logloss']['mean']:.4f} +- {s['logloss']['std']:.4f} | {s['wall_seconds']['mean']:.0f} |")
+    lines.append(f"| non-learned floor | {summary['floor']['auc']:.4f} | - | - |")
+    if "bahe" in summary:
+        bahe = summary["bahe"]["auc"]["mean"]
+        lines += ["", "targets: BAHE >= token-level - 0.002, and >= DLRM-only + 0.01"]
+        for arm, margin in (("token_level", -0.002), ("dlrm", 0.01)):
+            if arm in summary:
+                gap = bahe - summary[arm]["auc"]["mean"]
+                lines.append(f"  BAHE - {arm}: {gap:+.4f} ({'met' if gap >= margin else 'NOT met'}, needs {margin:+.3f})")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no PNG"
+    arms = [a for a in ARMS if a in summary]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(arms, [summary[a]["auc"]["mean"] for a in arms], yerr=[summary[a]["auc"]["std"] for a in arms],
+           color=["#999999", "#cc7744", "#3377bb"][: len(arms)], capsize=4)
+    ax.axhline(summary["floor"]["auc"], color="black", linestyle="--", linewidth=1, label="non-learned floor")
+    low = min(summary["floor"]["auc"], *(summary[a]["auc"]["mean"] for a in arms)) - 0.01
+    ax.set_ylim(low, max(summary[a]["auc"]["mean"] for a in arms) + 0.01)
+    ax.set_ylabel("test AUC (MovieLens-100K)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launchers.demo import PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m bench.quality_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--steps", type=int, default=None, help="the step budget of every arm (default: the demo's)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="data, store and runs (reused)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_quality.json")
+    args = p.parse_args(argv)
+    preset = dict(PRESETS["cpu"])
+    steps = args.steps or preset["steps"]
+    data, store = prepare(args.work, preset)
+    from training.baselines import non_learned_baseline
+
+    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    port = 29650
+    for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm
+        for arm in args.arms:
+            port += 1
+            result = train(arm, seed, steps, data, store, args.work / f"{arm}-seed{seed}-steps{steps}", preset, port)
+            runs[arm].append(result)
+            print(f"{arm:12s} seed {seed}: test AUC {result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f}",
+                  flush=True)
+    summary = summarise(runs, non_learned_baseline(data))
+    import torch
+
+    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                          "torch": torch.__version__},
+              "config": {"preset": preset, "steps": steps, "seeds": args.seeds, "ranks": 2,
+                         "token_level_max_user_tokens": 256},
+              "summary": summary, "runs": {arm: [r["test"] for r in results] for arm, results in runs.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    text = table(summary, steps, args.seeds)
+    note = plot(summary, args.out.with_suffix(".png"))
+    args.out.with_suffix(".md").write_text(f"# Quality on MovieLens-100K\n\nProduced by `python -m bench.quality_bench`"
+                                           f" ({platform.platform()}).\n\n{text}\n\n![test AUC per arm]"
+                                           f"({args.out.with_suffix('.png').name})\n")
+    print(text)
+    if note:
+        print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
