@@ -230,9 +230,21 @@ def iter_criteo_tsv(
             path, read_options=read_options, parse_options=parse_options, convert_options=convert_options
         )
     except pa.ArrowInvalid as err:
-        if path.stat().st_size == 0 or "Empty CSV file" in str(err):
+        size = path.stat().st_size
+        if size == 0:
             return
-        raise _locate_parse_error(path, 0, err) from None
+        if "Empty CSV file" not in str(err):
+            raise _locate_parse_error(path, 0, err) from None
+        # pyarrow found no line end in the first block: one line without a final newline, or a first
+        # line longer than the block. Neither may be dropped silently.
+        if size > block_size:
+            raise DataError(f"no line end in the first {block_size} bytes: not a Criteo TSV file, or raise "
+                            "block_size", path=path, row=0) from None
+        try:
+            reader = pcsv.open_csv(pa.BufferReader(path.read_bytes() + b"\n"), read_options=read_options,
+                                   parse_options=parse_options, convert_options=convert_options)
+        except pa.ArrowInvalid as again:
+            raise _locate_parse_error(path, 0, again) from None
     try:
         if reader.schema.names != names:
             raise _locate_parse_error(path, 0, ValueError(f"{len(reader.schema)} columns"))

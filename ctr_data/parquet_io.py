@@ -25,6 +25,14 @@ import pyarrow.parquet as pq
 from ctr_data.schema import DENSE_PREFIX, LABEL, DataError, SampleSchema
 
 
+def _is_integer(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or (pa.types.is_list(dtype) and pa.types.is_integer(dtype.value_type))
+
+
+def _is_floating(dtype: pa.DataType) -> bool:
+    return pa.types.is_floating(dtype) or (pa.types.is_list(dtype) and pa.types.is_floating(dtype.value_type))
+
+
 def _first_true(mask: pa.Array | pa.ChunkedArray) -> int:
     return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))[0])
 
@@ -32,7 +40,7 @@ def _first_true(mask: pa.Array | pa.ChunkedArray) -> int:
 def _first_uncastable(values: pa.Array, target: pa.DataType) -> int:
     for i in range(len(values)):
         try:
-            values.slice(i, 1).cast(target)
+            values.take([i]).cast(target)  # take, not slice: a sliced list still casts all its values
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             return i
     return 0
@@ -42,16 +50,22 @@ def validate_batch(batch: pa.RecordBatch | pa.Table, schema: SampleSchema, *, pa
     """Check and cast one batch to ``schema``; returns it as a Table with the exact Arrow schema.
 
     Raises DataError for a missing column, a value of the wrong type, a null, a label outside
-    {0, 1} or a non-finite dense value, naming the row (``row_offset`` + index) and the field.
+    {0, 1} or a non-finite dense value (NaN, +-inf, or a float64 beyond the float32 range), naming
+    the row (``row_offset`` + index) and the field. Every check is one vectorised kernel over the
+    column; only a batch already known to be bad is searched for its first bad row. Columns the
+    schema lacks are ignored here (a reader selects its columns); :class:`SampleWriter` refuses them.
     """
     table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
     target = schema.arrow_schema()
     missing = [name for name in target.names if name not in table.column_names]
     if missing:
-        raise DataError(f"missing column(s) {missing}; the schema needs {target.names}", path=path, field=missing[0])
+        extra = [name for name in table.column_names if name not in target.names]
+        hint = f"; the data has column(s) the schema lacks, a typo? {extra}" if extra else ""
+        raise DataError(f"missing column(s) {missing}; the schema needs {target.names}{hint}", path=path,
+                        field=missing[0])
     columns = []
     for fld in target:
-        col = table.column(fld.name).combine_chunks()
+        col = given = table.column(fld.name).combine_chunks()
         if not col.type.equals(fld.type):
             try:
                 col = col.cast(fld.type)
@@ -80,8 +94,11 @@ def validate_batch(batch: pa.RecordBatch | pa.Table, schema: SampleSchema, *, pa
             not_finite = pc.invert(pc.is_finite(col))
             if pc.any(not_finite).as_py():
                 row = _first_true(not_finite)
-                raise DataError(f"dense value must be finite, got {col[row].as_py()}", path=path,
-                                row=row_offset + row, field=fld.name)
+                value = given[row].as_py()
+                why = " (beyond the float32 range)" if isinstance(value, (int, float)) and np.isfinite(value) else ""
+                raise DataError(f"dense value must be finite, got {value!r}{why}; replace NaN / inf (e.g. by 0, "
+                                "the missing-value convention) before writing", path=path, row=row_offset + row,
+                                field=fld.name)
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=target)
 
@@ -110,13 +127,19 @@ class SampleWriter:
         """Validate and append a batch (an Arrow table / batch or a dict of columns)."""
         if isinstance(batch, Mapping):
             batch = self._table_from_columns(batch)
+        target = self.schema.arrow_schema().names
+        extra = [name for name in batch.schema.names if name not in target]
+        if extra:  # it would be dropped silently: most likely a typo or a feature missing from the schema
+            raise DataError(f"column(s) {extra} are not in the schema {target}; add them to the SampleSchema or "
+                            "drop them before writing", path=self.path, field=extra[0])
         table = validate_batch(batch, self.schema, path=self.path, row_offset=self.rows_written)
         self._writer.write_table(table, row_group_size=self._row_group_size)
         self.rows_written += table.num_rows
 
     def _table_from_columns(self, columns: Mapping[str, Any]) -> pa.Table:
         """Python / numpy columns -> Arrow, converting each to its schema type; a value that does
-        not convert is reported with its row and field."""
+        not convert is reported with its row and field. A fractional number in an integer column
+        (label 0.5, id 1.5) is refused, not truncated; so is a text where a list belongs."""
         target = self.schema.arrow_schema()
         arrays = {}
         for name, values in columns.items():
@@ -124,6 +147,24 @@ class SampleWriter:
                 arrays[name] = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
                 continue
             dtype = target.field(name).type
+            if _is_integer(dtype) or pa.types.is_list(dtype):
+                # pa.array(values, type=...) would truncate 0.5 to 0 in an integer column and turn the
+                # text "abc" into the list ["a", "b", "c"] in a list column, without a word
+                try:
+                    inferred = pa.array(values)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+                    inferred = None
+                if pa.types.is_list(dtype) and not (inferred is not None and (
+                        pa.types.is_list(inferred.type) or pa.types.is_null(inferred.type))):
+                    row = next((i for i, v in enumerate(values)
+                                if v is not None and not isinstance(v, (list, tuple, np.ndarray))), None)
+                    if row is not None:
+                        raise DataError(f"value {values[row]!r} is not a list ({dtype}); put a single value in a "
+                                        "list, and a missing one as []", path=self.path,
+                                        row=self.rows_written + row, field=name)
+                if inferred is not None and _is_floating(inferred.type):
+                    arrays[name] = inferred  # validate_batch casts it safely: 1.0 -> 1, but 1.5 is refused
+                    continue
             try:
                 arrays[name] = pa.array(values, type=dtype)
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as err:

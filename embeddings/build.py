@@ -11,13 +11,20 @@
 4. rank 0 assembles the parent's rows (copied unchanged) and the chunks into a new version
    directory, writes checksums and the manifest, renames the directory into place and only then
    moves ``LATEST``. A crash at any point leaves the previous version intact and current.
+
+A write that fails (a full disk, an unwritable folder) raises :class:`StoreWriteError` naming the file,
+the reason and the version that stays current; the half-written file is removed, the finished chunks
+are kept, and the same build run again resumes from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -41,8 +48,10 @@ from embeddings.store import (
     BehaviourStore,
     Expected,
     StoreError,
+    StoreWriteError,
     file_sha256,
     latest_version,
+    os_error_at,
     version_name,
     write_text_atomic,
 )
@@ -104,13 +113,39 @@ def _check_parent(parent: BehaviourStore, identity: dict, sha: str) -> None:
                          "vectors would not be comparable; use the parent's settings or build a new store elsewhere")
 
 
+def _reason(err: OSError) -> str:
+    """'No space left on device (ENOSPC)': the OS's words and the errno's name."""
+    if err.errno is None or not err.strerror:
+        return str(err)
+    return f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"
+
+
+@contextlib.contextmanager
+def _writing(path: Path, verb: str = "write"):
+    """An OSError inside becomes a StoreWriteError naming ``path`` and the reason."""
+    try:
+        yield
+    except OSError as err:
+        raise StoreWriteError(f"cannot {verb} {path}: {_reason(err)}") from err
+
+
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(partial, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    # np.save straight into a file writes with C stdio (ndarray.tofile) and does not notice a write
+    # that fails when the buffer is flushed: on a full disk it would leave a truncated chunk, and the
+    # chunk's .npy is its completion marker. Through Python's file object a failed write raises.
+    serialized = io.BytesIO()
+    np.save(serialized, array, allow_pickle=False)
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(serialized.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise os_error_at(err, path) from err
 
 
 def _prepare_work_dir(work: Path, plan: dict, rank: int) -> None:
@@ -118,10 +153,13 @@ def _prepare_work_dir(work: Path, plan: dict, rank: int) -> None:
     if rank == 0:
         plan_path = work / "plan.json"
         if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
-            shutil.rmtree(work)  # a stale build of other data or settings
-        work.mkdir(parents=True, exist_ok=True)
+            with _writing(work, "remove the stale build"):
+                shutil.rmtree(work)  # a stale build of other data or settings
+        with _writing(work, "create"):
+            work.mkdir(parents=True, exist_ok=True)
         if not plan_path.is_file():
-            write_text_atomic(plan_path, json.dumps(plan, indent=2, sort_keys=True))
+            with _writing(plan_path):
+                write_text_atomic(plan_path, json.dumps(plan, indent=2, sort_keys=True))
     _barrier()
 
 
@@ -150,8 +188,10 @@ def _encode_chunks(work: Path, texts: list[str], config: EncoderConfig, chunk_te
             vectors, chunk_stats = encoder.encode(chunk, progress=tick)
             # the .npy is the chunk's completion marker, so it is written last: a kill between the two
             # writes leaves a chunk that is simply encoded again
-            write_text_atomic(work / f"chunk-{c:06d}.json", json.dumps(asdict(chunk_stats)))
-            _save_atomic(work / f"chunk-{c:06d}.npy", vectors)
+            with _writing(work / f"chunk-{c:06d}.json"):
+                write_text_atomic(work / f"chunk-{c:06d}.json", json.dumps(asdict(chunk_stats)))
+            with _writing(work / f"chunk-{c:06d}.npy"):
+                _save_atomic(work / f"chunk-{c:06d}.npy", vectors)
             stats.add(chunk_stats)
         bar.close()
     return stats, len(mine) - len(todo)
@@ -183,35 +223,73 @@ def _manifest(version: str, parent: str | None, config: EncoderConfig, model_dir
     }
 
 
+def _vector_blocks(parent: BehaviourStore | None, work: Path, n_chunks: int, dim: int):
+    """The new version's rows in order: the parent's (or the zero <pad> and <unknown> rows), then each chunk's."""
+    if parent is not None:
+        for block in range(0, parent.rows_count, 65_536):  # stream the parent's rows, never all at once
+            yield parent.rows(block, min(block + 65_536, parent.rows_count))
+    else:
+        yield np.zeros((len(RESERVED), dim), dtype=np.float32)
+    for c in range(n_chunks):
+        yield np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False)
+
+
+def _write_vectors(path: Path, rows: int, dim: int, blocks) -> int:
+    """Write a rows x dim float32 .npy with plain sequential writes; returns the rows the blocks held.
+
+    Not a memory map: on a full disk, a store into a mapped sparse file kills the process with SIGBUS,
+    while a write() raises an OSError (ENOSPC) that can be reported."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (rows, dim)}
+    written = 0
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if block.ndim != 2 or block.shape[1] != dim:
+                raise StoreError(f"a block of shape {block.shape} for {path}, which holds rows of {dim} floats: "
+                                 f"the chunks in {path.parent.parent} are malformed; delete that folder")
+            written += len(block)
+            if written <= rows:
+                handle.write(memoryview(block))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return written
+
+
 def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | None, vocab: BehaviourVocabulary,
               n_chunks: int, dim: int, manifest: dict) -> None:
     staging = work / "assembled"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    vectors = np.lib.format.open_memmap(staging / VECTORS, mode="w+", dtype=np.float32, shape=(len(vocab), dim))
-    start = len(RESERVED)
-    if parent is not None:
-        for block in range(0, parent.rows_count, 65_536):  # stream the parent's rows, never all at once
-            stop = min(block + 65_536, parent.rows_count)
-            vectors[block:stop] = parent.rows(block, stop)
-        start = parent.rows_count
-    else:
-        vectors[:start] = 0.0  # <pad> and <unknown> rows
-    for c in range(n_chunks):
-        chunk = np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False)
-        vectors[start:start + len(chunk)] = chunk
-        start += len(chunk)
-    if start != len(vocab):
-        raise StoreError(f"assembled {start} rows for a vocabulary of {len(vocab)}: chunks are missing in {work}")
-    vectors.flush()
-    del vectors
-    vocab.save(staging / VOCAB)
-    manifest["files"] = {name: {"sha256": file_sha256(staging / name), "bytes": (staging / name).stat().st_size}
-                         for name in (VECTORS, VOCAB)}
-    write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(staging, root / version)
-    write_text_atomic(root / LATEST, version + "\n")
-    shutil.rmtree(work)
+    try:
+        with _writing(staging, "create"):
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        with _writing(staging / VECTORS):
+            written = _write_vectors(staging / VECTORS, len(vocab), dim, _vector_blocks(parent, work, n_chunks, dim))
+        if written != len(vocab):
+            raise StoreError(f"assembled {written} rows for a vocabulary of {len(vocab)}: chunks are missing in {work}")
+        with _writing(staging / VOCAB):
+            vocab.save(staging / VOCAB)
+        manifest["files"] = {name: {"sha256": file_sha256(staging / name), "bytes": (staging / name).stat().st_size}
+                             for name in (VECTORS, VOCAB)}
+        with _writing(staging / MANIFEST):
+            write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        final = root / version
+        with _writing(final, "publish"):
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # give back the space; the chunks stay for the rerun
+        raise
+    try:
+        write_text_atomic(root / LATEST, version + "\n")
+    except OSError as err:
+        # unpublish (rename, then delete), so that no version directory stands beside a LATEST that does
+        # not name it (the rerun would number its version past it); the rerun assembles it again
+        with contextlib.suppress(OSError):
+            os.replace(final, staging)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise StoreWriteError(f"cannot write {root / LATEST}: {_reason(err)}") from err
+    shutil.rmtree(work, ignore_errors=True)  # the version is published: a leftover here is only wasted space
 
 
 def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], config: EncoderConfig, *,
@@ -220,7 +298,10 @@ def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], 
     if chunk_texts < 1:
         raise ValueError(f"chunk_texts must be >= 1, got {chunk_texts}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise StoreWriteError(f"{root} is a file, not a store folder: remove it or choose another store folder")
+    with _writing(root, "create the store folder"):
+        root.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
     model_dir = resolve_model_dir(config.model)
     sha = weights_sha256(model_dir)
@@ -242,15 +323,18 @@ def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], 
         plan = {"parent": parent_name, "first_new_id": new_ids[0], "new_texts": len(new_texts),
                 "texts_sha256": hashlib.sha256("\n".join(new_texts).encode()).hexdigest(), "chunk_texts": chunk_texts,
                 "model_sha256": sha, "encoder": identity}
-        _prepare_work_dir(work, plan, rank)
-        stats, resumed = _encode_chunks(work, new_texts, config, chunk_texts, rank, world,
-                                        show_progress and rank == 0)
-        _barrier()
-        n_chunks = -(-len(new_texts) // chunk_texts)
-        if rank == 0:
-            stats = _finished_chunk_stats(work, n_chunks)  # this run's and earlier runs' chunks alike
-            manifest = _manifest(version, parent_name, config, model_dir, sha, identity, len(vocab), stats)
-            _assemble(root, work, version, parent, vocab, n_chunks, manifest["dim"], manifest)
+        try:
+            _prepare_work_dir(work, plan, rank)
+            stats, resumed = _encode_chunks(work, new_texts, config, chunk_texts, rank, world,
+                                            show_progress and rank == 0)
+            _barrier()
+            n_chunks = -(-len(new_texts) // chunk_texts)
+            if rank == 0:
+                stats = _finished_chunk_stats(work, n_chunks)  # this run's and earlier runs' chunks alike
+                manifest = _manifest(version, parent_name, config, model_dir, sha, identity, len(vocab), stats)
+                _assemble(root, work, version, parent, vocab, n_chunks, manifest["dim"], manifest)
+        except StoreWriteError as err:
+            raise _build_failed(err, root, work, version, parent_name) from err.__cause__
         _barrier()
     else:
         version = parent_name  # nothing new: the LATEST version already covers the data
@@ -260,6 +344,15 @@ def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], 
                        distinct_texts=len(counts), occurrences=sum(counts.values()), new_texts=len(new_texts),
                        resumed_chunks=resumed, tokens_encoded=stats.tokens, tokens_per_occurrence_encoder=per_occurrence,
                        truncated=stats.truncated, padding_waste=stats.padding_waste, seconds=stats.seconds)
+
+
+def _build_failed(err: StoreWriteError, root: Path, work: Path, version: str, parent: str | None) -> StoreWriteError:
+    kept = f"The previous version {parent} is intact and still current (LATEST)" if parent else \
+        "No version was published"
+    done = len(list(work.glob("chunk-*.npy"))) if work.is_dir() else 0
+    return StoreWriteError(f"building store version {version} in {root} failed: {err}. {kept}; "
+                           f"free space or make the folder writable (or build into another folder), then run the "
+                           f"same build again: it resumes from the {done} chunk(s) already encoded in {work}")
 
 
 def _per_occurrence_tokens(counts, config: EncoderConfig, model_dir: Path) -> int:

@@ -73,8 +73,9 @@ def _convert_smollm2() -> Path:
 
         print(f"converting {gguf_dir / _SMOLLM2_GGUF} -> {target} (once)", flush=True)
         with quiet_transformers():
-            quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+            quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32,
+                                                             trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, trust_remote_code=False)
         config = quantised.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # GGUF models refuse save_pretrained; a plain copy does not

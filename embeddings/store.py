@@ -17,6 +17,7 @@ after that, so a crash leaves the previous version intact and current.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,18 @@ class StoreError(ValueError):
     """A store that is missing, corrupt or built for another model / k / dim; says what to do."""
 
 
+class StoreWriteError(StoreError):
+    """Writing a store failed (a full disk, an unwritable folder): the message names the file and the
+    reason, and says that the previous version is intact; the OSError is its ``__cause__``."""
+
+
+def os_error_at(err: OSError, path: Path) -> OSError:
+    """``err`` (same errno, hence the same OSError subclass) naming ``path``: a failed write() names no file."""
+    if err.errno is None:
+        return OSError(f"{path}: {err}")
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -44,12 +57,19 @@ def file_sha256(path: Path) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a failed write (an OSError naming ``path``) leaves the old
+    file as it was and no partial file behind."""
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(partial, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise os_error_at(err, path) from err
 
 
 def version_name(number: int) -> str:

@@ -89,17 +89,32 @@ class BehaviourVocabulary:
         return normalize_text(text) in self._index
 
     def extend(self, counts: Counter) -> list[int]:
-        """Add every text not yet known (in sorted order) and add all counts; returns the new ids."""
-        new_ids = []
-        for text in sorted(t for t in counts if t not in self._index):
-            if not text or text != normalize_text(text):
-                raise ValueError(f"extend() takes normalised, non-empty texts; got {text!r}")
-            self._index[text] = len(self.texts)
-            new_ids.append(len(self.texts))
-            self.texts.append(text)
-            self.counts.append(0)
+        """Add every text not yet known (in sorted order) and add all counts; returns the new ids.
+
+        Texts must be normalised (:func:`normalize_texts`) and non-empty, counts integers >= 0.
+        Everything is checked before anything changes: a refused call leaves the vocabulary as it was.
+        """
+        bad_count = next(((t, n) for t, n in counts.items()
+                          if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0), None)
+        if bad_count is not None:
+            raise ValueError(f"extend() takes occurrence counts >= 0; got {bad_count[1]!r} for {bad_count[0]!r}")
+        new = sorted(t for t in counts if t not in self._index)
+        not_text = next((t for t in new if not isinstance(t, str)), None)
+        if not_text is not None:
+            raise ValueError(f"extend() takes texts (str); got {type(not_text).__name__} {not_text!r}")
+        if new:
+            normalised = normalize_texts(pa.array(new, pa.string())).to_pylist()
+            bad = next((t for t, n in zip(new, normalised) if not t or t != n), None)
+            if bad is not None:
+                raise ValueError(f"extend() takes normalised, non-empty texts; got {bad!r} (normalise it with "
+                                 "embeddings.vocabulary.normalize_texts; empty texts map to PAD_ID)")
+        new_ids = list(range(len(self.texts), len(self.texts) + len(new)))
+        for text, i in zip(new, new_ids):
+            self._index[text] = i
+        self.texts.extend(new)
+        self.counts.extend([0] * len(new))
         for text, n in counts.items():
-            self.counts[self._index[text]] += n
+            self.counts[self._index[text]] += int(n)
         return new_ids
 
     def lookup(self, texts: Iterable[str]) -> list[int]:
@@ -107,16 +122,24 @@ class BehaviourVocabulary:
         return self.lookup_array(pa.array(list(texts), pa.string())).tolist()
 
     def lookup_array(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """Vectorised :meth:`lookup` over an Arrow string array; returns int64 ids."""
-        if getattr(self, "_value_set_size", -1) != len(self.texts):  # the reserved rows never match a text
-            self._value_set = pa.array(["\x00pad", "\x00unknown", *self.texts[len(RESERVED):]], pa.string())
+        """Vectorised :meth:`lookup` over an Arrow string array; returns int64 ids.
+
+        Each text not in the vocabulary adds one to :attr:`unknown_lookups` (empty texts do not:
+        they are padding). A null is refused: a missing text is the empty text.
+        """
+        if texts.null_count:
+            first = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"lookup: text {first} is null; a missing text is the empty text ''")
+        if getattr(self, "_value_set_size", -1) != len(self.texts):  # ids of real texts start after RESERVED
+            self._value_set = pa.array(self.texts[len(RESERVED):], pa.string())
             self._value_set_size = len(self.texts)
         norm = normalize_texts(texts)
         found = pc.index_in(norm, value_set=self._value_set)
         empty = pc.equal(norm, "").to_numpy(zero_copy_only=False)
         missing = found.is_null().to_numpy(zero_copy_only=False) & ~empty
         self.unknown_lookups += int(missing.sum())
-        ids = found.fill_null(UNKNOWN_ID).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = found.fill_null(UNKNOWN_ID - len(RESERVED)).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids += len(RESERVED)
         ids[empty] = PAD_ID
         return ids
 
@@ -130,6 +153,10 @@ class BehaviourVocabulary:
     def load(cls, path: str | os.PathLike) -> BehaviourVocabulary:
         path = Path(path)
         try:
+            found = pq.read_schema(path)
+            missing = [f.name for f in VOCAB_SCHEMA if found.get_field_index(f.name) < 0]
+            if missing:
+                raise pa.ArrowInvalid(f"it has columns {found.names}, not {missing}")
             table = pq.read_table(path, schema=VOCAB_SCHEMA)
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(f"not a vocabulary file (id, text, count): {err}", path=path) from None
@@ -138,4 +165,26 @@ class BehaviourVocabulary:
             bad = next(i for i, v in enumerate(ids) if v != i)
             raise DataError(f"ids must be 0..n-1 in order; found {ids[bad]} at position {bad}", path=path, row=bad,
                             field="id")
-        return cls(table.column("text").to_pylist(), table.column("count").to_pylist())
+        for name in ("text", "count"):
+            if table.column(name).null_count:
+                row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
+                raise DataError("missing value (null); rebuild the store", path=path, row=row, field=name)
+        texts, counts = table.column("text").to_pylist(), table.column("count").to_pylist()
+        if texts[: len(RESERVED)] != list(RESERVED):
+            raise DataError(f"the first rows must be the reserved {list(RESERVED)}, found {texts[:len(RESERVED)]}",
+                            path=path, row=0, field="text")
+        real = table.column("text").slice(len(RESERVED))
+        unnormalised = pc.or_(pc.equal(real, ""), pc.not_equal(normalize_texts(real), real))
+        if pc.any(unnormalised).as_py():
+            row = len(RESERVED) + int(np.flatnonzero(unnormalised.to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"text {texts[row]!r} is empty or not normalised; the file was not written by "
+                            "BehaviourVocabulary.save: rebuild the store", path=path, row=row, field="text")
+        if len(pc.unique(real)) != len(real):
+            seen: set[str] = set()
+            row = next(i for i, t in enumerate(texts) if i >= len(RESERVED) and (t in seen or seen.add(t)))
+            raise DataError(f"text {texts[row]!r} appears twice; rebuild the store", path=path, row=row, field="text")
+        negative = pc.less(table.column("count"), 0)
+        if pc.any(negative).as_py():
+            row = int(np.flatnonzero(negative.to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"count {counts[row]} is negative", path=path, row=row, field="count")
+        return cls(texts, counts)

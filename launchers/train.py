@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -130,9 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-train: error: {err}", file=sys.stderr)
         return 2
+    from training.checkpoint import CheckpointWriteError
     from training.loop import run_training
 
-    summary = run_training(config)
+    try:
+        summary = run_training(config)
+    except (CheckpointWriteError, FileNotFoundError, ValueError) as err:  # what the user can fix: one line
+        if os.environ.get("BAHE_TRACEBACK"):
+            raise
+        print(f"bahe-train: error: {err} (BAHE_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

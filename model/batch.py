@@ -11,16 +11,22 @@ batches, vectorised:
 
 * dense: ``log1p(max(x, 0))`` (DLRM's transform of Criteo counts), standardised with the train
   split's statistics when a :class:`~model.dense_features.DenseNormalizer` is given;
-* ID features ``user_id``, ``item_id`` and every ``cat_<name>``: hashed ``id % num_embeddings``;
-  a negative id is an error;
-* behaviours: each sequence's texts -> store ids (unknown texts -> the reserved unknown row,
-  counted), keeping the ``max_behaviours`` most recent, oldest first; the item text -> one id
-  (none when the text is empty).
+* ID features ``user_id``, ``item_id`` and every ``cat_<name>``: hashed ``id % num_embeddings``.
+  An id at or beyond its table's rows is NOT an error: it shares a row with the ids equal to it
+  modulo the table size (the hashing trick, DLRM's convention for Criteo's 40M-id features); such
+  ids are counted. A negative id is an error naming the feature and the row of the batch;
+* behaviours: each sequence's texts -> store ids. Empty texts carry nothing and are dropped
+  (counted); a text the store has not encoded -> the reserved unknown row (counted); of the rest,
+  the ``max_behaviours`` most recent are kept, oldest first (the older ones dropped are counted);
+  an empty sequence stays empty (length 0). The item text -> one id (none when the text is empty).
+
+The counts accumulate in :attr:`SampleBatcher.counters` (:class:`BatcherCounters`) for the
+trainer to log; :meth:`BatcherCounters.as_dict` gives them as flat name -> number pairs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +36,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctr_data.schema import CAT_PREFIX, ITEM_TEXT, LABEL, SEQ_PREFIX, DataError, SampleSchema
-from embeddings.vocabulary import PAD_ID, BehaviourVocabulary
+from embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary
 from model.dense_features import DenseNormalizer, log1p_dense
 
 ITEM_TEXT_KEY = "item_text"
@@ -65,6 +71,35 @@ class BaheBatch(Batch):
         )
 
 
+@dataclass
+class BatcherCounters:
+    """What a :class:`SampleBatcher` has mapped or dropped so far (running totals over its batches).
+
+    Attributes:
+        rows: sample rows batched.
+        ids_beyond_table: per ID feature, ids >= the table's rows, folded in by ``id % rows``.
+        empty_behaviour_texts: empty texts inside behaviour sequences, dropped.
+        unknown_behaviours: behaviours kept whose text the store has not encoded (-> the unknown row).
+        unknown_item_texts: non-empty item texts the store has not encoded (-> the unknown row).
+        dropped_behaviours: behaviours older than the ``max_behaviours`` most recent of their sequence.
+        empty_sequences: sequences (row x sequence type) with no behaviour left to the model.
+    """
+
+    rows: int = 0
+    ids_beyond_table: dict[str, int] = field(default_factory=dict)
+    empty_behaviour_texts: int = 0
+    unknown_behaviours: int = 0
+    unknown_item_texts: int = 0
+    dropped_behaviours: int = 0
+    empty_sequences: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat ``name -> count`` (``ids_beyond_table/<feature>`` per feature), e.g. for TensorBoard."""
+        flat = {name: value for name, value in vars(self).items() if name != "ids_beyond_table"}
+        flat.update({f"ids_beyond_table/{name}": n for name, n in self.ids_beyond_table.items()})
+        return flat
+
+
 def id_feature_names(schema: SampleSchema) -> list[str]:
     """The ID features of a schema, in KJT key order: user_id, item_id, then cat_<name>..."""
     return ["user_id", "item_id", *schema.categorical_columns]
@@ -88,7 +123,7 @@ class SampleBatcher:
             the data's ID features it leaves out are not read.
         vocabulary: the behaviour store's vocabulary; None builds batches without behaviours.
         sequence_names: the behaviour sequence types to read (default: all of the schema's).
-        max_behaviours: M, the most recent behaviours kept per sequence.
+        max_behaviours: M, the most recent (non-empty) behaviours kept per sequence.
         dense_normalizer: train statistics to standardise the dense features with (None: log1p only).
     """
 
@@ -105,6 +140,10 @@ class SampleBatcher:
         if unknown or not table_sizes:
             raise ValueError(f"table_sizes {sorted(table_sizes)} must name some of the data's ID features {available}; "
                              f"unknown: {unknown}")
+        bad = {name: rows for name, rows in table_sizes.items()
+               if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1}
+        if bad:
+            raise ValueError(f"table_sizes must be whole numbers of rows >= 1, got {bad}")
         self.id_features = [name for name in available if name in table_sizes]
         self.table_sizes = table_sizes
         self.vocabulary = vocabulary
@@ -115,6 +154,7 @@ class SampleBatcher:
         if max_behaviours < 1:
             raise ValueError(f"max_behaviours must be >= 1, got {max_behaviours}")
         self.max_behaviours = max_behaviours
+        self.counters = BatcherCounters(ids_beyond_table=dict.fromkeys(self.id_features, 0))
 
     @property
     def behaviour_keys(self) -> list[str]:
@@ -131,8 +171,14 @@ class SampleBatcher:
                 flat = column.to_numpy(zero_copy_only=False)
                 count = np.ones(len(flat), dtype=np.int64)
             if len(flat) and flat.min() < 0:
-                raise DataError(f"ids must be >= 0, found {flat.min()}", field=name)
-            values.append(flat.astype(np.int64) % self.table_sizes[name])
+                first = int(np.flatnonzero(flat < 0)[0])
+                row = int(np.searchsorted(np.cumsum(count), first, side="right"))
+                raise DataError(f"ids must be >= 0, found {int(flat[first])} in row {row} of the batch; ids are "
+                                "hashed into the table (id % rows), so map negative ids to non-negative ones when "
+                                "writing the data", field=name)
+            rows = self.table_sizes[name]
+            self.counters.ids_beyond_table[name] += int(np.count_nonzero(flat >= rows))
+            values.append(flat.astype(np.int64) % rows)
             lengths.append(count.astype(np.int64))
         return KeyedJaggedTensor.from_lengths_sync(
             keys=self.id_features, values=torch.from_numpy(np.concatenate(values)),
@@ -140,20 +186,26 @@ class SampleBatcher:
 
     def _behaviour_features(self, table: pa.Table) -> KeyedJaggedTensor:
         values, lengths = [], []
+        counters = self.counters
         for name in self.sequence_names:
             column = table.column(SEQ_PREFIX + name).combine_chunks()
             ids = self.vocabulary.lookup_array(pc.list_flatten(column))
             count = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-            keep, count = keep_most_recent(count, self.max_behaviours)
-            ids = ids[keep]
-            padless = ids != PAD_ID  # an empty text inside a sequence carries nothing: drop it
+            padless = ids != PAD_ID  # an empty text inside a sequence carries nothing: drop it first
             if not padless.all():
+                counters.empty_behaviour_texts += int(len(ids) - padless.sum())
                 owners = np.repeat(np.arange(len(count)), count)
                 count = np.bincount(owners[padless], minlength=len(count)).astype(np.int64)
                 ids = ids[padless]
+            keep, capped = keep_most_recent(count, self.max_behaviours)
+            counters.dropped_behaviours += int(count.sum() - capped.sum())
+            ids, count = ids[keep], capped
+            counters.unknown_behaviours += int(np.count_nonzero(ids == UNKNOWN_ID))
+            counters.empty_sequences += int(np.count_nonzero(count == 0))
             values.append(ids)
             lengths.append(count)
         item = self.vocabulary.lookup_array(table.column(ITEM_TEXT))
+        counters.unknown_item_texts += int(np.count_nonzero(item == UNKNOWN_ID))
         values.append(item[item != PAD_ID])
         lengths.append((item != PAD_ID).astype(np.int64))
         return KeyedJaggedTensor.from_lengths_sync(
@@ -161,6 +213,14 @@ class SampleBatcher:
             lengths=torch.from_numpy(np.concatenate(lengths)))
 
     def __call__(self, table: pa.Table) -> BaheBatch:
+        needed = [LABEL, *self.id_features, *self.schema.dense_columns]
+        if self.vocabulary is not None:
+            needed += [SEQ_PREFIX + n for n in self.sequence_names] + [ITEM_TEXT]
+        missing = [name for name in needed if name not in table.column_names]
+        if missing:
+            raise DataError(f"the table lacks column(s) {missing} of the schema this batcher was built for; "
+                            "read it with ctr_data.parquet_io.SampleReader", field=missing[0])
+        self.counters.rows += table.num_rows
         dense = self.dense_normalizer(table) if self.dense_normalizer is not None \
             else log1p_dense(table, tuple(self.schema.dense_columns)).astype(np.float32)
         return BaheBatch(

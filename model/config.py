@@ -18,6 +18,10 @@ from model.deep_layers import ATTENTIONS, POOLINGS
 ARMS = ("bahe", "token_level")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TablesConfig:
     """Args:
@@ -34,11 +38,11 @@ class TablesConfig:
     drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.embedding_dim < 1:
-            raise ValueError(f"TablesConfig.embedding_dim must be >= 1, got {self.embedding_dim}")
-        bad = {k: v for k, v in {"default_rows": self.default_rows, **self.rows}.items() if v < 1}
+        if not _is_int(self.embedding_dim) or self.embedding_dim < 1:
+            raise ValueError(f"TablesConfig.embedding_dim must be an integer >= 1, got {self.embedding_dim!r}")
+        bad = {k: v for k, v in {"default_rows": self.default_rows, **self.rows}.items() if not _is_int(v) or v < 1}
         if bad:
-            raise ValueError(f"TablesConfig: table sizes must be >= 1, got {bad}")
+            raise ValueError(f"TablesConfig: table sizes must be integers >= 1, got {bad}")
         object.__setattr__(self, "drop", tuple(self.drop))
         both = sorted(set(self.drop) & set(self.rows))
         if both:
@@ -71,6 +75,10 @@ class ArchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_arch_layer_sizes", tuple(self.dense_arch_layer_sizes))
         object.__setattr__(self, "over_arch_layer_sizes", tuple(self.over_arch_layer_sizes))
+        sizes = self.dense_arch_layer_sizes + self.over_arch_layer_sizes
+        if not all(_is_int(n) and n >= 1 for n in sizes):
+            raise ValueError(f"ArchConfig: layer sizes must be integers >= 1, got dense {self.dense_arch_layer_sizes}, "
+                             f"over {self.over_arch_layer_sizes}")
         if not self.dense_arch_layer_sizes or min(self.dense_arch_layer_sizes) < 1:
             raise ValueError(f"ArchConfig.dense_arch_layer_sizes must be positive sizes, got {self.dense_arch_layer_sizes}")
         if len(self.over_arch_layer_sizes) < 2 or self.over_arch_layer_sizes[-1] != 1:

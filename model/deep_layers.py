@@ -103,7 +103,7 @@ class DeepLayerAggregator(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         from transformers import AutoConfig
 
-        total = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+        total = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).num_hidden_layers
         deep = total - k if deep_layers is None else deep_layers
         self.decoder = load_decoder_slice(Path(model_dir), k, deep)
         self.hidden_size = int(self.decoder.config.hidden_size)

@@ -16,16 +16,27 @@ import numpy as np
 import pyarrow as pa
 
 from ctr_data.parquet_io import SampleReader
+from ctr_data.schema import DataError
 
 MIN_STD = 1e-6  # a constant feature is centred, not divided by ~0
 
 
 def log1p_dense(table: pa.Table, columns: tuple[str, ...]) -> np.ndarray:
-    """B x F_dense float64: ``log1p(max(x, 0))`` of each dense column (DLRM's transform)."""
+    """B x F_dense float64: ``log1p(max(x, 0))`` of each dense column (DLRM's transform).
+
+    A NaN or infinite value is refused (DataError naming the column and the row of the table):
+    sample files cannot hold one (``validate_batch``), so it means a table built by other code.
+    """
     if not columns:
         return np.zeros((table.num_rows, 0))
-    dense = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns], axis=1)
-    return np.log1p(np.maximum(dense.astype(np.float64), 0.0))
+    dense = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns], axis=1).astype(np.float64)
+    finite = np.isfinite(dense)
+    if not finite.all():
+        row, col = (int(i[0]) for i in np.nonzero(~finite))
+        raise DataError(f"dense value must be finite, got {dense[row, col]} in row {row} of the table; "
+                        "read the data with ctr_data.parquet_io.SampleReader, which refuses such rows",
+                        field=columns[col])
+    return np.log1p(np.maximum(dense, 0.0))
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table
     model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                  list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
     batcher = TokenBatcher(schema, table_sizes, None, tuple(sequences), text.max_behaviours,
-                           tokenizer=AutoTokenizer.from_pretrained(model_dir), max_user_tokens=text.max_user_tokens,
+                           tokenizer=AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False), max_user_tokens=text.max_user_tokens,
                            dense_normalizer=dense_normalizer)
     return model, batcher, None
 

@@ -87,7 +87,7 @@ def test_tensorboard_has_the_promised_tags(full_run):
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/ne", "eval/auc", "eval/ne", "eval/logloss", "eval/calibration", "test/auc",
                 "perf/samples_per_s", "perf/step_time_ms", "perf/data_wait_ms", "perf/peak_memory_mb",
-                "lr/dense", "lr/llm"):
+                "lr/dense", "lr/llm", "data/rows", "data/unknown_behaviours", "data/dropped_behaviours"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("train/loss")] == list(range(5, 41, 5))
     assert [e.step for e in events.Scalars("eval/auc")] == [20, 40]

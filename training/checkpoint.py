@@ -9,10 +9,15 @@ behaviour store, which the trainer loads at start-up, so checkpoints stay small.
 Layout: ``<dir>/step-000100/`` (a DCP checkpoint) and ``<dir>/LATEST`` naming the newest COMPLETE
 one. A checkpoint is written under ``.partial-step-...`` and renamed only after every rank has
 finished, and LATEST moves after that, so a crash never leaves a half-written checkpoint current.
+
+A write that fails (a full disk, an unwritable folder) raises :class:`CheckpointWriteError` on every
+rank, naming the folder, the rank(s) and the OS's reason; the partial folder is removed and the last
+complete checkpoint stays LATEST, so the next run resumes from it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +29,54 @@ import torch.distributed.checkpoint as dcp
 from embeddings.store import write_text_atomic
 
 FROZEN_MARKER = "embeddings.behaviours."
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the folder, the reason and what to do.
+    The last complete checkpoint is intact and still LATEST."""
+
+
+def os_error_in(err: BaseException) -> OSError | None:
+    """The first OSError in ``err``'s chain: torch.save reports a failed write as a RuntimeError ('unexpected
+    pos ...') whose context is the OSError."""
+    seen, inner = set(), err
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, OSError) and inner.errno is not None:
+            return inner
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return None
+
+
+def describe_os_error(err: OSError) -> str:
+    """'/path: No space left on device (ENOSPC)' (a failed write() names no file)."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"
+
+
+class _ReportingWriter(dcp.FileSystemWriter):
+    """DCP's file writer that remembers why this rank failed: DCP gathers the ranks' failures into a
+    CheckpointException, and the OSError (ENOSPC, EFBIG, EACCES) is lost on the way."""
+
+    failure: str | None = None
+
+    def _remember(self, method, *args):
+        try:
+            return method(*args)
+        except BaseException as err:
+            found = os_error_in(err)
+            if found is not None:
+                self.failure = describe_os_error(found)
+            raise
+
+    def prepare_local_plan(self, plan):
+        return self._remember(super().prepare_local_plan, plan)
+
+    def write_data(self, plan, planner):
+        return self._remember(super().write_data, plan, planner)
+
+    def finish(self, metadata, results):
+        return self._remember(super().finish, metadata, results)
 
 
 def without_frozen(tree):
@@ -50,36 +103,100 @@ class Checkpointer:
     def _is_rank0(self) -> bool:
         return not dist.is_initialized() or dist.get_rank() == 0
 
-    def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
     def latest(self) -> Path | None:
+        """The newest complete checkpoint; None for a fresh run (no LATEST). A LATEST naming a folder that
+        is gone is an error: restarting from step 0 would silently throw the run's progress away."""
         pointer = self.directory / "LATEST"
         if not pointer.is_file():
             return None
         path = self.directory / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        if not path.is_dir():
+            raise FileNotFoundError(f"{pointer} names {path.name}, which is not in {self.directory}: restore that "
+                                    "folder, point LATEST at another complete step-* folder, or delete LATEST to "
+                                    "start this run from step 0")
+        return path
+
+    def _latest_name(self) -> str | None:
+        try:
+            return (self.directory / "LATEST").read_text().strip() or None
+        except OSError:
+            return None
+
+    def _what_now(self) -> str:
+        latest = self.latest()
+        kept = f"The last complete checkpoint {latest.name} is intact and still LATEST" if latest else \
+            "There is no earlier complete checkpoint"
+        return (f"{kept}; free space on that filesystem or make {self.directory} a writable folder (or choose "
+                f"another run folder, bahe-train --out), then run again: training resumes from the last complete "
+                f"checkpoint")
+
+    def _on_rank0(self, action, what: str) -> None:
+        """Run ``action`` on rank 0 and raise on every rank if it failed (a bare barrier would leave the other
+        ranks waiting for a rank 0 that has raised)."""
+        reason = None
+        if self._is_rank0():
+            try:
+                action()
+            except OSError as err:
+                reason = describe_os_error(err)
+        if dist.is_initialized():
+            box = [reason]
+            dist.broadcast_object_list(box, src=0)
+            reason = box[0]
+        if reason is not None:
+            raise CheckpointWriteError(f"cannot {what}: {reason}. {self._what_now()}")
 
     def save(self, step: int, dmp, optimizer, schedulers, *, rows_seen: int) -> Path:
         name = f"step-{step:07d}"
-        partial = self.directory / f".partial-{name}"
-        if self._is_rank0():
+        partial, final = self.directory / f".partial-{name}", self.directory / name
+
+        def start() -> None:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(self.directory))
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        self._barrier()
+
+        self._on_rank0(start, f"create the checkpoint folder for {name}")
         state = {"model": without_frozen(dmp.state_dict()), "optimizer": without_frozen(optimizer.state_dict()),
                  "progress": {"step": torch.tensor(step), "rows_seen": torch.tensor(rows_seen),
                               "schedulers": torch.tensor([s.last_epoch for s in schedulers])}}
-        dcp.save(state, checkpoint_id=str(partial))
-        self._barrier()
-        final = self.directory / name
-        if self._is_rank0():
+        writer = _ReportingWriter(str(partial))
+        try:
+            dcp.save(state, storage_writer=writer)
+        except dcp.CheckpointException as err:  # DCP gathers the ranks' failures: every rank raises it
+            self._save_failed(name, partial, writer, err)
+
+        def publish() -> None:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
-            write_text_atomic(self.directory / "LATEST", name + "\n")
-        self._barrier()
+            try:
+                write_text_atomic(self.directory / "LATEST", name + "\n")
+            except OSError:
+                if self._latest_name() != name:  # complete but not current: only in the way
+                    shutil.rmtree(final, ignore_errors=True)
+                raise
+
+        self._on_rank0(publish, f"publish checkpoint {name} in {self.directory}")
         return final
+
+    def _save_failed(self, name: str, partial: Path, writer: _ReportingWriter, err: dcp.CheckpointException) -> None:
+        """Every rank: remove the partial folder, then raise CheckpointWriteError for a failed write (the
+        ranks' OSErrors), or ``err`` itself for any other failure."""
+        if dist.is_initialized():
+            reasons = [None] * dist.get_world_size()
+            dist.all_gather_object(reasons, writer.failure)
+        else:
+            reasons = [writer.failure]
+        found = [f"rank {rank}: {why}" for rank, why in enumerate(reasons) if why]
+        if not found:  # an OSError raised outside the writer's methods (its chain is lost in the gathering)
+            found = [f"rank {rank}: {describe_os_error(cause)}" for rank, (inner, _) in sorted(err.failures.items())
+                     if (cause := os_error_in(inner)) is not None]
+        if self._is_rank0():
+            shutil.rmtree(partial, ignore_errors=True)  # every rank is done with it: give the space back
+        if not found:
+            raise err
+        raise CheckpointWriteError(f"cannot write checkpoint {name} into {partial} ({'; '.join(found)}); the "
+                                   f"partial folder was removed. {self._what_now()}") from err
 
     def restore(self, dmp, optimizer, schedulers) -> int:
         """Load the newest complete checkpoint in place; returns its step (0 when there is none)."""

@@ -40,7 +40,14 @@ def setup_distributed(preference: str) -> tuple[int, int, torch.device]:
         if "RANK" not in os.environ:  # a plain single process: a 1-rank group of its own
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29577"))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        backend = "nccl" if cuda else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend)
+        else:  # under torchrun: keys of this attempt only (a restart would read the dead attempt's addresses)
+            store, rank, world = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"bahe-attempt-{attempt}/", store), rank=rank,
+                                    world_size=world)
     rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
     if cuda:
@@ -163,6 +170,7 @@ def run_training(config: TrainConfig) -> dict:
             window["wait"] += data.wait - wait_before
             if step % config.log_every == 0 or step == config.steps:
                 _log_train(writer, window, step, world, device, groups)
+                _log_counters(writer, batcher, step)
                 window = dict.fromkeys(window, 0.0)
         pipeline.detach()
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
@@ -181,7 +189,8 @@ def run_training(config: TrainConfig) -> dict:
     _log_eval(writer, "eval", final["valid"], config.steps)
     _log_eval(writer, "test", final["test"], config.steps)
     summary = {"steps": config.steps, "world_size": world, "valid": final["valid"], "test": final["test"],
-               "history": history, "peak_memory_mb": peak_memory_mb(device)}
+               "history": history, "peak_memory_mb": peak_memory_mb(device),
+               "rank0_data_counters": _counters(batcher)}
     if writer is not None:
         writer.add_hparams({"arm": _arm(config), "batch_size": config.batch_size, "steps": config.steps,
                             "world_size": world, "dense_lr": config.optim.dense_lr, "llm_lr": config.optim.llm_lr},
@@ -218,6 +227,20 @@ def _log_train(writer, window, step, world, device, groups) -> None:
     writer.add_scalar("perf/peak_memory_mb", peak_memory_mb(device), step)
     for name, group in groups.items():
         writer.add_scalar(f"lr/{name}", group.param_groups[0]["lr"], step)
+
+
+def _counters(batcher) -> dict[str, int]:
+    counters = getattr(batcher, "counters", None)
+    return counters.as_dict() if counters is not None else {}
+
+
+def _log_counters(writer, batcher, step: int) -> None:
+    """Rank 0's running totals of what its batcher mapped or dropped (unknown texts, ids folded into a
+    table, behaviours beyond M, ...): the counted fallbacks of docs/faults.md, visible while training."""
+    if writer is None:
+        return
+    for name, value in _counters(batcher).items():
+        writer.add_scalar(f"data/{name}", value, step)
 
 
 def _log_eval(writer, prefix: str, result: dict, step: int) -> None:
