@@ -113,6 +113,7 @@ def test_gpu_node_profile_renders_a_docker_request():
     assert gpus["Count"] == 8 and "compute" in gpus["Capabilities"][0]
     options, module, args = torchrun_command(container.command[1:])
     assert options["--nnodes"] == "1" and options["--nproc_per_node"] == "8"
+    assert options["--max_restarts"] == "1"  # a dead rank is restarted and resumes from the last checkpoint
     assert (module, args) == ("launchers.train", TRAIN_MODULE_ARGS)
     assert container.kwargs["nano_cpus"] == 64 * 10**9 and container.kwargs["mem_limit"] == "512000m"
     assert container.kwargs["environment"]["OMP_NUM_THREADS"] == "8"
@@ -166,6 +167,16 @@ def test_submit_dryrun_prints_the_request(capsys):
     assert submit.main(["--profile", "slurm", "--cfg", "partition=a100", "--dryrun", "train", "--", *TRAIN_ARGS]) == 0
     out = capsys.readouterr().out
     assert "=== SCHEDULER REQUEST (slurm) ===" in out and "--partition=a100" in out and "-m launchers.train" in out
+
+
+def test_train_restarts_are_a_component_argument():
+    app = components.train(data_dir="/d", out="/o", max_restarts=3)
+    options, _, _ = torchrun_command(app.roles[0].args)
+    assert options["--max_restarts"] == "3"
+    options, _, _ = torchrun_command(components.train(data_dir="/d", out="/o", max_restarts=0).roles[0].args)
+    assert "--max_restarts" not in options
+    with pytest.raises(ValueError, match="max_restarts must be >= 0"):
+        components.train(data_dir="/d", out="/o", max_restarts=-1)
 
 
 def test_components_check_their_arguments():
