@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +77,21 @@ def version_name(number: int) -> str:
     return f"v{number:06d}"
 
 
+def check_version_name(name: str, source: object) -> str:
+    """A version name is ``vNNNNNN``: anything else (``..``, a path) is refused, so a tampered LATEST or
+    a --version flag cannot point the reader outside the store folder."""
+    if not re.fullmatch(r"v\d{6}", name):
+        raise StoreError(f"{source} names {name!r}, not a store version (vNNNNNN); restore LATEST or pass a version "
+                         "listed by `bahe-encode info`")
+    return name
+
+
 def latest_version(root: Path) -> str | None:
     """The newest complete version of the store at ``root``, or None for an empty store."""
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = check_version_name(pointer.read_text().strip(), pointer)
     if not (Path(root) / name / MANIFEST).is_file():
         raise StoreError(f"{pointer} names {name!r}, which is not a complete version; restore it or delete LATEST")
     return name
@@ -123,7 +133,11 @@ class BehaviourStore:
             raise StoreError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         self.rows_count = int(self.manifest["rows"])
         self.dim = int(self.manifest["dim"])
-        self._vectors = np.load(self.path / VECTORS, mmap_mode="r", allow_pickle=False)
+        try:
+            self._vectors = np.load(self.path / VECTORS, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:  # e.g. pickled objects: refused, never unpickled
+            raise StoreError(f"{self.path / VECTORS} is not a plain float array ({err}); rebuild this version "
+                             "with bahe-encode") from None
         if self._vectors.shape != (self.rows_count, self.dim) or self._vectors.dtype != np.float32:
             raise StoreError(f"{self.path / VECTORS} holds {self._vectors.shape} {self._vectors.dtype}, the manifest "
                              f"says ({self.rows_count}, {self.dim}) float32: the store is corrupt; rebuild it")
@@ -133,7 +147,7 @@ class BehaviourStore:
     def open(cls, root: str | os.PathLike, version: str | None = None) -> BehaviourStore:
         """Open ``version`` (default: LATEST) of the store at ``root``."""
         root = Path(root)
-        version = version or latest_version(root)
+        version = check_version_name(version, "the requested version") if version else latest_version(root)
         if version is None:
             raise StoreError(f"{root} holds no complete store version; build one with bahe-encode")
         return cls(root / version)

@@ -138,10 +138,33 @@ def test_store_whose_vocabulary_disagrees_with_its_rows_is_refused(tmp_path):
 
 def test_store_with_pickled_vectors_is_refused_without_unpickling(tmp_path):
     """An object array in vectors.npy is never unpickled (np.load with allow_pickle=False)."""
-    from embeddings.store import BehaviourStore
+    from embeddings.store import BehaviourStore, StoreError
 
-    with pytest.raises(ValueError, match="Python objects|pickled"):
+    with pytest.raises(StoreError, match=r"vectors.npy is not a plain float array .*(Python objects|pickle)"):
         BehaviourStore.open(_fake_store(tmp_path / "s", vectors=np.array([{"a": 1}] * 3, dtype=object)))
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/etc", "v1", "v000001/../../x"])
+def test_a_latest_or_version_that_is_not_a_version_name_is_refused(tmp_path, name):
+    """Paths checked: LATEST and --version can only name vNNNNNN inside the store folder."""
+    from embeddings.store import BehaviourStore, StoreError
+
+    root = tmp_path / "store"
+    (root / "LATEST").parent.mkdir(parents=True)
+    (root / "LATEST").write_text(name + "\n")
+    with pytest.raises(StoreError, match=r"not a store version \(vNNNNNN\)"):
+        BehaviourStore.open(root)
+    with pytest.raises(StoreError, match=r"not a store version \(vNNNNNN\)"):
+        BehaviourStore.open(root, version=name)
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/tmp", "step-40"])
+def test_a_checkpoint_latest_that_is_not_a_step_name_is_refused(tmp_path, name):
+    from training.checkpoint import Checkpointer
+
+    (tmp_path / "LATEST").write_text(name + "\n")
+    with pytest.raises(ValueError, match=r"not a checkpoint \(step-NNNNNNN\)"):
+        Checkpointer(tmp_path).latest()
 
 
 def test_store_row_range_outside_the_store_is_refused(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from embeddings.store import write_text_atomic
+from training.faults import inject_fault
 
 FROZEN_MARKER = "embeddings.behaviours."
 
@@ -109,7 +111,10 @@ class Checkpointer:
         pointer = self.directory / "LATEST"
         if not pointer.is_file():
             return None
-        path = self.directory / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not re.fullmatch(r"step-\d{7}", name):  # never a path out of the checkpoint folder
+            raise ValueError(f"{pointer} names {name!r}, not a checkpoint (step-NNNNNNN): restore it or delete LATEST")
+        path = self.directory / name
         if not path.is_dir():
             raise FileNotFoundError(f"{pointer} names {path.name}, which is not in {self.directory}: restore that "
                                     "folder, point LATEST at another complete step-* folder, or delete LATEST to "
@@ -165,6 +170,7 @@ class Checkpointer:
             dcp.save(state, storage_writer=writer)
         except dcp.CheckpointException as err:  # DCP gathers the ranks' failures: every rank raises it
             self._save_failed(name, partial, writer, err)
+        inject_fault(dist.get_rank() if dist.is_initialized() else 0, step, "checkpoint")
 
         def publish() -> None:
             shutil.rmtree(final, ignore_errors=True)

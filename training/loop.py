@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import resource
-import signal
 import time
 from collections.abc import Iterator
 
@@ -26,6 +25,7 @@ from model.factory import build_model
 from model.sharding import shard_model
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
+from training.faults import inject_fault
 from training.metrics import CtrMetrics
 from training.optimizers import attach_sparse_optimizer, build_optimizer
 from training.sources import ParquetData, RandomData, criteo_data
@@ -53,22 +53,6 @@ def setup_distributed(preference: str) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     return rank, dist.get_world_size(), device
-
-
-FAULT_ENV = "BAHE_FAULT_KILL_RANK_AT_STEP"
-
-
-def inject_fault(rank: int, step: int) -> None:
-    """Chaos testing: with ``BAHE_FAULT_KILL_RANK_AT_STEP=<rank>:<step>``, that rank SIGKILLs itself
-    after that step on the launch's first attempt (torchrun's TORCHELASTIC_RESTART_COUNT is 0), so a
-    restart can be seen to resume from the last checkpoint. Unset (always, outside tests): nothing."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    victim, _, at = spec.partition(":")
-    if int(victim) == rank and int(at) == step:
-        print(f"{FAULT_ENV}: rank {rank} kills itself with SIGKILL after step {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TimedIterator:
