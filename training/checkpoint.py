@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 from embeddings.store import write_text_atomic
 from training.faults import inject_fault
+from training.safe_load import load_checkpoint
 
 FROZEN_MARKER = "embeddings.behaviours."
 
@@ -217,7 +218,8 @@ class Checkpointer:
         state = {"model": without_frozen(model_state), "optimizer": without_frozen(optimizer_state),
                  "progress": {"step": torch.tensor(0), "rows_seen": torch.tensor(0),
                               "schedulers": torch.zeros(len(schedulers), dtype=torch.long)}}
-        dcp.load(state, checkpoint_id=str(path))
+        # restricted loaders: a checkpoint folder may come from someone else (training/safe_load.py)
+        load_checkpoint(state, path)
         merge_into(model_state, state["model"])
         merge_into(optimizer_state, state["optimizer"])
         dmp.load_state_dict(model_state)
