@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from ctr_data.criteo import FIELD_NAMES, convert_criteo_tsv, criteo_schema, iter_criteo_tsv
 from ctr_data.parquet_io import SampleReader
 from ctr_data.schema import DataError, SampleSchema
+from tests.conftest import shared_file
 
-SAMPLE = Path("/work/shared/data/criteo/sample.tsv")
+SAMPLE = shared_file("data/criteo/sample.tsv")
 
 
 # Independent reference: plain Python, one line at a time -------------------------------------------

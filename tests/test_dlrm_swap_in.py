@@ -22,10 +22,11 @@ import pytest
 from ctr_data.criteo import write_criteo_splits
 from ctr_data.parquet_io import SampleReader
 from ctr_data.schema import DataError
+from tests.conftest import shared_file
 from tests.model_fixtures import make_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-CRITEO_SAMPLE = ROOT.parent / "shared" / "data" / "criteo" / "sample.tsv"
+CRITEO_SAMPLE = shared_file("data/criteo/sample.tsv")
 needs_criteo = pytest.mark.skipif(not CRITEO_SAMPLE.is_file(), reason=f"{CRITEO_SAMPLE} is not here")
 
 
