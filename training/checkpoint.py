@@ -129,7 +129,10 @@ class Checkpointer:
             return None
 
     def _what_now(self) -> str:
-        latest = self.latest()
+        try:
+            latest = self.latest()
+        except (ValueError, FileNotFoundError):  # a damaged LATEST: report the write failure all the same
+            latest = None
         kept = f"The last complete checkpoint {latest.name} is intact and still LATEST" if latest else \
             "There is no earlier complete checkpoint"
         return (f"{kept}; free space on that filesystem or make {self.directory} a writable folder (or choose "
