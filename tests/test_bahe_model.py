@@ -162,3 +162,17 @@ def test_token_level_layers_equal_the_full_models_forward(pipeline):
         ours = arch._encode(features, "user_tokens")
         reference = full(input_ids=tokens).last_hidden_state[:, -1]
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_dropped_id_features_get_no_table_and_are_not_read(pipeline):
+    """TablesConfig.drop leaves a feature out of the tables, the KJT and the interaction; per-feature
+    rows size the others."""
+    config = pipeline.config()
+    config = dataclasses.replace(config, tables=TablesConfig(embedding_dim=8, default_rows=64,
+                                                             rows={"item_id": 40}, drop=("user_id",)))
+    model, batcher, _ = build_model(config, pipeline.schema)
+    tables = {c.name: c.num_embeddings for c in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()}
+    assert "t_user_id" not in tables and tables["t_item_id"] == 40
+    batch = batcher(pipeline.table(8).drop(["user_id"]))  # the column is not even needed
+    assert batch.sparse_features.keys() == [k for k in batcher.id_features] and "user_id" not in batcher.id_features
+    assert model(batch.dense_features, batch.sparse_features, batch.behaviour_features).shape == (8, 1)
