@@ -174,5 +174,5 @@ def test_dropped_id_features_get_no_table_and_are_not_read(pipeline):
     tables = {c.name: c.num_embeddings for c in model.sparse_arch.embedding_bag_collection.embedding_bag_configs()}
     assert "t_user_id" not in tables and tables["t_item_id"] == 40
     batch = batcher(pipeline.table(8).drop(["user_id"]))  # the column is not even needed
-    assert batch.sparse_features.keys() == [k for k in batcher.id_features] and "user_id" not in batcher.id_features
+    assert batch.sparse_features.keys() == list(batcher.id_features) and "user_id" not in batcher.id_features
     assert model(batch.dense_features, batch.sparse_features, batch.behaviour_features).shape == (8, 1)
