@@ -89,6 +89,7 @@ def table(summary: dict, steps: int, seeds: list[int]) -> str:
             s = summary[arm]
             lines.append(f"| {arm} | {s['auc']['mean']:.4f} +- {s['auc']['std']:.4f} | "
                          f"{s['logloss']['mean']:.4f} +- {s['logloss']['std']:.4f} | {s['wall_seconds']['mean']:.0f} |")
+    lines += [f"| {arm} | not run | - | - |" for arm in ARMS if arm not in summary]
     lines.append(f"| non-learned floor | {summary['floor']['auc']:.4f} | - | - |")
     if "bahe" in summary:
         bahe = summary["bahe"]["auc"]["mean"]
