@@ -51,8 +51,8 @@ from embeddings.store import (
     StoreWriteError,
     file_sha256,
     latest_version,
-    os_error_at,
     version_name,
+    write_bytes_atomic,
     write_text_atomic,
 )
 from embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
@@ -130,22 +130,12 @@ def _writing(path: Path, verb: str = "write"):
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     # np.save straight into a file writes with C stdio (ndarray.tofile) and does not notice a write
     # that fails when the buffer is flushed: on a full disk it would leave a truncated chunk, and the
     # chunk's .npy is its completion marker. Through Python's file object a failed write raises.
     serialized = io.BytesIO()
     np.save(serialized, array, allow_pickle=False)
-    try:
-        with open(partial, "wb") as handle:
-            handle.write(serialized.getbuffer())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
-        raise os_error_at(err, path) from err
+    write_bytes_atomic(path, serialized.getbuffer())
 
 
 def _prepare_work_dir(work: Path, plan: dict, rank: int) -> None:

@@ -57,13 +57,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: a failed write (an OSError naming ``path``) leaves the old
-    file as it was and no partial file behind."""
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (fsync): a failed write (an OSError naming
+    ``path``) leaves the old file as it was and no partial file behind."""
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        with open(partial, "w") as handle:
-            handle.write(text)
+        with open(partial, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)
@@ -71,6 +71,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         raise os_error_at(err, path) from err
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_bytes_atomic` of ``text`` (UTF-8)."""
+    write_bytes_atomic(path, text.encode())
 
 
 def version_name(number: int) -> str:
