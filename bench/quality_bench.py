@@ -51,12 +51,13 @@ def prepare(work: Path, preset: dict) -> tuple[Path, Path]:
 def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict, port: int) -> dict:
     from launchers.demo import trainer_flags
 
-    if (run / "metrics.json").is_file():  # a finished run is reused (the bench resumes after a crash)
+    if (run / "metrics.json").is_file():  # a finished run is reused; an unfinished one resumes from its checkpoint
         return json.loads((run / "metrics.json").read_text())
     extra = ["--max-user-tokens", "256"] if arm == "token_level" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"localhost:{port}", "-m", "launchers.train", "--data-dir", str(data), "--store",
            str(store), "--out", str(run), "--arm", arm, "--steps", str(steps), "--seed", str(seed),
+           "--checkpoint-every", "50",  # a stopped bench resumes a long run (token-level) where it was
            *trainer_flags(preset), *extra]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)

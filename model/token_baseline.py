@@ -31,7 +31,7 @@ class TokenLevelTextArch(nn.Module):
         model_dir: the local Hugging Face decoder.
         k: frozen shallow layers; deep_layers: trainable layers after them (None: all the rest).
         embedding_dim: D of the head.
-        max_user_tokens / max_item_tokens: T, the padded token lengths.
+        max_user_tokens / max_item_tokens: T, the token caps (user texts are padded to the batch's longest).
     """
 
     def __init__(self, model_dir: Path, k: int, deep_layers: int | None, embedding_dim: int, *,
@@ -57,6 +57,11 @@ class TokenLevelTextArch(nn.Module):
         jt = features[key]
         lengths = jt.lengths()
         width = self.max_tokens[key]
+        if key == USER_TOKENS and lengths.numel():
+            # users: pad to this batch's longest text, not to the cap (up to 2048): the padding would go
+            # through every LLM layer and changes nothing (right padding, masked). The arm is a leaf of
+            # the pipeline's fx trace, so the host-side max is allowed. Items keep their small cap.
+            width = max(1, min(width, int(lengths.max())))
         ids = torch.ops.fbgemm.jagged_to_padded_dense(jt.values().unsqueeze(-1).float(), [jt.offsets()], [width], 0.0)
         ids = ids.squeeze(-1).long()  # B x T, right-padded
         mask = (torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)) | \
