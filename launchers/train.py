@@ -96,7 +96,8 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("give exactly one data input: --data-dir, --criteo-tsv or --random-data")
     data = "criteo_tsv" if args.criteo_tsv else "random" if args.random_data else "parquet"
     data_dir = args.data_dir or args.out / "data"
-    return TrainConfig(data_dir=data_dir, data=data, criteo_tsv=tuple(args.criteo_tsv), out_dir=args.out, model=model, optim=optim, batch_size=args.batch_size,
+    return TrainConfig(data_dir=data_dir, data=data, criteo_tsv=tuple(args.criteo_tsv), out_dir=args.out, model=model,
+                       optim=optim, batch_size=args.batch_size,
                        steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at,
                        shuffle=not args.no_shuffle, standardize_dense=not args.no_dense_standardize, seed=args.seed,
