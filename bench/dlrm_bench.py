@@ -51,7 +51,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.random import RandomRecDataset
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -59,6 +58,7 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from bench.memory import cpu_allocation_peak
 from model.bahe import BAHE, BAHETrain
 from model.sharding import shard_model
 from training.config import OptimConfig
@@ -161,13 +161,7 @@ def step_peak_mib(pipeline, batches, device: torch.device) -> tuple[float, torch
         before = torch.cuda.memory_allocated(device)
         _, loss = step(pipeline, batches, device)
         return (torch.cuda.max_memory_allocated(device) - before) / MIB, loss
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _, loss = step(pipeline, batches, device)
-    running = peak = 0
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    for _, nbytes in records:
-        running += nbytes
-        peak = max(peak, running)
+    peak, (_, loss) = cpu_allocation_peak(lambda: step(pipeline, batches, device))
     return peak / MIB, loss
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.memory import cpu_allocation_peak
 from ctr_data.synthetic import SyntheticConfig, write_synthetic
 from embeddings.build import build_store
 from embeddings.encoder import EncoderConfig, ShallowEncoder
@@ -277,14 +277,7 @@ def step_peak_bytes(step, device: torch.device) -> int:
         step()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    running = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        running += nbytes
-        peak = max(peak, running)
-    return peak
+    return cpu_allocation_peak(step)[0]
 
 
 @contextlib.contextmanager

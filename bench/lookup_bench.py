@@ -40,12 +40,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torch.profiler import ProfilerActivity, profile
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from bench.memory import cpu_allocation_peak
 from model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup
 from model.sharding import shard_model
 
@@ -168,14 +168,7 @@ def step(fn, kjt, measure: str, grads):
 
 
 def peak_mib(thunk) -> float:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        thunk()
-    running = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        running += nbytes
-        peak = max(peak, running)
-    return peak / 2**20
+    return cpu_allocation_peak(thunk)[0] / 2**20
 
 
 def bench_size(rows: int, h: int, n: int, m: int, modes: tuple[str, ...], repeats: int, seed: int) -> dict:
