@@ -44,6 +44,13 @@ def train(pipeline, data: Path, out: Path, *extra: str, port: int, ranks: int = 
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "_log": done.stdout + done.stderr}
 
 
+def assert_same_metrics(result: dict, expected: dict, keys: tuple[str, ...], *, tol: float) -> None:
+    """Every ``keys`` metric of valid and test equals the expected run's within ``tol``."""
+    for split in ("valid", "test"):
+        for key in keys:
+            assert result[split][key] == pytest.approx(expected[split][key], abs=tol), (split, key)
+
+
 @pytest.fixture(scope="module")
 def full_run(setup):
     pipeline, data, root = setup
@@ -62,9 +69,7 @@ def test_a_rank_killed_mid_run_is_restarted_and_resumes_from_the_last_checkpoint
                    port=29567, restarts=1, env={"BAHE_FAULT_KILL_RANK_AT_STEP": "1:30"})
     assert "rank 1 kills itself with SIGKILL at step 30" in result["_log"]
     expected, _ = full_run
-    for split in ("valid", "test"):
-        for key in ("auc", "ne", "logloss", "calibration"):
-            assert result[split][key] == pytest.approx(expected[split][key], abs=1e-6), (split, key)
+    assert_same_metrics(result, expected, ("auc", "ne", "logloss", "calibration"), tol=1e-6)
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0000040"
 
 
@@ -78,9 +83,7 @@ def test_a_rank_killed_while_saving_a_checkpoint_resumes_from_the_previous_one(s
                    port=29568, restarts=1, env={"BAHE_FAULT_KILL_RANK_AT_STEP": "0:40:checkpoint"})
     assert "rank 0 kills itself with SIGKILL at checkpoint 40" in result["_log"]
     expected, _ = full_run
-    for split in ("valid", "test"):
-        for key in ("auc", "logloss"):
-            assert result[split][key] == pytest.approx(expected[split][key], abs=1e-6), (split, key)
+    assert_same_metrics(result, expected, ("auc", "logloss"), tol=1e-6)
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-0000040"
     assert not list((out / "checkpoints").glob(".partial-*"))
 
@@ -124,9 +127,7 @@ def test_a_stopped_run_resumes_to_the_same_result(setup, full_run):
     assert {k: v for k, v in first.items() if k != "_log"} == {"steps": 20, "stopped_at": 20}
     resumed = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", port=29563)
     expected, _ = full_run
-    for split in ("valid", "test"):
-        for key in ("auc", "ne", "logloss", "calibration"):
-            assert resumed[split][key] == pytest.approx(expected[split][key], abs=1e-6), (split, key)
+    assert_same_metrics(resumed, expected, ("auc", "ne", "logloss", "calibration"), tol=1e-6)
 
 
 def test_a_run_stopped_on_two_ranks_resumes_on_one(setup, full_run):
@@ -142,9 +143,7 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one(setup, full_run):
     resumed = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", port=29566, ranks=1)
     expected, _ = full_run
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 1
-    for split in ("valid", "test"):
-        for key in ("auc", "logloss"):
-            assert resumed[split][key] == pytest.approx(expected[split][key], abs=2e-3), (split, key)
+    assert_same_metrics(resumed, expected, ("auc", "logloss"), tol=2e-3)
 
 
 @pytest.mark.parametrize("ranks", [2, 1])
