@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pooling", choices=("mean", "last"), default="mean")
     t.add_argument("--attention", choices=("causal", "bidirectional"), default="causal")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--llm-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute precision of the LLM layers: auto = bf16 autocast on CUDA, fp32 on CPU; "
+                        "bf16 also on CPU (fast with AMX); weights stay fp32")
     m = p.add_argument_group("tables, head and optimisers")
     m.add_argument("--embedding-dim", type=int, default=64, help="D of every ID table and text feature")
     m.add_argument("--table-rows", type=int, default=100_000, help="hash size of each ID table")
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         text = TextConfig(store=args.store, llm=args.llm, k=args.k, deep_layers=args.deep_layers,
                           pooling=args.pooling, attention=args.attention, max_behaviours=args.max_behaviours,
                           gradient_checkpointing=args.gradient_checkpointing, arm=args.arm,
-                          max_user_tokens=args.max_user_tokens)
+                          max_user_tokens=args.max_user_tokens, llm_precision=args.llm_precision)
     tables = TablesConfig(embedding_dim=args.embedding_dim, default_rows=args.table_rows,
                           rows=_feature_rows(args.table_rows_for), drop=tuple(args.drop_id_features))
     model = BaheModelConfig(tables=tables,

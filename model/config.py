@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from embeddings.pretrained import DEFAULT_MODEL
-from model.deep_layers import ATTENTIONS, POOLINGS
+from model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
 
 ARMS = ("bahe", "token_level")
 
@@ -101,6 +101,9 @@ class TextConfig:
         arm: ``bahe`` (behaviour store + deep layers) or ``token_level`` (the baseline: every
             behaviour text tokenised and run through layers 0..k+deep; model/token_baseline.py).
         max_user_tokens: the token-level arm's token budget per user (most recent tokens kept).
+        llm_precision: compute precision of the LLM layers in training and evaluation: ``auto``
+            (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` (autocast on any device; fast on CPUs with
+            AMX) or ``fp32``. Weights and optimiser state stay fp32 either way.
     """
 
     store: str
@@ -114,11 +117,14 @@ class TextConfig:
     gradient_checkpointing: bool = False
     arm: str = "bahe"
     max_user_tokens: int = 2048
+    llm_precision: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sequences", tuple(self.sequences))
         if self.arm not in ARMS:
             raise ValueError(f"TextConfig.arm must be one of {ARMS}, got {self.arm!r}")
+        if self.llm_precision not in PRECISIONS:
+            raise ValueError(f"TextConfig.llm_precision must be one of {PRECISIONS}, got {self.llm_precision!r}")
         if self.max_user_tokens < 1:
             raise ValueError(f"TextConfig.max_user_tokens must be >= 1, got {self.max_user_tokens}")
         if self.k is not None and self.k < 1:

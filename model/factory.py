@@ -60,7 +60,7 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
     lookup = BehaviourLookup(store.rows_count, store.dim, [*keys, ITEM_TEXT_KEY],
                              {**dict.fromkeys(keys, text.max_behaviours), ITEM_TEXT_KEY: 1}, device=device)
     aggregator = DeepLayerAggregator(model_dir, k, text.deep_layers, pooling=text.pooling, attention=text.attention,
-                                     gradient_checkpointing=text.gradient_checkpointing)
+                                     gradient_checkpointing=text.gradient_checkpointing, precision=text.llm_precision)
     text_arch = BehaviourTextArch(lookup, aggregator, keys, config.tables.embedding_dim)
     model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                  list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
@@ -78,7 +78,8 @@ def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table
     k = text.k if text.k is not None else int(BehaviourStore.open(text.store).manifest["encoder"]["k"])
     text_arch = TokenLevelTextArch(model_dir, k, text.deep_layers, config.tables.embedding_dim,
                                    max_user_tokens=text.max_user_tokens, pooling=text.pooling,
-                                   attention=text.attention, gradient_checkpointing=text.gradient_checkpointing)
+                                   attention=text.attention, gradient_checkpointing=text.gradient_checkpointing,
+                                   precision=text.llm_precision)
     model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                  list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
     batcher = TokenBatcher(schema, table_sizes, None, tuple(sequences), text.max_behaviours,

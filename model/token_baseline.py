@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ctr_data.schema import ITEM_TEXT, SEQ_PREFIX
 from model.batch import BaheBatch, SampleBatcher
-from model.deep_layers import DeepLayerAggregator, load_decoder_slice
+from model.deep_layers import DeepLayerAggregator, llm_autocast, load_decoder_slice
 
 USER_TOKENS, ITEM_TOKENS = "user_tokens", "item_tokens"
 
@@ -32,17 +32,18 @@ class TokenLevelTextArch(nn.Module):
         k: frozen shallow layers; deep_layers: trainable layers after them (None: all the rest).
         embedding_dim: D of the head.
         max_user_tokens / max_item_tokens: T, the token caps (user texts are padded to the batch's longest).
+        precision: compute precision of every LLM layer, shallow and deep (model/deep_layers.llm_autocast).
     """
 
     def __init__(self, model_dir: Path, k: int, deep_layers: int | None, embedding_dim: int, *,
                  max_user_tokens: int = 2048, max_item_tokens: int = 32, pooling: str = "mean",
-                 attention: str = "causal", gradient_checkpointing: bool = False):
+                 attention: str = "causal", gradient_checkpointing: bool = False, precision: str = "auto"):
         super().__init__()
         self.shallow = load_decoder_slice(Path(model_dir), 0, k, keep_embeddings=True)
         self.shallow.norm = nn.Identity()  # the final norm belongs after the last layer, in `deep`
         self.shallow.requires_grad_(False)
         self.deep = DeepLayerAggregator(model_dir, k, deep_layers, pooling=pooling, attention=attention,
-                                        gradient_checkpointing=gradient_checkpointing)
+                                        gradient_checkpointing=gradient_checkpointing, precision=precision)
         self.max_tokens = {USER_TOKENS: max_user_tokens, ITEM_TOKENS: max_item_tokens}
         hidden = self.deep.hidden_size
         self.user_norm, self.item_norm = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
@@ -66,8 +67,9 @@ class TokenLevelTextArch(nn.Module):
         ids = ids.squeeze(-1).long()  # B x T, right-padded
         mask = (torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)) | \
             (torch.arange(width, device=ids.device).unsqueeze(0) == 0)
-        with torch.no_grad():  # frozen shallow layers: forward only
+        with torch.no_grad(), llm_autocast(self.deep.precision, ids.device):  # frozen shallow layers: forward only
             shallow = self.shallow(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        shallow = shallow.float()  # the deep layers choose their own precision
         return self.deep(shallow, lengths)  # B x H
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:

@@ -237,6 +237,7 @@ def _model_configs():
         ("text-max-behaviours-0", lambda: TextConfig(store="s", max_behaviours=0), "max_behaviours must be >= 1"),
         ("text-duplicate-sequences", lambda: TextConfig(store="s", sequences=("a", "a")), "duplicates"),
         ("text-arm", lambda: TextConfig(store="s", arm="prompt"), "arm must be one of"),
+        ("text-llm-precision", lambda: TextConfig(store="s", llm_precision="fp16"), "llm_precision must be one of"),
         ("text-attention", lambda: TextConfig(store="s", attention="sliding"), "attention must be one of"),
         ("text-user-tokens-0", lambda: TextConfig(store="s", max_user_tokens=0), "max_user_tokens must be >= 1"),
     ]

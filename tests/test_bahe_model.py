@@ -164,6 +164,31 @@ def test_token_level_layers_equal_the_full_models_forward(pipeline):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_token_level_bf16_precision_matches_the_full_models_autocast_forward(pipeline):
+    """--llm-precision bf16 runs the baseline's shallow AND deep layers under bf16 autocast: the result
+    matches the HF model's own forward under the same autocast, and differs from fp32."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    from transformers import AutoModel
+
+    from model.token_baseline import TokenLevelTextArch
+
+    tokens = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 7, 8, 9]])
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["user_tokens", "item_tokens"],
+                                                   values=torch.cat([tokens[0], tokens[0, :3]]),
+                                                   lengths=torch.tensor([9, 3]))
+    encoded = {}
+    for precision in ("fp32", "bf16"):
+        arch = TokenLevelTextArch(pipeline.llm, 2, None, 8, max_user_tokens=12, max_item_tokens=4,
+                                  pooling="last", precision=precision).eval()
+        with torch.no_grad():
+            encoded[precision] = arch._encode(features, "user_tokens")
+    full = AutoModel.from_pretrained(pipeline.llm).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = full(input_ids=tokens).last_hidden_state[:, -1].float()
+    torch.testing.assert_close(encoded["bf16"], reference, rtol=2e-2, atol=2e-2)
+    assert encoded["bf16"].dtype == torch.float32 and not torch.equal(encoded["bf16"], encoded["fp32"])
+
+
 def test_dropped_id_features_get_no_table_and_are_not_read(pipeline):
     """TablesConfig.drop leaves a feature out of the tables, the KJT and the interaction; per-feature
     rows size the others."""

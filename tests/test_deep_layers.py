@@ -101,3 +101,22 @@ def test_bad_slices_and_options_are_refused(tiny_dir):
         DeepLayerAggregator(tiny_dir, k=1, deep_layers=1, pooling="max")
     with pytest.raises(ValueError, match="attention"):
         DeepLayerAggregator(tiny_dir, k=1, deep_layers=1, attention="sparse")
+
+
+def test_bf16_precision_autocasts_on_cpu_and_auto_stays_fp32_there(tiny_dir):
+    """``precision`` picks the LLM layers' compute dtype: bf16 autocasts on any device (close to fp32,
+    not equal), ``auto`` is fp32 on CPU (bit-equal to ``fp32``); the pooled result is fp32 either way."""
+    torch.manual_seed(2)
+    vectors, lengths = torch.randn(3, 5, HIDDEN), torch.tensor([5, 2, 4])
+    outputs = {}
+    for precision in ("fp32", "auto", "bf16"):
+        torch.manual_seed(0)
+        agg = DeepLayerAggregator(tiny_dir, k=1, deep_layers=3, precision=precision).eval()
+        with torch.no_grad():
+            outputs[precision] = agg(vectors, lengths)
+    assert all(out.dtype == torch.float32 for out in outputs.values())
+    assert torch.equal(outputs["auto"], outputs["fp32"])
+    assert not torch.equal(outputs["bf16"], outputs["fp32"])
+    torch.testing.assert_close(outputs["bf16"], outputs["fp32"], rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        DeepLayerAggregator(tiny_dir, k=1, deep_layers=1, precision="fp16")
