@@ -24,6 +24,7 @@ from ctr_data.parquet_io import SampleReader
 from ctr_data.schema import DataError
 from tests.conftest import shared_file
 from tests.model_fixtures import make_tiny_pipeline
+from tests.torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO_SAMPLE = shared_file("data/criteo/sample.tsv")
@@ -36,12 +37,8 @@ def swap(tmp_path_factory):
     pipeline = make_tiny_pipeline(root / "pipeline")
     out = root / "out"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-           str(ROOT / "tests" / "dist" / "dlrm_main_style_worker.py"), str(CRITEO_SAMPLE), str(pipeline.llm),
-           str(pipeline.data), str(pipeline.store), str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(ROOT / "tests" / "dist" / "dlrm_main_style_worker.py", CRITEO_SAMPLE, pipeline.llm, pipeline.data,
+             pipeline.store, out, port=29543)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

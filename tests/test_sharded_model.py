@@ -5,9 +5,6 @@ layers learn; the sharded forward equals the unsharded one; both sharded modules
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from model.bahe import BAHETrain
 from model.factory import build_model
 from model.sharding import shard_model
 from tests.model_fixtures import make_tiny_pipeline
+from tests.torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDINGS = ("table_wise", "column_wise", "row_wise")
@@ -28,12 +26,8 @@ def results(tmp_path_factory):
     pipeline = make_tiny_pipeline(root / "pipeline")
     out = root / "out"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(ROOT / "tests" / "dist" / "sharded_bahe_worker.py"), str(pipeline.llm), str(pipeline.data),
-           str(pipeline.store), ",".join(SHARDINGS), str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(ROOT / "tests" / "dist" / "sharded_bahe_worker.py", pipeline.llm, pipeline.data, pipeline.store,
+             ",".join(SHARDINGS), out, port=29541)
     return {(s, r): json.loads((out / f"{s}-rank{r}.json").read_text()) for s in SHARDINGS for r in (0, 1)}
 
 

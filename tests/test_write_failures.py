@@ -28,6 +28,7 @@ from embeddings.store import LATEST, BehaviourStore, StoreWriteError
 from tests.llm_fixtures import make_tiny_llama
 from tests.model_fixtures import make_tiny_pipeline
 from tests.test_store import config, texts, vectors_by_text, write_samples
+from tests.torchrun import torchrun
 from training.checkpoint import Checkpointer, CheckpointWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,10 +360,8 @@ def test_two_ranks_both_raise_and_neither_waits(tmp_path):
     runs out of space in its shard; each time both ranks raise the same error (no rank is left in a
     barrier), and step 10 stays LATEST."""
     (tmp_path / "blocked").write_text("a file")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29587",
-           str(ROOT / "tests" / "dist" / "checkpoint_write_worker.py"), "two_ranks", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(ROOT / "tests" / "dist" / "checkpoint_write_worker.py", "two_ranks", tmp_path, port=29587, env=ENV,
+             timeout=240)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0]["file_error"] == results[1]["file_error"]
     assert results[0]["file_error"].startswith(f"cannot create the checkpoint folder for step-0000005: "
