@@ -33,14 +33,11 @@ What each figure means:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -58,6 +55,7 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from bench.machine import machine, versions
 from bench.memory import cpu_allocation_peak
 from model.bahe import BAHE, BAHETrain
 from model.sharding import shard_model
@@ -235,22 +233,6 @@ def measure_time(args: argparse.Namespace, device: torch.device) -> dict:
             "logits_equal": bool(torch.equal(logits["dlrm"], logits["bahe"])),
             "losses_equal": bool(torch.equal(loss_a, loss_b)), "loss_max_abs_diff": float((loss_a - loss_b).abs().max()),
             "losses": {arm: t.tolist() for arm, t in zip(ARMS, (loss_a, loss_b))}}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("torchrec", "fbgemm_gpu", "fbgemm_gpu_cpu"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[name] = importlib.metadata.version(name)
-    return out
-
-
-def machine(device: torch.device) -> dict:  # after the memory processes: CUDA must not be initialised first
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    return {"cpu_model": models[0] if models else platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def table(t: dict, mem: dict, cuda: bool) -> list[str]:

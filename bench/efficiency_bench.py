@@ -47,9 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -84,6 +82,7 @@ from bench.efficiency_setup import (
     write_data,
     write_model,
 )
+from bench.machine import machine, versions
 
 DEFAULTS = {  # per device; --quick overrides
     "cpu": {"model_config": "cpu-small", "dtype": "fp32", "batch_size": 4, "samples": 1024, "distinct": 128,
@@ -139,26 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("transformers", "tokenizers", "torchrec", "fbgemm_gpu", "fbgemm_gpu_cpu", "pyarrow", "numpy"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[name] = importlib.metadata.version(name)
-    return out
-
-
-def machine(device: torch.device) -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    info = {"cpu_model": models[0] if models else platform.processor(), "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "device": str(device), "loadavg_start": os.getloadavg()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_mib=props.total_memory / MIB, gpu_sms=props.multi_processor_count)
-    return info
 
 
 def timed_step(arm, batch, bf16: bool, device: torch.device) -> tuple[float, float]:

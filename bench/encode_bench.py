@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -50,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.machine import machine as machine_record
+from bench.machine import versions
 from ctr_data.movielens import MovieLensConfig, write_movielens
 from ctr_data.synthetic import SyntheticConfig, write_synthetic
 from embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
@@ -368,20 +369,11 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    return {"cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
-            "cpu_model": models[0] if models else platform.processor(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "loadavg_start": os.getloadavg()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    machine = machine_info()
+    machine = machine_record()
     rng = np.random.default_rng(args.seed)
     encoder = ShallowEncoder(EncoderConfig(model=args.model, k=args.k, device="cpu"))
     syn_cfg = SyntheticConfig(num_samples=args.synthetic_samples, distinct_behaviours=args.synthetic_distinct,
@@ -406,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = os.getloadavg()
     config = {**{k: v for k, v in vars(args).items() if k != "out"}, "encoder": dataclasses.asdict(encoder.config),
               "synthetic": dataclasses.asdict(syn_cfg)}
-    result = {"machine": machine, "config": config, "throughput": throughput, "padding": padding, "dedup": dedup,
+    result = {"machine": machine, "versions": versions(), "config": config, "throughput": throughput,
+              "padding": padding, "dedup": dedup,
               "seconds": time.perf_counter() - started}
     table = format_table(result)
     print(table)
@@ -416,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.encode_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     out.with_suffix(".md").write_text(
         f"# Encoding benchmark\n\nProduced by `{command.strip()}` in {result['seconds']:.0f} s on "
-        f"{machine['cpu_model']} ({machine['cpu_count']} CPUs, torch {machine['torch']}, "
+        f"{machine['cpu_model']} ({machine['cpu_count']} CPUs, torch {torch.__version__}, "
         f"{machine['torch_threads']} threads; load average {machine['loadavg_start'][0]:.2f} at start, "
         f"{machine['loadavg_end'][0]:.2f} at end). Every figure in `{out.name}`.\n\n```\n{table}\n```\n\n"
         f"## What the figures mean\n\n{__doc__.split(chr(10) * 2, 2)[2]}"

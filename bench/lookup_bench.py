@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from bench.machine import machine, versions
 from bench.memory import cpu_allocation_peak
 from model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup
 from model.sharding import shard_model
@@ -313,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if target:
         target.write_text(json.dumps({
             "command": " ".join(["python -m bench.lookup_bench", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                       f"threads {torch.get_num_threads()}", "repeats": repeats, "results": results,
+            "machine": machine(), "versions": versions(), "repeats": repeats, "results": results,
             "structure": facts, "table": lines}, indent=1))
     all_exact = all(v for r in results for v in r["exact"].values())
     return 0 if all_exact else 1

@@ -9,7 +9,8 @@ so BAHE and it see the same text. The floor is the item's train positive rate pl
 recent positive rate (training/baselines.py). Seeds change the model initialisation and the
 training order; the data split is fixed.
 
-  python -m bench.quality_bench                       # 3 seeds x 3 arms, about 50 min on 2 CPU cores
+  python -m bench.quality_bench --llm-precision bf16  # 3 seeds x 3 arms, about 2 h on 2 AMX CPU cores
+  python -m bench.quality_bench                       # fp32 on CPU: the token-level arm alone ~4 h
   python -m bench.quality_bench --seeds 0 --steps 50 --out /tmp/q.json   # a quick look
 
 Writes docs/bench_quality.json (machine, versions, config, every run's metrics), a markdown table
@@ -163,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arm:12s} seed {seed}: test AUC {result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f}",
                   flush=True)
     summary = summarise(runs, non_learned_baseline(data))
-    import torch
 
-    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                          "torch": torch.__version__},
+    from bench.machine import machine, versions
+
+    report = {"machine": machine(), "versions": versions(),
               "config": {"preset": preset, "steps": steps, "seeds": args.seeds, "ranks": 2,
                          "token_level_max_user_tokens": 256, "llm_precision": args.llm_precision},
               "summary": summary, "runs": {arm: [r["test"] for r in results] for arm, results in runs.items()}}
@@ -174,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2))
     text = table(summary, steps, args.seeds, args.llm_precision)
     note = plot(summary, args.out.with_suffix(".png"))
-    args.out.with_suffix(".md").write_text(f"# Quality on MovieLens-100K\n\nProduced by `python -m bench.quality_bench`"
-                                           f" ({platform.platform()}).\n\n{text}\n\n![test AUC per arm]"
-                                           f"({args.out.with_suffix('.png').name})\n")
+    command = " ".join(["python -m bench.quality_bench", *(argv if argv is not None else sys.argv[1:])])
+    args.out.with_suffix(".md").write_text(f"# Quality on MovieLens-100K\n\nProduced by `{command}`"
+                                           f" ({platform.platform()}, {os.cpu_count()} CPUs).\n\n{text}\n\n"
+                                           f"![test AUC per arm]({args.out.with_suffix('.png').name})\n")
     print(text)
     if note:
         print(note)
