@@ -56,7 +56,7 @@ def run_name(arm: str, seed: int, steps: int, precision: str) -> str:
     return f"{arm}-seed{seed}-steps{steps}{suffix}"
 
 
-def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict, port: int,
+def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict,
           precision: str = "auto") -> dict:
     from launchers.demo import trainer_flags
 
@@ -64,8 +64,9 @@ def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, p
         return json.loads((run / "metrics.json").read_text())
     extra = ["--max-user-tokens", "256"] if arm == "token_level" else []
     extra += ["--llm-precision", precision] if arm != "dlrm" else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"localhost:{port}", "-m", "launchers.train", "--data-dir", str(data), "--store",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone",  # a free port each time: two benches on one machine never join each other's job
+           "-m", "launchers.train", "--data-dir", str(data), "--store",
            str(store), "--out", str(run), "--arm", arm, "--steps", str(steps), "--seed", str(seed),
            "--checkpoint-every", "50",  # a stopped bench resumes a long run (token-level) where it was
            *trainer_flags(preset), *extra]
@@ -154,12 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.baselines import non_learned_baseline
 
     runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
-    port = 29650
     for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm
         for arm in args.arms:
-            port += 1
             run = args.work / run_name(arm, seed, steps, args.llm_precision)
-            result = train(arm, seed, steps, data, store, run, preset, port, args.llm_precision)
+            result = train(arm, seed, steps, data, store, run, preset, args.llm_precision)
             runs[arm].append(result)
             print(f"{arm:12s} seed {seed}: test AUC {result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f}",
                   flush=True)

@@ -21,3 +21,49 @@ def test_dlrm_bench_quick_runs_and_bahe_matches_dlrm_numerically(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "same logits: True" in done.stdout
     assert out.is_file()
+
+
+def test_quality_summary_is_mean_and_sample_std_and_the_table_judges_both_targets():
+    """bench.quality_bench: the per-arm figures are the mean and sample std over seeds, and the table
+    says met / NOT met against BAHE >= token-level - 0.002 and BAHE >= DLRM + 0.01."""
+    import statistics
+
+    from bench.quality_bench import run_name, summarise, table
+
+    def run(auc):
+        return {"test": {"auc": auc, "logloss": 1 - auc}, "wall_seconds": 10.0}
+
+    runs = {"dlrm": [run(0.750), run(0.752)], "token_level": [run(0.7560), run(0.7580)], "bahe": [run(0.755), run(0.757)]}
+    summary = summarise(runs, {"test": 0.743})
+    assert summary["bahe"]["auc"]["mean"] == pytest.approx(0.756)
+    assert summary["bahe"]["auc"]["std"] == pytest.approx(statistics.stdev([0.755, 0.757]))
+    assert summary["floor"]["auc"] == 0.743
+    text = table(summary, 600, [0, 1], "bf16")
+    assert "bf16 autocast" in text
+    assert "BAHE - token_level: -0.0010 (met, needs -0.002)" in text
+    assert "BAHE - dlrm: +0.0050 (NOT met, needs +0.010)" in text
+    # the DLRM arm has no LLM: one run folder serves every precision; the LLM arms keep theirs apart
+    assert run_name("dlrm", 1, 600, "bf16") == run_name("dlrm", 1, 600, "auto") == "dlrm-seed1-steps600"
+    assert run_name("bahe", 1, 600, "bf16") == "bahe-seed1-steps600-bf16" != run_name("bahe", 1, 600, "auto")
+
+
+@pytest.mark.integration
+def test_quality_bench_trains_each_arm_per_seed_and_writes_json_markdown_and_plot(tmp_path):
+    """A tiny real run: MovieLens-100K, the real store, 2 torchrun ranks per run, 3 steps; a second call
+    reuses the finished runs."""
+    import json
+
+    out = tmp_path / "quality.json"
+    done = subprocess.run([sys.executable, "-m", "bench.quality_bench", "--arms", "dlrm", "bahe", "--seeds", "0",
+                           "--steps", "3", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"dlrm", "bahe"} and all(len(r) == 1 for r in report["runs"].values())
+    assert all(0.0 < r["auc"] < 1.0 for runs in report["runs"].values() for r in runs)
+    assert "BAHE - dlrm" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    # a second call reuses the finished runs instead of training again
+    again = subprocess.run([sys.executable, "-m", "bench.quality_bench", "--arms", "dlrm", "bahe", "--seeds", "0",
+                            "--steps", "3", "--work", str(tmp_path / "work"), "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads(out.read_text())["runs"] == report["runs"]
