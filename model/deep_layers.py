@@ -127,7 +127,12 @@ class DeepLayerAggregator(nn.Module):
             for layer in self.decoder.layers:
                 layer.self_attn.is_causal = False
         if gradient_checkpointing:
-            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5.x names it activation checkpointing (the old name warns, and goes in v6)
+            enable = getattr(self.decoder, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """

@@ -88,6 +88,8 @@ def test_empty_sequence_pools_to_zeros_without_nans(tiny_dir):
 
 def test_gradients_reach_the_layers_and_the_inputs(tiny_dir):
     agg = DeepLayerAggregator(tiny_dir, k=1, deep_layers=2, gradient_checkpointing=True).train()
+    assert agg.decoder.is_activation_checkpointing  # the layers recompute in backward
+    assert not DeepLayerAggregator(tiny_dir, k=1, deep_layers=2).decoder.is_activation_checkpointing
     vectors = torch.randn(2, 3, HIDDEN, requires_grad=True)
     agg(vectors, torch.tensor([3, 1])).sum().backward()
     assert vectors.grad is not None and vectors.grad[1, 1:].abs().sum() == 0  # padding gets no gradient
