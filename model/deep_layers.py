@@ -29,7 +29,7 @@ _NORM_KEY = re.compile(r"^(?:model\.)?norm\.(.+)$")
 def llm_autocast(precision: str, device: torch.device):
     """The compute precision of the LLM layers (weights stay fp32, the master copy the optimiser
     updates): ``bf16`` = ``torch.autocast(bfloat16)`` on any device (CUDA; CPUs with AMX / AVX512-BF16
-    run it about 2.5x faster), ``fp32`` = off, ``auto`` = bf16 on CUDA, fp32 elsewhere."""
+    run the token-level arm about 2x faster), ``fp32`` = off, ``auto`` = bf16 on CUDA, fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"LLM precision must be one of {PRECISIONS}, got {precision!r}")
     enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
