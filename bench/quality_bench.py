@@ -34,26 +34,41 @@ ARMS = ("dlrm", "token_level", "bahe")
 PRECISION_WORDS = {"auto": "fp32 (CPU)", "fp32": "fp32", "bf16": "bf16 autocast"}
 
 
-def prepare(work: Path, preset: dict) -> tuple[Path, Path]:
-    """MovieLens splits and the k-layer behaviour store, made once and reused."""
+def prepare(work: Path, preset: dict, default_history: int) -> tuple[Path, Path]:
+    """MovieLens splits (``data``, or ``data-m<M>`` for another history cap M) and ONE k-layer
+    behaviour store for all of them, made once and reused. A split with texts the store lacks
+    refreshes it (only those are encoded); MovieLens histories are titles of rated movies, which are
+    all item titles already, so another M normally adds none."""
     from ctr_data.movielens import MovieLensConfig, write_movielens
     from embeddings.build import build_store
     from embeddings.encoder import EncoderConfig
     from embeddings.pretrained import DEFAULT_MODEL
+    from embeddings.store import BehaviourStore
+    from embeddings.vocabulary import count_texts
 
-    data, store = work / "data", work / "store"
+    m = preset["max_history"]
+    data, store = work / ("data" if m == default_history else f"data-m{m}"), work / "store"
     if not (data / "test.parquet").is_file():
-        write_movielens(MovieLensConfig(max_history=preset["max_history"]), data)
-    if not (store / "LATEST").is_file():
-        build_store(store, [data / f"{s}.parquet" for s in ("train", "valid", "test")],
-                    EncoderConfig(model=DEFAULT_MODEL, k=preset["k"], device="cpu"), show_progress=False)
+        write_movielens(MovieLensConfig(max_history=m), data)
+    files = [data / f"{s}.parquet" for s in ("train", "valid", "test")]
+    if not (store / "LATEST").is_file() or any(t not in BehaviourStore.open(store).vocabulary for t in count_texts(files)):
+        build_store(store, files, EncoderConfig(model=DEFAULT_MODEL, k=preset["k"], device="cpu"), show_progress=False)
     return data, store
 
 
-def run_name(arm: str, seed: int, steps: int, precision: str) -> str:
-    """The run folder; the DLRM arm has no LLM, so its runs serve every precision."""
-    suffix = f"-{precision}" if arm != "dlrm" and precision != "auto" else ""
-    return f"{arm}-seed{seed}-steps{steps}{suffix}"
+def run_name(arm: str, seed: int, steps: int, precision: str, history: str = "") -> str:
+    """The run folder. The DLRM arm reads no text, so its runs serve every precision and history
+    cap M; ``history`` is "" for the preset's M, else e.g. "-m20"."""
+    if arm == "dlrm":
+        return f"dlrm-seed{seed}-steps{steps}"
+    return f"{arm}-seed{seed}-steps{steps}{history}{'' if precision == 'auto' else '-' + precision}"
+
+
+def user_token_cap(max_history: int) -> int:
+    """The token-level arm's --max-user-tokens, which never cuts a user: at worst 2 sequences x M
+    titles x 32 tokens (the longest title is 30 tokens, plus a 2-token separator) + 16 for the two
+    prefixes. At the demo's M = 5 the runs use 256, above the longest user in the data (189 tokens)."""
+    return 256 if max_history == 5 else 64 * max_history + 16
 
 
 def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict,
@@ -62,7 +77,7 @@ def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, p
 
     if (run / "metrics.json").is_file():  # a finished run is reused; an unfinished one resumes from its checkpoint
         return json.loads((run / "metrics.json").read_text())
-    extra = ["--max-user-tokens", "256"] if arm == "token_level" else []
+    extra = ["--max-user-tokens", str(user_token_cap(preset["max_history"]))] if arm == "token_level" else []
     extra += ["--llm-precision", precision] if arm != "dlrm" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--standalone",  # a free port each time: two benches on one machine never join each other's job
@@ -93,9 +108,9 @@ def summarise(runs: dict[str, list[dict]], floor: dict) -> dict:
     return out
 
 
-def table(summary: dict, steps: int, seeds: list[int], precision: str = "auto") -> str:
+def table(summary: dict, steps: int, seeds: list[int], precision: str = "auto", history: int = 5) -> str:
     lines = [f"test split, {steps} steps x 2 ranks x the demo batch per arm, seeds {seeds} (mean +- std), "
-             f"LLM layers in {PRECISION_WORDS[precision]}", "",
+             f"LLM layers in {PRECISION_WORDS[precision]}, M = {history} titles per sequence", "",
              "| arm | test AUC | test log loss | train wall s |", "|---|---|---|---|"]
     for arm in ARMS:
         if arm in summary:
@@ -146,18 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="the step budget of every arm (default: the demo's)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="data, store and runs (reused)")
     p.add_argument("--llm-precision", choices=sorted(PRECISION_WORDS), default="auto",
-                   help="the LLM arms' --llm-precision (bf16 runs the token-level arm ~2.5x faster on AMX CPUs)")
+                   help="the LLM arms' --llm-precision (bf16 runs the token-level arm ~2x faster on AMX CPUs)")
+    p.add_argument("--max-history", type=int, default=None,
+                   help="M, the titles per behaviour sequence (default: the demo's); the DLRM arm's runs serve every M")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_quality.json")
     args = p.parse_args(argv)
-    preset = dict(PRESETS["cpu"])
+    default_history = PRESETS["cpu"]["max_history"]
+    preset = dict(PRESETS["cpu"], max_history=args.max_history or default_history)
+    history = "" if preset["max_history"] == default_history else f"-m{preset['max_history']}"
     steps = args.steps or preset["steps"]
-    data, store = prepare(args.work, preset)
+    data, store = prepare(args.work, preset, default_history)
     from training.baselines import non_learned_baseline
 
     runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
     for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm
         for arm in args.arms:
-            run = args.work / run_name(arm, seed, steps, args.llm_precision)
+            run = args.work / run_name(arm, seed, steps, args.llm_precision, history)
             result = train(arm, seed, steps, data, store, run, preset, args.llm_precision)
             runs[arm].append(result)
             print(f"{arm:12s} seed {seed}: test AUC {result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f}",
@@ -168,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"machine": machine(), "versions": versions(),
               "config": {"preset": preset, "steps": steps, "seeds": args.seeds, "ranks": 2,
-                         "token_level_max_user_tokens": 256, "llm_precision": args.llm_precision},
+                         "token_level_max_user_tokens": user_token_cap(preset["max_history"]), "llm_precision": args.llm_precision},
               "summary": summary, "runs": {arm: [r["test"] for r in results] for arm, results in runs.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    text = table(summary, steps, args.seeds, args.llm_precision)
+    text = table(summary, steps, args.seeds, args.llm_precision, preset["max_history"])
     note = plot(summary, args.out.with_suffix(".png"))
     command = " ".join(["python -m bench.quality_bench", *(argv if argv is not None else sys.argv[1:])])
     args.out.with_suffix(".md").write_text(f"# Quality on MovieLens-100K\n\nProduced by `{command}`"

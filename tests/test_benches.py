@@ -45,6 +45,8 @@ def test_quality_summary_is_mean_and_sample_std_and_the_table_judges_both_target
     # the DLRM arm has no LLM: one run folder serves every precision; the LLM arms keep theirs apart
     assert run_name("dlrm", 1, 600, "bf16") == run_name("dlrm", 1, 600, "auto") == "dlrm-seed1-steps600"
     assert run_name("bahe", 1, 600, "bf16") == "bahe-seed1-steps600-bf16" != run_name("bahe", 1, 600, "auto")
+    assert run_name("dlrm", 0, 600, "bf16", "-m20") == "dlrm-seed0-steps600"  # no text: every M too
+    assert run_name("token_level", 0, 600, "bf16", "-m20") == "token_level-seed0-steps600-m20-bf16"
 
 
 @pytest.mark.integration
