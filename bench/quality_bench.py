@@ -51,7 +51,8 @@ def prepare(work: Path, preset: dict, default_history: int) -> tuple[Path, Path]
     if not (data / "test.parquet").is_file():
         write_movielens(MovieLensConfig(max_history=m), data)
     files = [data / f"{s}.parquet" for s in ("train", "valid", "test")]
-    if not (store / "LATEST").is_file() or any(t not in BehaviourStore.open(store).vocabulary for t in count_texts(files)):
+    known = BehaviourStore.open(store).vocabulary if (store / "LATEST").is_file() else None
+    if known is None or any(text not in known for text in count_texts(files)):
         build_store(store, files, EncoderConfig(model=DEFAULT_MODEL, k=preset["k"], device="cpu"), show_progress=False)
     return data, store
 
