@@ -49,6 +49,25 @@ def test_quality_summary_is_mean_and_sample_std_and_the_table_judges_both_target
     assert run_name("token_level", 0, 600, "bf16", "-m20") == "token_level-seed0-steps600-m20-bf16"
 
 
+def test_quality_wall_time_mean_leaves_out_a_run_resumed_from_a_checkpoint():
+    """A run resumed from a checkpoint trained fewer steps in the bench's call: its wall time must not
+    pull the arm's mean down, and the table says which seed resumed from where."""
+    from bench.quality_bench import summarise, table
+
+    def run(wall, resumed=0):
+        return {"test": {"auc": 0.75, "logloss": 0.58}, "wall_seconds": wall, "resumed_from_step": resumed}
+
+    summary = summarise({"token_level": [run(3600.0), run(4000.0), run(2400.0, resumed=50)],
+                         "bahe": [run(100.0, resumed=300)]}, {"test": 0.743})
+    assert summary["token_level"]["wall_seconds"]["values"] == [3600.0, 4000.0]
+    assert summary["token_level"]["resumed_from_step"] == [0, 0, 50]
+    text = table(summary, 600, [0, 1, 2], "bf16")
+    assert "token_level: seed 2 resumed from its step-50 checkpoint; its wall time is left out of the mean" in text
+    assert "| token_level | 0.7500 +- 0.0000 | 0.5800 +- 0.0000 | 3800 |" in text
+    # every run resumed: nothing to leave out, and the table says what the figure covers
+    assert summary["bahe"]["wall_seconds"]["values"] == [100.0]
+    assert "bahe: seed 0 resumed from its step-300 checkpoint; the wall time counts only" in table(summary, 600, [0])
+
 @pytest.mark.integration
 def test_quality_bench_trains_each_arm_per_seed_and_writes_json_markdown_and_plot(tmp_path):
     """A tiny real run: MovieLens-100K, the real store, 2 torchrun ranks per run, 3 steps; a second call
