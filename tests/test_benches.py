@@ -68,6 +68,7 @@ def test_quality_wall_time_mean_leaves_out_a_run_resumed_from_a_checkpoint():
     assert summary["bahe"]["wall_seconds"]["values"] == [100.0]
     assert "bahe: seed 0 resumed from its step-300 checkpoint; the wall time counts only" in table(summary, 600, [0])
 
+
 @pytest.mark.integration
 def test_quality_bench_trains_each_arm_per_seed_and_writes_json_markdown_and_plot(tmp_path):
     """A tiny real run: MovieLens-100K, the real store, 2 torchrun ranks per run, 3 steps; a second call
