@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from embeddings.pretrained import DEFAULT_MODEL
+from model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--deep-layers", type=int, default=None, help="trainable deep layers (default: all the rest)")
     t.add_argument("--max-behaviours", type=int, default=50, help="M: most recent behaviours per sequence")
     t.add_argument("--max-user-tokens", type=int, default=2048, help="token budget per user of the token-level arm")
-    t.add_argument("--pooling", choices=("mean", "last"), default="mean")
-    t.add_argument("--attention", choices=("causal", "bidirectional"), default="causal")
+    t.add_argument("--pooling", choices=POOLINGS, default="mean")
+    t.add_argument("--attention", choices=ATTENTIONS, default="causal")
     t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--llm-precision", choices=("auto", "bf16", "fp32"), default="auto",
+    t.add_argument("--llm-precision", choices=PRECISIONS, default="auto",
                    help="compute precision of the LLM layers: auto = bf16 autocast on CUDA, fp32 on CPU; "
                         "bf16 also on CPU (fast with AMX); weights stay fp32")
     m = p.add_argument_group("tables, head and optimisers")
