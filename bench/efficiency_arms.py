@@ -2,7 +2,7 @@
 
 * ``full`` pipeline (default where torchrec and fbgemm work): each arm is built by
   :func:`model.factory.build_model` exactly as the trainer builds it -- BAHE from the real behaviour
-  store (``embeddings.build.build_store``; rows copied with ``load_store_rows``), the token-level
+  store (``bahe.embeddings.build.build_store``; rows copied with ``load_store_rows``), the token-level
   baseline (``text.arm = "token_level"``) from the same LLM -- wrapped in ``BAHETrain``; batches come
   from the factory's own batcher (``SampleBatcher`` / ``TokenBatcher``). One process, no
   DistributedModelParallel: the ID tables and the behaviour table are plain (unsharded) torchrec
@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from bahe.ctr_data.parquet_io import SampleReader
 from torch import nn
 
 from bench.efficiency_setup import SEQUENCE_TYPES, Shape
-from ctr_data.parquet_io import SampleReader
 
 ARMS = ("token", "bahe")
 EMBEDDING_DIM = 64
@@ -95,10 +95,10 @@ def build_arm(name: str, pipeline: str, shape: Shape, mc: dict, data: Path, stor
 # full: the repo's factory -----------------------------------------------------------------------------
 
 def _full(name, shape, mc, data, store_root, model_dir, slices, device) -> Arm:
-    from model.bahe import BAHETrain
-    from model.behaviour_lookup import load_store_rows
-    from model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
-    from model.factory import build_model
+    from bahe.model.bahe import BAHETrain
+    from bahe.model.behaviour_lookup import load_store_rows
+    from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+    from bahe.model.factory import build_model
 
     text = TextConfig(store=str(store_root), llm=str(model_dir), k=mc["k"], deep_layers=mc["deep_layers"],
                       max_behaviours=shape.m, arm="bahe" if name == "bahe" else "token_level",
@@ -121,7 +121,7 @@ class CoreTextModel(nn.Module):
 
     def __init__(self, name: str, model_dir: Path, mc: dict, n_features: int, vectors: np.ndarray | None):
         super().__init__()
-        from model.deep_layers import DeepLayerAggregator, load_decoder_slice
+        from bahe.model.deep_layers import DeepLayerAggregator, load_decoder_slice
 
         self.name = name
         if name == "bahe":
@@ -155,7 +155,7 @@ class CoreTextModel(nn.Module):
 
 
 def _core(name, shape, mc, store_root, model_dir, slices, device) -> Arm:
-    from embeddings.store import BehaviourStore
+    from bahe.embeddings.store import BehaviourStore
 
     store = BehaviourStore.open(store_root)
     types = SEQUENCE_TYPES[:shape.n]

@@ -7,7 +7,7 @@ offline, and runs them through the trainable layers k..k+deep-1 only. The length
 fixed K; the K sweep varies K (and M) at one length. How the arms are built: below (the
 docstring of bench/efficiency_arms.py).
 
-Data: ctr_data.synthetic with exactly M behaviours per sequence and exactly K words per behaviour; the
+Data: bahe.ctr_data.synthetic with exactly M behaviours per sequence and exactly K words per behaviour; the
 bench's random-weight Llama (``--model-config``) has a word-level tokenizer, so K words = K tokens.
 The token arm's user text is padded/truncated to N*M*K tokens: TokenBatcher's "name:" prefixes and
 ";" separators (one token each) make the text slightly longer, and the most recent N*M*K are kept.
@@ -31,7 +31,7 @@ What each figure means:
 * matmul rate: one large square matmul (CPU fp32 2048^3; CUDA bf16 8192^3), median of 5, measured
   before the sweep and after every configuration; "% of matmul" = counted FLOPs / median step time /
   median matmul rate.
-* encoding (offline, BAHE only): the store of each K is built by embeddings.build.build_store from
+* encoding (offline, BAHE only): the store of each K is built by bahe.embeddings.build.build_store from
   the data of that K (every DISTINCT behaviour text and item title once through layers 0..k-1);
   seconds per text = build encode seconds / texts encoded, FLOPs per text from FlopCounterMode on one
   micro-batch per text length. Amortised per sample = distinct texts in the configuration's data x

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
+from bahe.embeddings.build import build_store
+from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
+from bahe.embeddings.vocabulary import count_texts
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.memory import cpu_allocation_peak
-from ctr_data.synthetic import SyntheticConfig, write_synthetic
-from embeddings.build import build_store
-from embeddings.encoder import EncoderConfig, ShallowEncoder
-from embeddings.vocabulary import count_texts
 
 MIB = 2**20
 SEQUENCE_TYPES = ("bill", "search", "app_visit", "review", "watch", "visit", "pay", "like")
@@ -156,11 +156,11 @@ def encoder_config(model_dir: Path, mc: dict, k_tokens: int, device: torch.devic
 
 
 def build_store_for(root: Path, files: list[Path], config: EncoderConfig, cache: dict) -> dict:
-    """The real store build (embeddings.build.build_store) over the shapes' files of one K, plus the
+    """The real store build (bahe.embeddings.build.build_store) over the shapes' files of one K, plus the
     FLOPs of that encode: FlopCounterMode on one fixed-shape micro-batch per text length, times the
     micro-batches the encoder runs (its fixed shapes fill each length's last batch). ``cache`` keeps
     the counting encoder's layers between calls (only max_tokens / batch_tokens differ)."""
-    from embeddings.store import BehaviourStore
+    from bahe.embeddings.store import BehaviourStore
 
     report = build_store(root, files, config, show_progress=False)
     if "encoder" not in cache:

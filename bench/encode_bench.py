@@ -47,14 +47,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
+from bahe.embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
+from bahe.embeddings.vocabulary import count_texts
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.machine import machine as machine_record
 from bench.machine import versions
-from ctr_data.movielens import MovieLensConfig, write_movielens
-from ctr_data.synthetic import SyntheticConfig, write_synthetic
-from embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
-from embeddings.vocabulary import count_texts
 
 MIN_ROWS = 64  # the "batch >= 64"
 SQUARE = 2048

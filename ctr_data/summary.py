@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-
-from ctr_data.parquet_io import SampleReader
-from ctr_data.schema import ITEM_ID, ITEM_TEXT, LABEL, USER_ID
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import ITEM_ID, ITEM_TEXT, LABEL, USER_ID
 
 PERCENTILES = (50, 90, 99, 100)
 

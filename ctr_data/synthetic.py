@@ -43,9 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from ctr_data.parquet_io import SampleWriter
-from ctr_data.schema import SampleSchema
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.ctr_data.schema import SampleSchema
 
 _THEMES = """coffee: latte espresso mocha cappuccino barista arabica roast brew americano macchiato
 travel: flights hotel airport luggage passport resort cruise itinerary visa boarding

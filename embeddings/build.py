@@ -35,11 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
-from embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
-from embeddings.pretrained import resolve_model_dir, weights_sha256
-from embeddings.store import (
+from bahe.embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
+from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
+from bahe.embeddings.store import (
     FORMAT,
     LATEST,
     MANIFEST,
@@ -55,7 +53,8 @@ from embeddings.store import (
     write_bytes_atomic,
     write_text_atomic,
 )
-from embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
+from bahe.embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
+from tqdm import tqdm
 
 WORK = ".work"
 _ENCODER_FIELDS_THAT_CHANGE_VECTORS = ("k", "pooling", "dtype", "max_tokens", "batch_tokens", "fixed_shapes")

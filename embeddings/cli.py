@@ -6,7 +6,7 @@
   bahe-encode verify stores/ml
 
 `build` under torchrun splits the encoding across ranks:
-  torchrun --nproc_per_node 2 -m embeddings.cli build --store ... --data ...
+  torchrun --nproc_per_node 2 -m bahe.embeddings.cli build --store ... --data ...
 An interrupted build resumes from its finished chunks when run again with the same arguments.
 """
 
@@ -17,14 +17,14 @@ import json
 import sys
 from pathlib import Path
 
-from ctr_data.schema import DataError
-from embeddings.pretrained import DEFAULT_MODEL, ModelError
-from embeddings.store import BehaviourStore, StoreError
+from bahe.ctr_data.schema import DataError
+from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError
+from bahe.embeddings.store import BehaviourStore, StoreError
 
 
 def _build(args: argparse.Namespace) -> int:
-    from embeddings.build import build_store
-    from embeddings.encoder import EncoderConfig
+    from bahe.embeddings.build import build_store
+    from bahe.embeddings.encoder import EncoderConfig
 
     config = EncoderConfig(model=args.model, k=args.k, pooling=args.pooling, dtype=args.dtype, device=args.device,
                            max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,

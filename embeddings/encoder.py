@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from embeddings.pretrained import DEFAULT_MODEL, ModelError, load_shallow_layers, resolve_model_dir
+from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError, load_shallow_layers, resolve_model_dir
 
 POOLINGS = ("mean", "last")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

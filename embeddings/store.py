@@ -6,10 +6,10 @@ Layout::
       LATEST                  name of the newest complete version (replaced atomically)
       v000001/
         manifest.json         model identity and weights hash, k, pooling, dtype, dim, rows, parent, checksums
-        vocab.parquet         id, text, count (embeddings.vocabulary)
+        vocab.parquet         id, text, count (bahe.embeddings.vocabulary)
         vectors.npy           rows x dim float32; row i is the vector of vocabulary id i
       v000002/ ...            a refresh: the rows of its parent, unchanged, then the new texts
-      .work/                  unfinished builds (embeddings.build); never read as a store
+      .work/                  unfinished builds (bahe.embeddings.build); never read as a store
 
 A version directory appears under its real name only when complete, and ``LATEST`` moves only
 after that, so a crash leaves the previous version intact and current.
@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from embeddings.vocabulary import BehaviourVocabulary
+from bahe.embeddings.vocabulary import BehaviourVocabulary
 
 FORMAT = "bahe-behaviour-store/1"
 MANIFEST, VOCAB, VECTORS, LATEST = "manifest.json", "vocab.parquet", "vectors.npy", "LATEST"

@@ -23,9 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from ctr_data.parquet_io import SampleReader
-from ctr_data.schema import ITEM_TEXT, DataError
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import ITEM_TEXT, DataError
 
 PAD_ID = 0
 UNKNOWN_ID = 1
@@ -107,7 +106,7 @@ class BehaviourVocabulary:
             bad = next((t for t, n in zip(new, normalised) if not t or t != n), None)
             if bad is not None:
                 raise ValueError(f"extend() takes normalised, non-empty texts; got {bad!r} (normalise it with "
-                                 "embeddings.vocabulary.normalize_texts; empty texts map to PAD_ID)")
+                                 "bahe.embeddings.vocabulary.normalize_texts; empty texts map to PAD_ID)")
         new_ids = list(range(len(self.texts), len(self.texts) + len(new)))
         for text, i in zip(new, new_ids):
             self._index[text] = i

@@ -9,7 +9,7 @@ Each component is a typed function that returns a :class:`torchx.specs.AppDef` b
     torchx run -s local_cwd launchers/components.py:train --data_dir runs/demo/data --out runs/train -- --batch-size 64
 
 Lists are comma-separated (``--data a,b``), maps are ``K=V,K2=V2`` (``--env FOO=1``), and every
-argument after ``--`` goes unchanged to the program (``script_args``). ``python -m launchers.submit``
+argument after ``--`` goes unchanged to the program (``script_args``). ``python -m bahe.launchers.submit``
 fills the launch arguments (``j``, ``image``, ``cpu``, ``gpu``, ``memMB``, ``env``, ...) from a profile
 of ``torchx.yaml``; ``torchx run`` takes them from ``.torchxconfig`` or the command line.
 
@@ -25,9 +25,9 @@ from typing import Dict, List, Optional
 from torchx import specs
 from torchx.components import dist
 
-ENCODE_MODULE = "embeddings.cli"
-TRAIN_MODULE = "launchers.train"
-EVALUATE_MODULE = "launchers.evaluate"
+ENCODE_MODULE = "bahe.embeddings.cli"
+TRAIN_MODULE = "bahe.launchers.train"
+EVALUATE_MODULE = "bahe.launchers.evaluate"
 ARMS = ("bahe", "token_level", "dlrm")
 DEFAULT_IMAGE = "bahe-torchrec:latest"
 # Environment every rank gets unless ``env`` says otherwise: one OpenMP thread per rank (ranks share
@@ -82,7 +82,7 @@ def encode(
     mounts: Optional[List[str]] = None,
     debug: bool = False,
 ) -> specs.AppDef:
-    """Build or refresh a behaviour embedding store (``python -m embeddings.cli build``) on every rank.
+    """Build or refresh a behaviour embedding store (``python -m bahe.embeddings.cli build``) on every rank.
 
     The ranks split the store's chunks between them; an interrupted build resumes when run again.
 
@@ -138,7 +138,7 @@ def train(
     mounts: Optional[List[str]] = None,
     debug: bool = False,
 ) -> specs.AppDef:
-    """Train one arm of the CTR model on every rank (``python -m launchers.train``).
+    """Train one arm of the CTR model on every rank (``python -m bahe.launchers.train``).
 
     Args:
         script_args: further trainer flags, after ``--`` (passed unchanged, e.g. ``-- --batch-size 64``)
@@ -189,7 +189,7 @@ def evaluate(
     mounts: Optional[List[str]] = None,
     debug: bool = False,
 ) -> specs.AppDef:
-    """Evaluate trained models on every rank (``python -m launchers.evaluate``).
+    """Evaluate trained models on every rank (``python -m bahe.launchers.evaluate``).
 
     Only the options that are set are forwarded; everything else goes after ``--``.
 

@@ -38,10 +38,9 @@ def trainer_flags(preset: dict) -> list[str]:
 
 
 def _launch(component: str, args: list[str], profile_name: str) -> None:
+    from bahe.launchers.profiles import get_profile, render
+    from bahe.launchers.submit import submit
     from torchx.runner import get_runner
-
-    from launchers.profiles import get_profile, render
-    from launchers.submit import submit
 
     profile = get_profile(profile_name)
     app, cfg = render(profile, component, args)
@@ -52,7 +51,7 @@ def _launch(component: str, args: list[str], profile_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launchers.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bahe.launchers.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where every output goes (runs/demo)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (about 6 min on 2 cores) or full")
@@ -64,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     timings = {}
 
-    from ctr_data.movielens import MovieLensConfig, write_movielens
-    from ctr_data.summary import format_summary, summarize
+    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+    from bahe.ctr_data.summary import format_summary, summarize
 
     print(f"[1/5] data: MovieLens-100K -> {out / 'data'}", flush=True)
     paths = write_movielens(MovieLensConfig(max_history=preset["max_history"]), out / "data")
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n[2/5] store: SmolLM2-135M layers 0..{preset['k'] - 1} encode each distinct text once -> {out / 'store'}",
           flush=True)
-    from embeddings.pretrained import resolve_model_dir
+    from bahe.embeddings.pretrained import resolve_model_dir
 
     resolve_model_dir("smollm2-135m")  # the one-time GGUF conversion, before the ranks start
     _launch("encode", ["--store", str(out / "store"), "--data", ",".join(str(p) for p in paths.values()),
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["train"] = time.perf_counter() - start - sum(timings.values())
 
     print("\n[4/5] evaluate: test split, and the non-learned floor", flush=True)
-    from training.baselines import non_learned_baseline
+    from bahe.training.baselines import non_learned_baseline
 
     metrics = json.loads((run / "metrics.json").read_text())
     floor = non_learned_baseline(out / "data")

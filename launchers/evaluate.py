@@ -1,6 +1,6 @@
 """`bahe-evaluate`: score a trained run's latest checkpoint on valid and test; one process per rank.
 
-  torchrun --nproc_per_node 2 -m launchers.evaluate --checkpoint runs/demo/bahe \\
+  torchrun --nproc_per_node 2 -m bahe.launchers.evaluate --checkpoint runs/demo/bahe \\
       --data-dir runs/demo/data --store runs/demo/store [the model flags the run was trained with]
 
 The model flags (arm, dims, layers, ...) must be those of the training run: the checkpoint holds
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from launchers.train import build_parser, config_from_args, quiet_library_deprecations
+from bahe.launchers.train import build_parser, config_from_args, quiet_library_deprecations
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-evaluate: error: {err}", file=sys.stderr)
         return 2
-    from training.loop import run_training
+    from bahe.training.loop import run_training
 
     summary = run_training(config)  # restores step `step` of `step`: evaluation only
     import torch.distributed as dist

@@ -1,9 +1,9 @@
 """Launch a BAHE component (encode, train, evaluate) with a named profile of torchx.yaml.
 
-  python -m launchers.submit --list
-  python -m launchers.submit --profile local encode -- --store runs/store --data a.parquet,b.parquet
-  python -m launchers.submit --profile k8s --dryrun train -- --data_dir /data/ml --out /data/runs/bahe
-  python -m launchers.submit --profile slurm --cfg partition=a100 --cfg time=2:00:00 train -- ...
+  python -m bahe.launchers.submit --list
+  python -m bahe.launchers.submit --profile local encode -- --store runs/store --data a.parquet,b.parquet
+  python -m bahe.launchers.submit --profile k8s --dryrun train -- --data_dir /data/ml --out /data/runs/bahe
+  python -m bahe.launchers.submit --profile slurm --cfg partition=a100 --cfg time=2:00:00 train -- ...
 
 Everything after the component name (an optional first `--` is dropped) is the component's own
 arguments, as `torchx run launchers/components.py:COMPONENT --help` lists them: lists are
@@ -24,10 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
+from bahe.launchers.profiles import COMPONENTS, DEFAULT_PROFILES, ProfileError, load_profiles, render
 from torchx import specs
 from torchx.runner import Runner, get_runner
-
-from launchers.profiles import COMPONENTS, DEFAULT_PROFILES, ProfileError, load_profiles, render
 
 
 def _parse_cfg(items: list[str]) -> dict[str, str]:
@@ -98,7 +97,7 @@ def submit(runner: Runner, app: specs.AppDef, scheduler: str, cfg: dict, *, wait
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launchers.submit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bahe.launchers.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="local", help="profile name in the profiles file (default local)")
     parser.add_argument("--profiles", type=Path, default=DEFAULT_PROFILES,
@@ -141,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             return submit(runner, app, profile.scheduler, cfg, wait=wait,
                           stream=None if args.no_logs else sys.stdout)
     except (ProfileError, ValueError, specs.InvalidRunConfigException) as err:
-        print(f"launchers.submit: error: {err}", file=sys.stderr)
+        print(f"bahe.launchers.submit: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:  # torchx imports a scheduler's client library only when it is used
-        print(f"launchers.submit: error: the {args.profile!r} profile's scheduler needs the Python package "
+        print(f"bahe.launchers.submit: error: the {args.profile!r} profile's scheduler needs the Python package "
               f"{err.name!r}: pip install {err.name}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,8 @@
 """`bahe-train`: train BAHE, the token-level baseline or the DLRM-only arm; one process per rank.
 
-  torchrun --nproc_per_node 2 -m launchers.train --data-dir runs/demo/data --store runs/demo/store \\
+  torchrun --nproc_per_node 2 -m bahe.launchers.train --data-dir runs/demo/data --store runs/demo/store \\
       --out runs/demo/bahe --steps 200
-  (or through TorchX: python -m launchers.submit --profile local train -- ...)
+  (or through TorchX: python -m bahe.launchers.submit --profile local train -- ...)
 
 The same command trains every arm (--arm bahe | token_level | dlrm) from the same tables and head.
 A run folder that holds a checkpoint resumes from it.
@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from embeddings.pretrained import DEFAULT_MODEL
-from model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
+from bahe.embeddings.pretrained import DEFAULT_MODEL
+from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
-    from training.config import OptimConfig, TrainConfig
+    from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+    from bahe.training.config import OptimConfig, TrainConfig
 
     text = None
     if args.arm != "dlrm":
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-train: error: {err}", file=sys.stderr)
         return 2
-    from training.checkpoint import CheckpointWriteError
-    from training.loop import run_training
+    from bahe.training.checkpoint import CheckpointWriteError
+    from bahe.training.loop import run_training
 
     try:
         summary = run_training(config)

@@ -6,7 +6,7 @@ sparse_features KeyedJaggedTensor of the ID features, labels B) with one more pl
 sequence type plus ``item_text``. Being a plain attribute of the batch, it is pipelined by
 ``TrainPipelineSparseDist`` like ``sparse_features``.
 
-:class:`SampleBatcher` converts Arrow tables of the sample schema (``ctr_data.schema``) into
+:class:`SampleBatcher` converts Arrow tables of the sample schema (``bahe.ctr_data.schema``) into
 batches, vectorised:
 
 * dense: ``log1p(max(x, 0))`` (DLRM's transform of Criteo counts), standardised with the train
@@ -32,12 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from bahe.ctr_data.schema import CAT_PREFIX, ITEM_TEXT, LABEL, SEQ_PREFIX, DataError, SampleSchema
+from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary
+from bahe.model.dense_features import DenseNormalizer, log1p_dense
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from ctr_data.schema import CAT_PREFIX, ITEM_TEXT, LABEL, SEQ_PREFIX, DataError, SampleSchema
-from embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary
-from model.dense_features import DenseNormalizer, log1p_dense
 
 ITEM_TEXT_KEY = "item_text"
 
@@ -219,7 +218,7 @@ class SampleBatcher:
         missing = [name for name in needed if name not in table.column_names]
         if missing:
             raise DataError(f"the table lacks column(s) {missing} of the schema this batcher was built for; "
-                            "read it with ctr_data.parquet_io.SampleReader", field=missing[0])
+                            "read it with bahe.ctr_data.parquet_io.SampleReader", field=missing[0])
         self.counters.rows += table.num_rows
         dense = self.dense_normalizer(table) if self.dense_normalizer is not None \
             else log1p_dense(table, tuple(self.schema.dense_columns)).astype(np.float32)

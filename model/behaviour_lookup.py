@@ -15,13 +15,12 @@ local shard only the rows and columns that shard holds.
 from __future__ import annotations
 
 import torch
+from bahe.embeddings.store import BehaviourStore
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from embeddings.store import BehaviourStore
 
 BEHAVIOUR_TABLE = "behaviours"
 

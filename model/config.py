@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from embeddings.pretrained import DEFAULT_MODEL
-from model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
+from bahe.embeddings.pretrained import DEFAULT_MODEL
+from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
 
 ARMS = ("bahe", "token_level")
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-
-from ctr_data.parquet_io import SampleReader
-from ctr_data.schema import DataError
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import DataError
 
 MIN_STD = 1e-6  # a constant feature is centred, not divided by ~0
 
@@ -34,7 +33,7 @@ def log1p_dense(table: pa.Table, columns: tuple[str, ...]) -> np.ndarray:
     if not finite.all():
         row, col = (int(i[0]) for i in np.nonzero(~finite))
         raise DataError(f"dense value must be finite, got {dense[row, col]} in row {row} of the table; "
-                        "read the data with ctr_data.parquet_io.SampleReader, which refuses such rows",
+                        "read the data with bahe.ctr_data.parquet_io.SampleReader, which refuses such rows",
                         field=columns[col])
     return np.log1p(np.maximum(dense, 0.0))
 

@@ -7,19 +7,18 @@ another model or k, k + deep layers beyond the LLM's depth, dims that do not mee
 from __future__ import annotations
 
 import torch
+from bahe.ctr_data.schema import SEQ_PREFIX, SampleSchema
+from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
+from bahe.embeddings.store import BehaviourStore, Expected
+from bahe.model.bahe import BAHE
+from bahe.model.batch import ITEM_TEXT_KEY, SampleBatcher, id_feature_names
+from bahe.model.behaviour_lookup import BehaviourLookup
+from bahe.model.config import BaheModelConfig
+from bahe.model.deep_layers import DeepLayerAggregator
+from bahe.model.dense_features import DenseNormalizer
+from bahe.model.text_arch import BehaviourTextArch
+from bahe.model.token_baseline import TokenBatcher, TokenLevelTextArch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-
-from ctr_data.schema import SEQ_PREFIX, SampleSchema
-from embeddings.pretrained import resolve_model_dir, weights_sha256
-from embeddings.store import BehaviourStore, Expected
-from model.bahe import BAHE
-from model.batch import ITEM_TEXT_KEY, SampleBatcher, id_feature_names
-from model.behaviour_lookup import BehaviourLookup
-from model.config import BaheModelConfig
-from model.deep_layers import DeepLayerAggregator
-from model.dense_features import DenseNormalizer
-from model.text_arch import BehaviourTextArch
-from model.token_baseline import TokenBatcher, TokenLevelTextArch
 
 
 def id_tables(config: BaheModelConfig, schema: SampleSchema, device: torch.device | None = None
@@ -35,7 +34,7 @@ def id_tables(config: BaheModelConfig, schema: SampleSchema, device: torch.devic
 def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.device | str | None = None,
                 dense_normalizer: DenseNormalizer | None = None) -> tuple[BAHE, SampleBatcher, BehaviourStore | None]:
     """Returns (model, batcher, store). Tables are built on ``device`` (use ``meta`` before DMP and
-    load the store with :func:`model.behaviour_lookup.load_store_rows` after wrapping). The batcher
+    load the store with :func:`bahe.model.behaviour_lookup.load_store_rows` after wrapping). The batcher
     standardises the dense features with ``dense_normalizer`` (train statistics) when given."""
     device = torch.device(device) if device is not None else None
     table_sizes = {name: config.tables.rows_for(name) for name in config.tables.features(id_feature_names(schema))}

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-
-from model.behaviour_lookup import BEHAVIOUR_TABLE
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 

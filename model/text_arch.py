@@ -14,12 +14,11 @@ features:
 from __future__ import annotations
 
 import torch
+from bahe.model.batch import ITEM_TEXT_KEY
+from bahe.model.behaviour_lookup import BehaviourLookup
+from bahe.model.deep_layers import DeepLayerAggregator
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from model.batch import ITEM_TEXT_KEY
-from model.behaviour_lookup import BehaviourLookup
-from model.deep_layers import DeepLayerAggregator
 
 
 class BehaviourTextArch(nn.Module):

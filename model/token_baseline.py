@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+from bahe.ctr_data.schema import ITEM_TEXT, SEQ_PREFIX
+from bahe.model.batch import BaheBatch, SampleBatcher
+from bahe.model.deep_layers import DeepLayerAggregator, llm_autocast, load_decoder_slice
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from ctr_data.schema import ITEM_TEXT, SEQ_PREFIX
-from model.batch import BaheBatch, SampleBatcher
-from model.deep_layers import DeepLayerAggregator, llm_autocast, load_decoder_slice
 
 USER_TOKENS, ITEM_TOKENS = "user_tokens", "item_tokens"
 

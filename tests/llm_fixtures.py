@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from embeddings.pretrained import resolve_model_dir
+from bahe.embeddings.pretrained import resolve_model_dir
 
 
 def make_tiny_llama(path: Path, *, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:

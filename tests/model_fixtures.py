@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctr_data.parquet_io import SampleReader
-from ctr_data.synthetic import SyntheticConfig, write_synthetic
-from embeddings.build import build_store
-from embeddings.encoder import EncoderConfig
-from model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
+from bahe.embeddings.build import build_store
+from bahe.embeddings.encoder import EncoderConfig
+from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+
 from tests.llm_fixtures import make_tiny_llama
 
 TINY_LAYERS, TINY_HIDDEN, K = 4, 32, 2
@@ -51,7 +52,7 @@ def make_tiny_pipeline(root: Path, *, samples: int = 400, seed: int = 0, hidden:
 
 def split_by_time(pipeline: TinyPipeline, out_dir: Path, fractions=(0.8, 0.1, 0.1)) -> Path:
     """train/valid/test.parquet from the pipeline's (time-ordered) samples."""
-    from ctr_data.parquet_io import SampleWriter
+    from bahe.ctr_data.parquet_io import SampleWriter
 
     table = pipeline.table()
     cuts = [0, int(table.num_rows * fractions[0]), int(table.num_rows * (fractions[0] + fractions[1])), table.num_rows]

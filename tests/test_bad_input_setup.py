@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.ctr_data.schema import DataError, SampleSchema
+from bahe.embeddings.vocabulary import PAD_ID, VOCAB_SCHEMA, BehaviourVocabulary
 
-from ctr_data.parquet_io import SampleWriter
-from ctr_data.schema import DataError, SampleSchema
-from embeddings.vocabulary import PAD_ID, VOCAB_SCHEMA, BehaviourVocabulary
 from tests.conftest import tiny_rows
 
 CRITEO_GOOD = "\t".join(["1"] + [str(i) for i in range(13)] + [f"{i:08x}" for i in range(26)])
@@ -86,7 +86,7 @@ def test_vocabulary_texts_that_look_like_the_reserved_rows_are_ordinary_texts():
 # Behaviour stores (crafted on disk; stores built by bahe-encode are covered in tests/test_store.py) ---------
 def _fake_store(root: Path, *, rows: int = 3, dim: int = 4, vectors: np.ndarray | None = None,
                 manifest: dict | None = None) -> Path:
-    from embeddings.store import FORMAT, LATEST, MANIFEST, VECTORS, VOCAB
+    from bahe.embeddings.store import FORMAT, LATEST, MANIFEST, VECTORS, VOCAB
 
     version = root / "v000001"
     version.mkdir(parents=True)
@@ -103,7 +103,7 @@ def _fake_store(root: Path, *, rows: int = 3, dim: int = 4, vectors: np.ndarray 
 
 
 def test_store_with_a_corrupt_manifest_is_refused(tmp_path):
-    from embeddings.store import BehaviourStore, StoreError
+    from bahe.embeddings.store import BehaviourStore, StoreError
 
     root = _fake_store(tmp_path / "s")
     (root / "v000001" / "manifest.json").write_text("{half a manifest")
@@ -112,7 +112,7 @@ def test_store_with_a_corrupt_manifest_is_refused(tmp_path):
 
 
 def test_store_of_another_format_is_refused(tmp_path):
-    from embeddings.store import BehaviourStore, StoreError
+    from bahe.embeddings.store import BehaviourStore, StoreError
 
     with pytest.raises(StoreError, match=r"format 'other/9', expected 'bahe-behaviour-store/1'"):
         BehaviourStore.open(_fake_store(tmp_path / "s", manifest={"format": "other/9"}))
@@ -121,14 +121,14 @@ def test_store_of_another_format_is_refused(tmp_path):
 @pytest.mark.parametrize("vectors", [np.zeros((3, 5), np.float32), np.zeros((2, 4), np.float32),
                                      np.zeros((3, 4), np.float64)], ids=["dim", "rows", "dtype"])
 def test_store_whose_vectors_disagree_with_its_manifest_is_refused(tmp_path, vectors):
-    from embeddings.store import BehaviourStore, StoreError
+    from bahe.embeddings.store import BehaviourStore, StoreError
 
     with pytest.raises(StoreError, match=r"the manifest says \(3, 4\) float32: the store is corrupt; rebuild it"):
         BehaviourStore.open(_fake_store(tmp_path / "s", vectors=vectors))
 
 
 def test_store_whose_vocabulary_disagrees_with_its_rows_is_refused(tmp_path):
-    from embeddings.store import BehaviourStore, StoreError
+    from bahe.embeddings.store import BehaviourStore, StoreError
 
     root = _fake_store(tmp_path / "s", rows=4)
     BehaviourVocabulary().save(root / "v000001" / "vocab.parquet")  # 2 texts for 4 rows
@@ -138,7 +138,7 @@ def test_store_whose_vocabulary_disagrees_with_its_rows_is_refused(tmp_path):
 
 def test_store_with_pickled_vectors_is_refused_without_unpickling(tmp_path):
     """An object array in vectors.npy is never unpickled (np.load with allow_pickle=False)."""
-    from embeddings.store import BehaviourStore, StoreError
+    from bahe.embeddings.store import BehaviourStore, StoreError
 
     with pytest.raises(StoreError, match=r"vectors.npy is not a plain float array .*(Python objects|pickle)"):
         BehaviourStore.open(_fake_store(tmp_path / "s", vectors=np.array([{"a": 1}] * 3, dtype=object)))
@@ -147,7 +147,7 @@ def test_store_with_pickled_vectors_is_refused_without_unpickling(tmp_path):
 @pytest.mark.parametrize("name", ["../elsewhere", "/etc", "v1", "v000001/../../x"])
 def test_a_latest_or_version_that_is_not_a_version_name_is_refused(tmp_path, name):
     """Paths checked: LATEST and --version can only name vNNNNNN inside the store folder."""
-    from embeddings.store import BehaviourStore, StoreError
+    from bahe.embeddings.store import BehaviourStore, StoreError
 
     root = tmp_path / "store"
     (root / "LATEST").parent.mkdir(parents=True)
@@ -160,7 +160,7 @@ def test_a_latest_or_version_that_is_not_a_version_name_is_refused(tmp_path, nam
 
 @pytest.mark.parametrize("name", ["../elsewhere", "/tmp", "step-40"])
 def test_a_checkpoint_latest_that_is_not_a_step_name_is_refused(tmp_path, name):
-    from training.checkpoint import Checkpointer
+    from bahe.training.checkpoint import Checkpointer
 
     (tmp_path / "LATEST").write_text(name + "\n")
     with pytest.raises(ValueError, match=r"not a checkpoint \(step-NNNNNNN\)"):
@@ -168,7 +168,7 @@ def test_a_checkpoint_latest_that_is_not_a_step_name_is_refused(tmp_path, name):
 
 
 def test_store_row_range_outside_the_store_is_refused(tmp_path):
-    from embeddings.store import BehaviourStore, StoreError
+    from bahe.embeddings.store import BehaviourStore, StoreError
 
     store = BehaviourStore.open(_fake_store(tmp_path / "s"))
     with pytest.raises(StoreError, match=r"row range \[2, 9\) outside the store's 3 rows"):
@@ -191,8 +191,8 @@ def custom_code_model(tmp_path):
 
 
 def test_model_with_custom_code_is_refused_by_the_encoder(custom_code_model, monkeypatch):
-    from embeddings.encoder import EncoderConfig, ShallowEncoder
-    from embeddings.pretrained import num_layers
+    from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
+    from bahe.embeddings.pretrained import num_layers
 
     folder, marker = custom_code_model
     prompts = []
@@ -205,7 +205,7 @@ def test_model_with_custom_code_is_refused_by_the_encoder(custom_code_model, mon
 
 
 def test_model_with_custom_code_is_refused_by_the_deep_layers_without_a_prompt(custom_code_model, monkeypatch):
-    from model.deep_layers import DeepLayerAggregator
+    from bahe.model.deep_layers import DeepLayerAggregator
 
     folder, marker = custom_code_model
     prompts = []
@@ -218,7 +218,7 @@ def test_model_with_custom_code_is_refused_by_the_deep_layers_without_a_prompt(c
 
 # Configs ---------------------------------------------------------------------------------------------------
 def _model_configs():
-    from model.config import ArchConfig, TablesConfig, TextConfig
+    from bahe.model.config import ArchConfig, TablesConfig, TextConfig
 
     return [
         ("tables-embedding-dim-0", lambda: TablesConfig(embedding_dim=0), "embedding_dim must be an integer >= 1"),
@@ -270,14 +270,14 @@ def data_dir(tmp_path):
 ], ids=["batch-size-0", "steps-0", "log-every-0", "eval-every-negative", "device-tpu", "data-unknown",
         "criteo-without-files", "criteo-file-missing"])
 def test_train_config_that_does_not_meet_is_refused(tmp_path, data_dir, change, expect):
-    from training.config import TrainConfig
+    from bahe.training.config import TrainConfig
 
     with pytest.raises((ValueError, FileNotFoundError), match=expect):
         TrainConfig(data_dir=data_dir, out_dir=tmp_path / "out", **change)
 
 
 def test_train_config_without_its_split_files_is_refused(tmp_path):
-    from training.config import TrainConfig
+    from bahe.training.config import TrainConfig
 
     (tmp_path / "data").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train.parquet is missing: write the data with `bahe-data"):
@@ -289,7 +289,7 @@ def test_train_config_without_its_split_files_is_refused(tmp_path):
     ({"grad_clip": -1.0}, "must be >= 0"), ({"decay": "step"}, "decay must be cosine, linear or none"),
 ], ids=["dense-lr-0", "sparse-lr-negative", "grad-clip-negative", "decay-unknown"])
 def test_optimiser_config_that_does_not_meet_is_refused(change, expect):
-    from training.config import OptimConfig
+    from bahe.training.config import OptimConfig
 
     with pytest.raises(ValueError, match=expect):
         OptimConfig(**change)
@@ -300,7 +300,7 @@ def test_optimiser_config_that_does_not_meet_is_refused(change, expect):
     ({"device": "tpu"}, "device must be auto, cpu or cuda"), ({"max_tokens": 0}, "max_tokens must be >= 1"),
 ], ids=["k-0", "dtype-float16", "device-tpu", "max-tokens-0"])
 def test_encoder_config_that_does_not_meet_is_refused(change, expect):
-    from embeddings.encoder import EncoderConfig
+    from bahe.embeddings.encoder import EncoderConfig
 
     with pytest.raises(ValueError, match=expect):
         EncoderConfig(**change)
@@ -317,7 +317,7 @@ def test_encoder_config_that_does_not_meet_is_refused(change, expect):
 ], ids=["movielens-max-history", "synthetic-users-0", "synthetic-bad-sequence-name", "criteo-missing-file",
         "criteo-bad-row", "summary-not-parquet"])
 def test_bahe_data_flags_that_do_not_meet_exit_2_naming_the_problem(tmp_path, capsys, argv, expect):
-    from ctr_data.cli import main
+    from bahe.ctr_data.cli import main
 
     fields = CRITEO_GOOD.split("\t")
     fields[1] = "x"
@@ -335,7 +335,7 @@ def test_bahe_data_flags_that_do_not_meet_exit_2_naming_the_problem(tmp_path, ca
     (["--model", "/nonexistent/model"], "not a local Hugging Face model directory"),
 ], ids=["k-0", "max-tokens-0", "max-tokens-over-batch", "device", "chunk-texts-0", "model-missing"])
 def test_bahe_encode_flags_that_do_not_meet_exit_2_naming_the_problem(tmp_path, capsys, tiny_schema, flags, expect):
-    from embeddings.cli import main
+    from bahe.embeddings.cli import main
 
     with SampleWriter(tmp_path / "d.parquet", tiny_schema) as writer:
         writer.write(tiny_rows(2))
@@ -366,7 +366,7 @@ def test_bahe_encode_flags_that_do_not_meet_exit_2_naming_the_problem(tmp_path, 
         "over-arch-not-ending-in-1", "dense-arch-0", "max-behaviours-0", "k-0", "deep-layers-0", "steps-0",
         "batch-size-0", "sparse-lr-0", "bahe-without-store", "two-data-inputs", "criteo-tsv-missing"])
 def test_bahe_train_flags_that_do_not_meet_are_refused_before_training(tmp_path, data_dir, flags, expect):
-    from launchers.train import build_parser, config_from_args
+    from bahe.launchers.train import build_parser, config_from_args
 
     flags = [f.format(tmp=tmp_path) for f in flags]
     store = [] if "--no-store" in flags else ["--store", str(tmp_path / "store")]
@@ -377,7 +377,7 @@ def test_bahe_train_flags_that_do_not_meet_are_refused_before_training(tmp_path,
 
 
 def test_bahe_train_missing_splits_exit_2_before_anything_starts(tmp_path, capsys):
-    from launchers.train import main
+    from bahe.launchers.train import main
 
     (tmp_path / "empty").mkdir()
     assert main(["--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty"), "--arm", "dlrm"]) == 2
@@ -385,10 +385,10 @@ def test_bahe_train_missing_splits_exit_2_before_anything_starts(tmp_path, capsy
 
 
 @pytest.mark.parametrize(("module", "argv"), [
-    ("ctr_data.cli", ["synthetic", "--out", "x.parquet", "--samples", "many"]),
-    ("embeddings.cli", ["build", "--store", "s", "--data", "d.parquet", "--k", "six"]),
-    ("launchers.train", ["--out", "run", "--steps", "ten"]),
-    ("launchers.train", ["--out", "run", "--arm", "prompt"]),
+    ("bahe.ctr_data.cli", ["synthetic", "--out", "x.parquet", "--samples", "many"]),
+    ("bahe.embeddings.cli", ["build", "--store", "s", "--data", "d.parquet", "--k", "six"]),
+    ("bahe.launchers.train", ["--out", "run", "--steps", "ten"]),
+    ("bahe.launchers.train", ["--out", "run", "--arm", "prompt"]),
 ], ids=["bahe-data-samples-not-int", "bahe-encode-k-not-int", "bahe-train-steps-not-int", "bahe-train-unknown-arm"])
 def test_cli_flag_of_the_wrong_type_exits_2_with_argparse_usage(capsys, module, argv):
     import importlib

@@ -1,4 +1,4 @@
-"""Tests of ctr_data.criteo: Criteo DLRM-format TSV -> BAHE sample Parquet.
+"""Tests of bahe.ctr_data.criteo: Criteo DLRM-format TSV -> BAHE sample Parquet.
 
 Protected behaviour:
 * the real 115-row sample converts, and every field of every row equals an independent plain
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from bahe.ctr_data.criteo import FIELD_NAMES, convert_criteo_tsv, criteo_schema, iter_criteo_tsv
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import DataError, SampleSchema
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctr_data.criteo import FIELD_NAMES, convert_criteo_tsv, criteo_schema, iter_criteo_tsv
-from ctr_data.parquet_io import SampleReader
-from ctr_data.schema import DataError, SampleSchema
 from tests.conftest import shared_file
 
 SAMPLE = shared_file("data/criteo/sample.tsv")

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from bahe.ctr_data.criteo import write_criteo_splits
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import DataError
 
-from ctr_data.criteo import write_criteo_splits
-from ctr_data.parquet_io import SampleReader
-from ctr_data.schema import DataError
 from tests.conftest import shared_file
 from tests.model_fixtures import make_tiny_pipeline
 from tests.torchrun import torchrun
@@ -91,7 +91,7 @@ def test_criteo_split_refuses_missing_and_tiny_inputs(tmp_path):
 
 
 def _train(args: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "launchers.train", "--out", str(out), "--arm", "dlrm", "--steps", "12",
+    cmd = [sys.executable, "-m", "bahe.launchers.train", "--out", str(out), "--arm", "dlrm", "--steps", "12",
            "--embedding-dim", "8", "--dense-arch", "16", "8", "--over-arch", "16", "1", "--table-rows", "500",
            "--log-every", "6", *args]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "MASTER_PORT": "29544"}, capture_output=True, text=True,
@@ -111,7 +111,7 @@ def test_trainer_takes_criteo_tsv_days(tmp_path):
 
 @needs_criteo
 def test_a_criteo_conversion_is_reused_only_for_the_same_files(tmp_path):
-    from training.sources import criteo_data
+    from bahe.training.sources import criteo_data
 
     day = tmp_path / "day_0"
     day.write_bytes(CRITEO_SAMPLE.read_bytes())
@@ -132,7 +132,7 @@ def test_trainer_takes_torchrec_random_dataset(tmp_path):
 
 
 def test_text_arm_on_textless_data_is_refused(tmp_path):
-    from launchers.train import build_parser, config_from_args
+    from bahe.launchers.train import build_parser, config_from_args
 
     args = build_parser().parse_args(["--random-data", "--out", str(tmp_path), "--arm", "bahe", "--store",
                                       str(tmp_path)])

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.embeddings.store import BehaviourStore
+from bahe.launchers import components, submit
+from bahe.launchers.profiles import ProfileError, get_profile, load_profiles, parse_profile, render
 from torchx.runner import get_runner
 
-from ctr_data.parquet_io import SampleWriter
-from embeddings.store import BehaviourStore
-from launchers import components, submit
-from launchers.profiles import ProfileError, get_profile, load_profiles, parse_profile, render
 from tests.llm_fixtures import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_local_profile_request(tmp_path):
     (replica,) = info.request.role_params["evaluate"]
     options, module, args = torchrun_command(replica.args[1:])
     assert replica.args[0] == "bash" and options["--nnodes"] == "1" and options["--nproc_per_node"] == "2"
-    assert (module, args) == ("launchers.evaluate", ["--checkpoint", "runs/train", "--split", "test"])
+    assert (module, args) == ("bahe.launchers.evaluate", ["--checkpoint", "runs/train", "--split", "test"])
     assert replica.env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert replica.env["OMP_NUM_THREADS"] == "1" and info.request.log_dir.startswith(str(tmp_path))
 
@@ -114,7 +114,7 @@ def test_gpu_node_profile_renders_a_docker_request():
     options, module, args = torchrun_command(container.command[1:])
     assert options["--nnodes"] == "1" and options["--nproc_per_node"] == "8"
     assert options["--max_restarts"] == "1"  # a dead rank is restarted and resumes from the last checkpoint
-    assert (module, args) == ("launchers.train", TRAIN_MODULE_ARGS)
+    assert (module, args) == ("bahe.launchers.train", TRAIN_MODULE_ARGS)
     assert container.kwargs["nano_cpus"] == 64 * 10**9 and container.kwargs["mem_limit"] == "512000m"
     assert container.kwargs["environment"]["OMP_NUM_THREADS"] == "8"
     assert [(m["Source"], m["Target"]) for m in container.kwargs["mounts"]] == [("/data", "/data")]
@@ -136,7 +136,7 @@ def test_k8s_profile_renders_a_volcano_job():
         options, module, args = torchrun_command(container.command[1:])
         assert options["--nnodes"] == "4" and options["--nproc_per_node"] == "8"
         assert options["--rdzv_endpoint"].endswith(":29500")  # multi-node: rendezvous on the first pod
-        assert (module, args) == ("launchers.train", TRAIN_MODULE_ARGS)
+        assert (module, args) == ("bahe.launchers.train", TRAIN_MODULE_ARGS)
         env = {e.name: e.value for e in container.env}
         assert env["OMP_NUM_THREADS"] == "8" and env["NCCL_DEBUG"] == "WARN"
         assert any(v.persistent_volume_claim and v.persistent_volume_claim.claim_name == "bahe-data"
@@ -157,7 +157,7 @@ def test_slurm_profile_renders_an_sbatch_script(tmp_path):
         assert sbatch["gpus-per-task"] == "8" and sbatch["cpus-per-task"] == "64" and sbatch["ntasks-per-node"] == "1"
         options, module, args = torchrun_command(replica.args)
         assert options["--nnodes"] == "4" and options["--nproc_per_node"] == "8"
-        assert module == "embeddings.cli"
+        assert module == "bahe.embeddings.cli"
         assert args == ["build", "--store", "/shared/store", "--data", *data, "--device", "auto", "--quiet"]
     script = request.materialize()
     assert script.count("#SBATCH hetjob") == 3 and "--partition=gpu" in script and "srun " in script
@@ -166,7 +166,7 @@ def test_slurm_profile_renders_an_sbatch_script(tmp_path):
 def test_submit_dryrun_prints_the_request(capsys):
     assert submit.main(["--profile", "slurm", "--cfg", "partition=a100", "--dryrun", "train", "--", *TRAIN_ARGS]) == 0
     out = capsys.readouterr().out
-    assert "=== SCHEDULER REQUEST (slurm) ===" in out and "--partition=a100" in out and "-m launchers.train" in out
+    assert "=== SCHEDULER REQUEST (slurm) ===" in out and "--partition=a100" in out and "-m bahe.launchers.train" in out
 
 
 def test_train_restarts_are_a_component_argument():
@@ -188,7 +188,7 @@ def test_components_check_their_arguments():
     role = app.roles[0]
     assert role.name == "evaluate" and role.num_replicas == 2 and role.resource.gpu == 4
     assert role.env["OMP_NUM_THREADS"] == "4" and role.env["TOKENIZERS_PARALLELISM"] == "false"
-    assert torchrun_command(role.args)[1:] == ("launchers.evaluate", ["--split", "test"])
+    assert torchrun_command(role.args)[1:] == ("bahe.launchers.evaluate", ["--split", "test"])
 
 
 def test_plain_torchx_run_uses_torchxconfig():

@@ -7,10 +7,9 @@ import random
 from collections import defaultdict
 
 import pytest
-
-from ctr_data.movielens import MovieLensConfig, build_samples, wheel_source, write_movielens
-from ctr_data.parquet_io import SampleReader
-from ctr_data.schema import DataError
+from bahe.ctr_data.movielens import MovieLensConfig, build_samples, wheel_source, write_movielens
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import DataError
 
 
 @pytest.fixture(scope="module")

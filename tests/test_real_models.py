@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from embeddings.encoder import EncoderConfig, ShallowEncoder
-from embeddings.pretrained import resolve_model_dir, weights_sha256
+from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
+from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
-from training.safe_load import UnsafeCheckpointError, load_checkpoint
+from bahe.training.safe_load import UnsafeCheckpointError, load_checkpoint
 
 
 class RunsCode:

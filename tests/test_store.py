@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.embeddings.build import WORK, build_store
+from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
+from bahe.embeddings.store import LATEST, BehaviourStore, Expected, StoreError
+from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary, normalize_text
 
-from ctr_data.parquet_io import SampleWriter
-from embeddings.build import WORK, build_store
-from embeddings.encoder import EncoderConfig, ShallowEncoder
-from embeddings.store import LATEST, BehaviourStore, Expected, StoreError
-from embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary, normalize_text
 from tests.llm_fixtures import make_tiny_llama
 from tests.torchrun import torchrun
 
@@ -112,7 +112,7 @@ def test_store_for_another_model_k_or_dim_is_refused_before_training(tmp_path, t
     data = write_samples(tmp_path / "a.parquet", tiny_schema, [texts("Pay", 3)], ["T"])
     build_store(tmp_path / "s", [data], config(tiny_llama), show_progress=False)
     store = BehaviourStore.open(tmp_path / "s")
-    from embeddings.pretrained import weights_sha256
+    from bahe.embeddings.pretrained import weights_sha256
 
     store.check(Expected(model_sha256=weights_sha256(tiny_llama), k=2, dim=32, pooling="mean"))
     with pytest.raises(StoreError, match="model_sha256"):
@@ -155,7 +155,7 @@ def test_vocabulary_ids_are_stable_and_lookups_count_unknowns(tmp_path):
 
 
 def _encode_cli(root: Path, data: Path, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "embeddings.cli", "build", "--store", str(root), "--data", str(data),
+    return [sys.executable, "-m", "bahe.embeddings.cli", "build", "--store", str(root), "--data", str(data),
             "--model", str(model), "--k", "2", "--device", "cpu", "--batch-tokens", "64", "--chunk-texts", "8",
             "--quiet", *extra]
 
@@ -199,7 +199,7 @@ def test_two_ranks_under_torchrun_build_the_same_store(tmp_path, tiny_llama, tin
 
 
 def test_cli_info_verify_and_errors(tmp_path, tiny_llama, tiny_schema, capsys):
-    from embeddings.cli import main
+    from bahe.embeddings.cli import main
 
     data = write_samples(tmp_path / "a.parquet", tiny_schema, [texts("Pay", 4)], ["T"])
     assert main(_encode_cli(tmp_path / "s", data, tiny_llama)[3:]) == 0

@@ -10,9 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-
-from ctr_data.parquet_io import SampleReader
-from ctr_data.synthetic import (
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.synthetic import (
     SyntheticConfig,
     behaviour_vocabulary,
     build_world,

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
 
 def train(pipeline, data: Path, out: Path, *extra: str, port: int, ranks: int = 2, restarts: int = 0,
           env: dict | None = None) -> dict:
-    done = torchrun("-m", "launchers.train", "--data-dir", str(data), "--store", str(pipeline.store), "--llm", str(pipeline.llm),
+    done = torchrun("-m", "bahe.launchers.train", "--data-dir", str(data), "--store", str(pipeline.store), "--llm", str(pipeline.llm),
            "--out", str(out), "--batch-size", str(64 // ranks), "--embedding-dim", "16", "--dense-arch", "32", "16",
            "--over-arch", "32", "1", "--table-rows", "1000", "--max-behaviours", "6", "--dense-lr", "5e-3",
            "--llm-lr", "1e-3", "--warmup-steps", "5", "--log-every", "5",
@@ -143,7 +143,7 @@ def test_evaluate_rescores_the_latest_checkpoint(setup, full_run, tmp_path, rank
     world size that wrote it and on another one (DCP reshards the tables on load)."""
     pipeline, data, _ = setup
     expected, run = full_run
-    torchrun("-m", "launchers.evaluate", "--checkpoint", str(run), "--out", str(tmp_path), "--data-dir", str(data),
+    torchrun("-m", "bahe.launchers.evaluate", "--checkpoint", str(run), "--out", str(tmp_path), "--data-dir", str(data),
            "--store", str(pipeline.store), "--llm", str(pipeline.llm), "--embedding-dim", "16", "--dense-arch", "32",
            "16", "--over-arch", "32", "1", "--table-rows", "1000", "--max-behaviours", "6", "--batch-size", "32",
              port=29564, ranks=ranks)

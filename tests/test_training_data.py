@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.training.data import rank_tables
 
-from ctr_data.parquet_io import SampleWriter
 from tests.conftest import tiny_rows
-from training.data import rank_tables
 
 
 @pytest.fixture
@@ -78,8 +78,8 @@ def test_too_small_a_split_for_one_global_batch_is_refused(samples):
 
 def test_non_learned_floor_on_movielens(tmp_path):
     """The floor the demo must beat: item train positive rate + user recent positive rate."""
-    from ctr_data.movielens import MovieLensConfig, write_movielens
-    from training.baselines import non_learned_baseline
+    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+    from bahe.training.baselines import non_learned_baseline
 
     write_movielens(MovieLensConfig(max_history=2), tmp_path)
     floor = non_learned_baseline(tmp_path)

@@ -15,12 +15,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-
-from ctr_data.parquet_io import SampleWriter
-from ctr_data.schema import SampleSchema
-from embeddings.vocabulary import (
+from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.ctr_data.schema import SampleSchema
+from bahe.embeddings.vocabulary import (
     PAD_ID,
     RESERVED,
     UNKNOWN_ID,
@@ -29,6 +26,8 @@ from embeddings.vocabulary import (
     normalize_text,
     normalize_texts,
 )
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 # Texts: arbitrary Unicode (no lone surrogates: Arrow strings are UTF-8), plus a small alphabet of
 # troublemakers so that collisions under normalisation are frequent: whitespace kinds, a combining

@@ -6,15 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from bahe.model.bahe import BAHE, BAHETrain
+from bahe.model.batch import ITEM_TEXT_KEY, BaheBatch
+from bahe.model.warm_start import load_dlrm_weights
 from safetensors.torch import save_file
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-from model.bahe import BAHE, BAHETrain
-from model.batch import ITEM_TEXT_KEY, BaheBatch
-from model.warm_start import load_dlrm_weights
 
 D, DENSE_IN, TABLES = 4, 3, ("t_user", "t_item", "t_cat")
 ROWS = 12
@@ -93,9 +92,10 @@ def test_every_state_dict_flavour_and_file_format_loads(dlrm, tmp_path, flavour)
 @pytest.fixture(scope="module")
 def text_arch_factory(tmp_path_factory):
     """Builds a real BehaviourTextArch: a random 2-layer Llama's layer 1 over a random behaviour table."""
-    from model.behaviour_lookup import BehaviourLookup
-    from model.deep_layers import DeepLayerAggregator
-    from model.text_arch import BehaviourTextArch
+    from bahe.model.behaviour_lookup import BehaviourLookup
+    from bahe.model.deep_layers import DeepLayerAggregator
+    from bahe.model.text_arch import BehaviourTextArch
+
     from tests.llm_fixtures import make_tiny_llama
 
     llm = make_tiny_llama(tmp_path_factory.mktemp("warm") / "llm", layers=2, hidden=16)
@@ -196,9 +196,8 @@ def one_gloo_rank(tmp_path):
 
 def test_a_sharded_bahe_loads_a_sharded_dlrms_state_dict(dlrm, one_gloo_rank):
     """DMP on one gloo rank, table-wise: the DLRM's state dict holds ShardedTensors under ``model.``."""
+    from bahe.model.sharding import shard_model
     from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    from model.sharding import shard_model
 
     cpu, meta = torch.device("cpu"), torch.device("meta")
     sharded_dlrm = shard_model(DLRMTrain(DLRM(id_tables(device=meta), DENSE_IN, [8, D], [8, 1])), cpu,
@@ -222,9 +221,9 @@ def test_a_sharded_bahe_loads_a_sharded_dlrms_state_dict(dlrm, one_gloo_rank):
 def test_a_sharded_bahe_with_text_warm_starts_and_keeps_its_frozen_table(dlrm, text_arch_factory, one_gloo_rank):
     """torchrec's load hook of the sharded behaviour table wants its key: the warm start hands the
     table its own values, so it loads, the table is unchanged and the logits are the DLRM's."""
-    from model.behaviour_lookup import BehaviourLookup
-    from model.sharding import shard_model
-    from model.text_arch import BehaviourTextArch
+    from bahe.model.behaviour_lookup import BehaviourLookup
+    from bahe.model.sharding import shard_model
+    from bahe.model.text_arch import BehaviourTextArch
 
     cpu, meta = torch.device("cpu"), torch.device("meta")
     built = text_arch_factory()

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from bahe.embeddings.build import WORK, build_store
+from bahe.embeddings.store import LATEST, BehaviourStore, StoreWriteError
+from bahe.training.checkpoint import Checkpointer, CheckpointWriteError
 
-from embeddings.build import WORK, build_store
-from embeddings.store import LATEST, BehaviourStore, StoreWriteError
 from tests.llm_fixtures import make_tiny_llama
 from tests.model_fixtures import make_tiny_pipeline
 from tests.test_store import config, texts, vectors_by_text, write_samples
 from tests.torchrun import torchrun
-from training.checkpoint import Checkpointer, CheckpointWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -56,8 +56,8 @@ NO_CHMOD = "this user writes into a chmod 0o500 folder anyway (root); the file-i
 # a build_store call whose outcome is printed as JSON (stdout is a pipe: not subject to the file size limit)
 BUILD = """
 import json, sys
-from embeddings.build import build_store
-from embeddings.encoder import EncoderConfig
+from bahe.embeddings.build import build_store
+from bahe.embeddings.encoder import EncoderConfig
 root, data, model, chunk = sys.argv[1:]
 try:
     build_store(root, [data], EncoderConfig(model=model, k=2, device="cpu", batch_tokens=64), chunk_texts=int(chunk),
@@ -166,7 +166,7 @@ def test_bahe_encode_reports_a_full_disk_in_one_line(tmp_path, tiny_llama, refre
     one line that names the chunk file and the reason, no traceback, no partial file left behind."""
     root, _, day2 = refresh
     before = snapshot(root)
-    cmd = [sys.executable, "-m", "embeddings.cli", "build", "--store", str(root), "--data", str(day2), "--model",
+    cmd = [sys.executable, "-m", "bahe.embeddings.cli", "build", "--store", str(root), "--data", str(day2), "--model",
            str(tiny_llama), "--k", "2", "--device", "cpu", "--batch-tokens", "64", "--chunk-texts", "8", "--quiet"]
     failed = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
                             preexec_fn=file_size_limit(800))
@@ -239,7 +239,7 @@ def test_refresh_on_a_really_full_filesystem(tmp_path, tiny_llama, tiny_schema, 
 
 def test_a_store_folder_that_cannot_be_a_folder(tmp_path, tiny_llama, capsys):
     """The store path is a file, or lies under one (what an unwritable folder is for root): one clear line."""
-    from embeddings.cli import main
+    from bahe.embeddings.cli import main
 
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
@@ -277,7 +277,7 @@ def test_a_failed_latest_write_unpublishes_the_new_version(tmp_path, tiny_llama,
     as v000002 again from the kept chunks."""
     import errno
 
-    import embeddings.build as build
+    import bahe.embeddings.build as build
 
     root, _, day2 = refresh
     before = snapshot(root)
@@ -414,7 +414,7 @@ def test_a_failed_latest_write_leaves_the_previous_checkpoint_current(tmp_path, 
     (it would only take space) and the previous one stays LATEST."""
     import errno
 
-    import training.checkpoint as checkpoint
+    import bahe.training.checkpoint as checkpoint
 
     module, optimizer = plain_state()
     checkpointer = Checkpointer(tmp_path / "ckpt")
@@ -441,9 +441,8 @@ def test_a_failed_latest_write_leaves_the_previous_checkpoint_current(tmp_path, 
 def test_a_failure_that_is_not_a_write_error_is_not_dressed_as_one(tmp_path, monkeypatch):
     """Only OSErrors become CheckpointWriteError ('free space ...'); a bug surfaces as DCP raised it. The
     partial folder goes either way."""
+    import bahe.training.checkpoint as checkpoint
     import torch.distributed.checkpoint as dcp
-
-    import training.checkpoint as checkpoint
 
     module, optimizer = plain_state()
     checkpointer = Checkpointer(tmp_path / "ckpt")
@@ -461,7 +460,7 @@ def test_a_failure_that_is_not_a_write_error_is_not_dressed_as_one(tmp_path, mon
 
 def test_a_latest_naming_a_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     """Restarting from step 0 when LATEST names a folder that is gone would silently throw a run away."""
-    from training.checkpoint import Checkpointer
+    from bahe.training.checkpoint import Checkpointer
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+from bahe.ctr_data.parquet_io import SampleReader
 from torchmetrics.functional.classification import binary_auroc
-
-from ctr_data.parquet_io import SampleReader
 
 
 def non_learned_baseline(data_dir: Path, recent: int = 20) -> dict[str, float]:

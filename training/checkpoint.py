@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-
-from embeddings.store import write_text_atomic
-from training.faults import inject_fault
-from training.safe_load import load_checkpoint
+from bahe.embeddings.store import write_text_atomic
+from bahe.training.faults import inject_fault
+from bahe.training.safe_load import load_checkpoint
 
 FROZEN_MARKER = "embeddings.behaviours."
 

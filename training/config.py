@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.config import BaheModelConfig
+from bahe.model.config import BaheModelConfig
 
 
 @dataclass(frozen=True)

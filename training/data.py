@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.parquet_io import SampleReader
 
 
 def _training_stream(reader: SampleReader, seed: int, shuffle: bool, skip_rows: int = 0) -> Iterator[pa.Table]:

@@ -16,19 +16,18 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from bahe.model.bahe import BAHETrain
+from bahe.model.behaviour_lookup import load_store_rows
+from bahe.model.factory import build_model
+from bahe.model.sharding import shard_model
+from bahe.training.checkpoint import Checkpointer
+from bahe.training.config import TrainConfig
+from bahe.training.faults import inject_fault
+from bahe.training.metrics import CtrMetrics
+from bahe.training.optimizers import attach_sparse_optimizer, build_optimizer
+from bahe.training.sources import ParquetData, RandomData, criteo_data
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-from model.bahe import BAHETrain
-from model.behaviour_lookup import load_store_rows
-from model.factory import build_model
-from model.sharding import shard_model
-from training.checkpoint import Checkpointer
-from training.config import TrainConfig
-from training.faults import inject_fault
-from training.metrics import CtrMetrics
-from training.optimizers import attach_sparse_optimizer, build_optimizer
-from training.sources import ParquetData, RandomData, criteo_data
 
 
 def setup_distributed(preference: str) -> tuple[int, int, torch.device]:

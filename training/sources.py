@@ -1,7 +1,7 @@
 """Where the trainer's batches come from: sample Parquet splits, Criteo TSV day files, or torchrec's
 random dataset -- the three inputs a dlrm_main user brings.
 
-Every source gives the model's :class:`~ctr_data.schema.SampleSchema` and two streams per rank:
+Every source gives the model's :class:`~bahe.ctr_data.schema.SampleSchema` and two streams per rank:
 
 * ``train(...)``: endless ``Batch`` objects of ``batch_size`` rows (equal on every rank);
 * ``evaluate(split, ...)``: ``(batch, real_rows)`` pairs covering a split once (rows past
@@ -20,14 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed as dist
+from bahe.ctr_data.criteo import criteo_schema, write_criteo_splits
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import SampleSchema
+from bahe.embeddings.store import write_text_atomic
+from bahe.model.dense_features import DenseNormalizer
+from bahe.training.data import batches, eval_batches
 from torchrec.datasets.random import RandomRecDataset
-
-from ctr_data.criteo import criteo_schema, write_criteo_splits
-from ctr_data.parquet_io import SampleReader
-from ctr_data.schema import SampleSchema
-from embeddings.store import write_text_atomic
-from model.dense_features import DenseNormalizer
-from training.data import batches, eval_batches
 
 SPLITS = ("train", "valid", "test")
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.checkpoint import Checkpointer, CheckpointWriteError, without_frozen  # noqa: E402
+from bahe.training.checkpoint import Checkpointer, CheckpointWriteError, without_frozen  # noqa: E402
 
 
 def limit_file_size(limit: int) -> None:
@@ -64,13 +64,13 @@ def _sha(tensor: torch.Tensor) -> str:
 
 
 def bahe(llm: str, data: str, store_root: str, seed: int):
-    from model.bahe import BAHETrain
-    from model.behaviour_lookup import load_store_rows
-    from model.factory import build_model
-    from model.sharding import shard_model
+    from bahe.model.bahe import BAHETrain
+    from bahe.model.behaviour_lookup import load_store_rows
+    from bahe.model.factory import build_model
+    from bahe.model.sharding import shard_model
     from tests.model_fixtures import TinyPipeline
-    from training.config import OptimConfig
-    from training.optimizers import attach_sparse_optimizer, build_optimizer
+    from bahe.training.config import OptimConfig
+    from bahe.training.optimizers import attach_sparse_optimizer, build_optimizer
 
     pipeline = TinyPipeline(Path(llm), Path(data), Path(store_root))
     optim = OptimConfig(warmup_steps=2)

@@ -34,11 +34,11 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ctr_data.criteo import iter_criteo_tsv  # noqa: E402
-from model.bahe import BAHE, BAHETrain  # noqa: E402
-from model.batch import SampleBatcher, id_feature_names  # noqa: E402
-from model.behaviour_lookup import load_store_rows  # noqa: E402
-from model.factory import build_model  # noqa: E402
+from bahe.ctr_data.criteo import iter_criteo_tsv  # noqa: E402
+from bahe.model.bahe import BAHE, BAHETrain  # noqa: E402
+from bahe.model.batch import SampleBatcher, id_feature_names  # noqa: E402
+from bahe.model.behaviour_lookup import load_store_rows  # noqa: E402
+from bahe.model.factory import build_model  # noqa: E402
 from tests.model_fixtures import TinyPipeline  # noqa: E402
 
 BATCH, DIM, ROWS = 8, 8, 1000
@@ -58,7 +58,7 @@ class PipelineLog(logging.Handler):
 def criteo_batches(tsv: Path, rank: int, world: int) -> tuple[list[Batch], list[str]]:
     """Plain torchrec Batches of this rank (dense B x 13, KJT of c1..c26, labels B)."""
     table = next(iter_criteo_tsv(tsv))
-    from ctr_data.criteo import criteo_schema
+    from bahe.ctr_data.criteo import criteo_schema
 
     schema = criteo_schema()
     keys = [k for k in id_feature_names(schema) if k.startswith("cat_")]  # Criteo has no user / item id
@@ -118,7 +118,7 @@ def train_and_score(dmp, optimizer, batches: list, log: PipelineLog) -> dict:
 
 def bahe_with_text(pipeline: TinyPipeline, rank: int, world: int, log: PipelineLog) -> dict:
     """BAHE with a text arch and BaheBatch (behaviours beside dense / sparse) through the same loop."""
-    from model.sharding import shard_model
+    from bahe.model.sharding import shard_model
 
     torch.manual_seed(0)
     model, batcher, store = build_model(pipeline.config(), pipeline.schema, device=torch.device("meta"))

@@ -24,10 +24,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from model.bahe import BAHETrain  # noqa: E402
-from model.behaviour_lookup import BEHAVIOUR_TABLE, load_store_rows  # noqa: E402
-from model.factory import build_model  # noqa: E402
-from model.sharding import shard_model  # noqa: E402
+from bahe.model.bahe import BAHETrain  # noqa: E402
+from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, load_store_rows  # noqa: E402
+from bahe.model.factory import build_model  # noqa: E402
+from bahe.model.sharding import shard_model  # noqa: E402
 from tests.model_fixtures import TinyPipeline  # noqa: E402
 
 
