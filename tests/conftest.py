@@ -13,15 +13,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from bahe.ctr_data.schema import SampleSchema  # noqa: E402
 
-
-def shared_file(relative: str) -> Path:
-    """A file of the project's shared folder (``shared/`` beside the checkout, or $BAHE_SHARED, or
-    /work/shared); the first that exists, else the first candidate (tests skip on a missing file)."""
-    root = Path(__file__).resolve().parents[1]
-    candidates = [Path(os.environ["BAHE_SHARED"])] if os.environ.get("BAHE_SHARED") else []
-    candidates += [root.parent / "shared", Path("/work/shared")]
-    paths = [c / relative for c in candidates]
-    return next((p for p in paths if p.is_file()), paths[0])
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CRITEO_SAMPLE = FIXTURES / "criteo" / "sample.tsv"  # 115 real Criteo rows (see its SOURCE.md)
 
 
 @pytest.fixture

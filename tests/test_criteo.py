@@ -24,9 +24,7 @@ from bahe.ctr_data.schema import DataError, SampleSchema
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import shared_file
-
-SAMPLE = shared_file("data/criteo/sample.tsv")
+from tests.conftest import CRITEO_SAMPLE as SAMPLE
 
 
 # Independent reference: plain Python, one line at a time -------------------------------------------

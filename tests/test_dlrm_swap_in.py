@@ -22,13 +22,11 @@ from bahe.ctr_data.criteo import write_criteo_splits
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import DataError
 
-from tests.conftest import shared_file
+from tests.conftest import CRITEO_SAMPLE
 from tests.model_fixtures import make_tiny_pipeline
 from tests.torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
-CRITEO_SAMPLE = shared_file("data/criteo/sample.tsv")
-needs_criteo = pytest.mark.skipif(not CRITEO_SAMPLE.is_file(), reason=f"{CRITEO_SAMPLE} is not here")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,6 @@ def swap(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@needs_criteo
 @pytest.mark.integration
 def test_dlrm_main_loop_trains_bahe_exactly_like_dlrm(swap):
     for rank in swap:
@@ -53,7 +50,6 @@ def test_dlrm_main_loop_trains_bahe_exactly_like_dlrm(swap):
         assert dlrm["losses"][-1] < dlrm["losses"][0]
 
 
-@needs_criteo
 @pytest.mark.integration
 def test_every_sharded_module_is_pipelined(swap):
     for rank in swap:
@@ -65,7 +61,6 @@ def test_every_sharded_module_is_pipelined(swap):
                    for m in rank["bahe_text"]["pipeline_log"])
 
 
-@needs_criteo
 def test_criteo_days_split_like_dlrm_main(tmp_path):
     lines = CRITEO_SAMPLE.read_text().splitlines(keepends=True)
     days = []
@@ -100,7 +95,6 @@ def _train(args: list[str], out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-@needs_criteo
 @pytest.mark.integration
 def test_trainer_takes_criteo_tsv_days(tmp_path):
     metrics = _train(["--criteo-tsv", str(CRITEO_SAMPLE), "--batch-size", "8", "--drop-id-features", "user_id",
@@ -109,7 +103,6 @@ def test_trainer_takes_criteo_tsv_days(tmp_path):
     assert (tmp_path / "run" / "data" / "train.parquet").is_file()  # converted once, into OUT/data
 
 
-@needs_criteo
 def test_a_criteo_conversion_is_reused_only_for_the_same_files(tmp_path):
     from bahe.training.sources import criteo_data
 
