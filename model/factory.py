@@ -13,7 +13,7 @@ from bahe.embeddings.store import BehaviourStore, Expected
 from bahe.model.bahe import BAHE
 from bahe.model.batch import ITEM_TEXT_KEY, SampleBatcher, id_feature_names
 from bahe.model.behaviour_lookup import BehaviourLookup
-from bahe.model.config import BaheModelConfig
+from bahe.model.config import BaheModelConfig, TextConfig
 from bahe.model.deep_layers import DeepLayerAggregator
 from bahe.model.dense_features import DenseNormalizer
 from bahe.model.text_arch import BehaviourTextArch
@@ -44,14 +44,37 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
         ebc = id_tables(config, schema, device)
         return BAHE(ebc, len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                     list(config.arch.over_arch_layer_sizes), dense_device=_dense(device)), batcher, None
-    sequences = text.sequences or schema.sequences
+    sequences = _sequences(text, schema)
+    if text.arm == "token_level":
+        return _token_level(config, schema, sequences, table_sizes, resolve_model_dir(text.llm), device,
+                            dense_normalizer)
+    text_arch, store = build_text_arch(text, schema, config.tables.embedding_dim, device=device)
+    model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
+                 list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
+    batcher = SampleBatcher(schema, table_sizes, store.vocabulary, tuple(sequences), text.max_behaviours,
+                            dense_normalizer=dense_normalizer)
+    return model, batcher, store
+
+
+def _sequences(text: TextConfig, schema: SampleSchema) -> tuple[str, ...]:
+    """The sequence types the text arch reads (all of the data's by default), checked against the data."""
+    sequences = tuple(text.sequences or schema.sequences)
     unknown = [s for s in sequences if s not in schema.sequences]
     if unknown or not sequences:
         raise ValueError(f"TextConfig.sequences {list(sequences)}: the data has sequence types "
                          f"{list(schema.sequences)}; unknown: {unknown}")
+    return sequences
+
+
+def build_text_arch(text: TextConfig, schema: SampleSchema, embedding_dim: int, *,
+                    device: torch.device | str | None = None) -> tuple[BehaviourTextArch, BehaviourStore]:
+    """BAHE's text arch alone (the store as a frozen table, the LLM's deep layers, the projections to D),
+    for a trainer that builds its own ID tables and BAHE, as dlrm_main does (examples/dlrm_main_text.py).
+    The store is checked against the LLM and k first. Returns (text arch, store); load the store's rows
+    with :func:`bahe.model.behaviour_lookup.load_store_rows` after DistributedModelParallel."""
+    device = torch.device(device) if device is not None else None
+    sequences = _sequences(text, schema)
     model_dir = resolve_model_dir(text.llm)
-    if text.arm == "token_level":
-        return _token_level(config, schema, sequences, table_sizes, model_dir, device, dense_normalizer)
     store = BehaviourStore.open(text.store)
     k = text.k if text.k is not None else int(store.manifest["encoder"]["k"])
     store.check(Expected(model_sha256=weights_sha256(model_dir), k=k))
@@ -60,12 +83,7 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
                              {**dict.fromkeys(keys, text.max_behaviours), ITEM_TEXT_KEY: 1}, device=device)
     aggregator = DeepLayerAggregator(model_dir, k, text.deep_layers, pooling=text.pooling, attention=text.attention,
                                      gradient_checkpointing=text.gradient_checkpointing, precision=text.llm_precision)
-    text_arch = BehaviourTextArch(lookup, aggregator, keys, config.tables.embedding_dim)
-    model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
-                 list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
-    batcher = SampleBatcher(schema, table_sizes, store.vocabulary, tuple(sequences), text.max_behaviours,
-                            dense_normalizer=dense_normalizer)
-    return model, batcher, store
+    return BehaviourTextArch(lookup, aggregator, keys, embedding_dim), store
 
 
 def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table_sizes, model_dir, device,

@@ -12,6 +12,9 @@ data_parallel for a small one, and torchrec 1.8's data-parallel EmbeddingCollect
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE
@@ -19,15 +22,42 @@ from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+# For a trainer with its own planner (dlrm_main): keep the behaviour table off data_parallel (see above)
+BEHAVIOUR_TABLE_CONSTRAINTS = {BEHAVIOUR_TABLE: ParameterConstraints(sharding_types=["table_wise", "row_wise",
+                                                                                     "column_wise"])}
 
 
 def _behaviour_table(module: nn.Module) -> nn.Parameter | None:
     """The behaviour table's weight, or None for a model without text (the DLRM-only arm)."""
     return next((p for n, p in module.named_parameters() if n.endswith(f"embeddings.{BEHAVIOUR_TABLE}.weight")), None)
+
+
+# torchrec's heuristic: parameters + optimiser state (~2x) + DDP buffers (~3x) per dense parameter byte
+DENSE_BYTES_PER_PARAMETER_BYTE = 6
+
+
+def dense_tensor_estimate(module: nn.Module) -> int:
+    """Bytes each rank needs for the replicated (dense) part: the deep LLM layers, MLPs and projections,
+    their AdamW state and DDP buffers. Counted from shapes, so it is right on ``meta`` too (torchrec's
+    own estimate is not, and warns about it)."""
+    tables = {id(p) for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+              for p in m.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in tables)
+    return DENSE_BYTES_PER_PARAMETER_BYTE * dense
+
+
+def topology(world: int, device: torch.device):
+    """The launch's topology through torchrec's TopologyFactory: ``world`` ranks, LOCAL_WORLD_SIZE of
+    them per host (torchrun sets it; a 2x1 launch is 2 hosts of 1 rank)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local),
+                                           kernel_config=KernelConfig(compute_device=device.type))
 
 
 def sharders() -> list:
@@ -66,9 +96,11 @@ def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: 
         if table is not None else {}
     if id_sharding:
         constraints.update({name: ParameterConstraints(sharding_types=[id_sharding]) for name in id_tables})
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world, compute_device=device.type, local_world_size=world),
-        batch_size=batch_size, constraints=constraints)
+    with warnings.catch_warnings():  # its constructor warns to pass an estimate, which we do
+        warnings.simplefilter("ignore", FutureWarning)
+        reservation = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=dense_tensor_estimate(module))
+    planner = EmbeddingShardingPlanner(topology=topology(world, device), batch_size=batch_size,
+                                       constraints=constraints, storage_reservation=reservation)
     pg = dist.GroupMember.WORLD if dist.is_initialized() else None
     plan = planner.collective_plan(module, sharders(), pg) if pg is not None else planner.plan(module, sharders())
     return DistributedModelParallel(module, device=device, plan=plan, sharders=sharders())

@@ -4,6 +4,7 @@ theirs."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -48,9 +49,14 @@ def test_the_installed_environment_imports_bahe_beside_a_users_own_model_py(tmp_
 
 @pytest.mark.integration
 def test_a_built_wheel_holds_only_the_bahe_namespace_and_imports_beside_a_users_model_py(tmp_path):
-    wheels = tmp_path / "wheels"
+    source, wheels = tmp_path / "source", tmp_path / "wheels"
+    source.mkdir()  # build from a copy: building in the checkout would leave build/ and *.egg-info there
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("bahe", *PACKAGES):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                            str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600)
+                            str(wheels), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = wheels.glob("bahe_torchrec-*.whl")
     with zipfile.ZipFile(wheel) as archive:
