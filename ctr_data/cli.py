@@ -5,6 +5,10 @@
   bahe-data synthetic --out data/synth.parquet --samples 1000000
   bahe-data criteo --out data/criteo.parquet day_0.tsv [day_1.tsv ...]
   bahe-data summary data/ml-100k/*.parquet
+
+--out names a folder for movielens and a .parquet file for synthetic and criteo. Existing files there
+are replaced, and only once the new ones are complete: a failed run (bad input, a full disk) leaves
+them as they were and no partial file behind.
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ def _print_summary(paths: list[Path], as_json: bool) -> None:
 
     summary = summarize(paths)
     print(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """--out must be a folder (or new) for movielens, and not a folder for the commands writing one file."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    if args.command == "movielens" and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; movielens writes train/valid/test.parquet into a folder: name a "
+                         "folder (new or existing)")
+    if args.command != "movielens" and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; {args.command} writes one .parquet file: name it, e.g. --out "
+                         f"{out / f'{args.command}.parquet'} (an existing file is replaced once the new one is complete)")
 
 
 def _movielens(args: argparse.Namespace) -> list[Path]:
@@ -59,14 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ml = sub.add_parser("movielens", help="MovieLens-100K -> train/valid/test.parquet (time-ordered 8:1:1 split)")
-    ml.add_argument("--out", type=Path, required=True, help="output folder")
+    ml.add_argument("--out", type=Path, required=True, help="output folder (existing splits there are replaced)")
     ml.add_argument("--source", type=Path, default=None,
                     help="a GroupLens ml-100k/ folder (u.data, u.item, u.user); default: the installed wheel")
     ml.add_argument("--max-history", type=int, default=50, help="most recent titles kept per sequence (default 50)")
     ml.set_defaults(run=_movielens)
 
     syn = sub.add_parser("synthetic", help="industrial-like textual behaviours with a planted click rule")
-    syn.add_argument("--out", type=Path, required=True, help="output .parquet file")
+    syn.add_argument("--out", type=Path, required=True, help="output .parquet file (an existing one is replaced once the new one is complete)")
     d = SyntheticConfig  # its class attributes are the defaults
     syn.add_argument("--users", type=int, help=f"number of users (default {d.num_users})")
     syn.add_argument("--items", type=int, help=f"number of items (default {d.num_items})")
@@ -82,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cr = sub.add_parser("criteo", help="Criteo TSV day files (DLRM layout) -> one .parquet, no text sequences")
     cr.add_argument("inputs", type=Path, nargs="+", help="TSV day files, in time order")
-    cr.add_argument("--out", type=Path, required=True, help="output .parquet file")
+    cr.add_argument("--out", type=Path, required=True, help="output .parquet file (an existing one is replaced once the new one is complete)")
     cr.set_defaults(run=_criteo)
 
     sm = sub.add_parser("summary", help="print the summary of existing sample files")
@@ -92,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bahe.ctr_data.parquet_io import SampleWriteError
+
     args = build_parser().parse_args(argv)
     try:
+        _check_out(args)
         paths = args.run(args)
         _print_summary(paths, args.json)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, SampleWriteError, FileNotFoundError, ValueError) as err:
         print(f"bahe-data: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.ctr_data.parquet_io import SampleWriter, publish_together
 from bahe.ctr_data.schema import DataError, SampleSchema
 
 NUM_DENSE = 13
@@ -329,11 +329,12 @@ def write_criteo_splits(paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
         train_end, valid_end = int(total * 0.8), int(total * 0.9)
     if not 0 < train_end < valid_end < total:
         raise DataError(f"{total} rows cannot fill train, valid and test (each needs rows)", path=paths[-1])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # each SampleWriter makes it, or names what is in the way
     bounds = {"train": (0, train_end), "valid": (train_end, valid_end), "test": (valid_end, total)}
-    writers = {name: SampleWriter(out_dir / f"{name}.parquet", criteo_schema()) for name in bounds}
+    writers: dict[str, SampleWriter] = {}
     try:
+        for name in bounds:
+            writers[name] = SampleWriter(out_dir / f"{name}.parquet", criteo_schema())
         row = 0
         for path in paths:
             for table in iter_criteo_tsv(path, block_size=block_size, first_timestamp=row):
@@ -346,4 +347,4 @@ def write_criteo_splits(paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
         for writer in writers.values():
             writer.abort()
         raise
-    return {name: writer.close() for name, writer in writers.items()}
+    return publish_together(writers)  # all three or none replace older splits there

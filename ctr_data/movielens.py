@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.ctr_data.parquet_io import SampleWriter, publish_together
 from bahe.ctr_data.schema import DataError, SampleSchema
 
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -267,12 +267,18 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
 
 
 def write_movielens(config: MovieLensConfig, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``train/valid/test.parquet`` under ``out_dir``; returns their paths."""
+    """Write ``train/valid/test.parquet`` under ``out_dir``; returns their paths. The three appear
+    together: after a failure (a full disk) none of the older splits there is replaced."""
     out = Path(out_dir)
     schema = movielens_schema(config)
-    paths = {}
-    for split, table in build_samples(config).items():
-        with SampleWriter(out / f"{split}.parquet", schema) as writer:
-            writer.write(table)
-        paths[split] = writer.path
-    return paths
+    tables = build_samples(config)
+    writers: dict[str, SampleWriter] = {}
+    try:
+        for split, table in tables.items():
+            writers[split] = SampleWriter(out / f"{split}.parquet", schema)
+            writers[split].write(table)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return publish_together(writers)

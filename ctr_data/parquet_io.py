@@ -3,107 +3,51 @@
 * :class:`SampleWriter` appends batches as row groups; it writes to a temporary name beside the
   target and renames it into place only when closed without error, so a crash or a bad row never
   leaves a half-written file under the real name.
-* :class:`SampleReader` opens a file, checks its columns against the schema it carries and yields
-  validated record batches, so a 50M-row file never has to fit in memory.
+* :class:`SampleReader` opens a file, checks its columns against the schema it carries (each once,
+  each of exactly the type :class:`SampleWriter` writes) and yields validated record batches, so a
+  50M-row file never has to fit in memory.
 
 Every check raises :class:`~bahe.ctr_data.schema.DataError` naming the file, the row (0-based, counted
-over the whole file) and the field.
+over the whole file) and the field. A write that fails (a full disk, an unwritable folder) raises
+:class:`SampleWriteError` naming the file and the reason; nothing is left under the target name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from bahe.ctr_data.schema import DENSE_PREFIX, LABEL, DataError, SampleSchema
+from bahe.ctr_data.schema import DataError, SampleSchema
+from bahe.ctr_data.validation import duplicated_names, is_floating_type, is_integer_type, same_type, validate_batch
+
+__all__ = ["SampleReader", "SampleWriteError", "SampleWriter", "publish_together", "validate_batch"]
 
 
-def _is_integer(dtype: pa.DataType) -> bool:
-    return pa.types.is_integer(dtype) or (pa.types.is_list(dtype) and pa.types.is_integer(dtype.value_type))
+class SampleWriteError(ValueError):
+    """Writing a sample file failed (a full disk, an unwritable folder, a folder at the target): the
+    message names the file and the reason; no partial file is left and an older file at the target is
+    intact. The OSError is its ``__cause__``. A ValueError, like ``StoreWriteError``: every command
+    reports it in one line."""
 
 
-def _is_floating(dtype: pa.DataType) -> bool:
-    return pa.types.is_floating(dtype) or (pa.types.is_list(dtype) and pa.types.is_floating(dtype.value_type))
-
-
-def _first_true(mask: pa.Array | pa.ChunkedArray) -> int:
-    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))[0])
-
-
-def _first_uncastable(values: pa.Array, target: pa.DataType) -> int:
-    for i in range(len(values)):
-        try:
-            values.take([i]).cast(target)  # take, not slice: a sliced list still casts all its values
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            return i
-    return 0
-
-
-def validate_batch(batch: pa.RecordBatch | pa.Table, schema: SampleSchema, *, path: object, row_offset: int) -> pa.Table:
-    """Check and cast one batch to ``schema``; returns it as a Table with the exact Arrow schema.
-
-    Raises DataError for a missing column, a value of the wrong type, a null, a label outside
-    {0, 1} or a non-finite dense value (NaN, +-inf, or a float64 beyond the float32 range), naming
-    the row (``row_offset`` + index) and the field. Every check is one vectorised kernel over the
-    column; only a batch already known to be bad is searched for its first bad row. Columns the
-    schema lacks are ignored here (a reader selects its columns); :class:`SampleWriter` refuses them.
-    """
-    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-    target = schema.arrow_schema()
-    missing = [name for name in target.names if name not in table.column_names]
-    if missing:
-        extra = [name for name in table.column_names if name not in target.names]
-        hint = f"; the data has column(s) the schema lacks, a typo? {extra}" if extra else ""
-        raise DataError(f"missing column(s) {missing}; the schema needs {target.names}{hint}", path=path,
-                        field=missing[0])
-    columns = []
-    for fld in target:
-        col = given = table.column(fld.name).combine_chunks()
-        if not col.type.equals(fld.type):
-            try:
-                col = col.cast(fld.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
-                row = _first_uncastable(col, fld.type)
-                raise DataError(
-                    f"value {col[row].as_py()!r} is not {fld.type} ({err})",
-                    path=path, row=row_offset + row, field=fld.name,
-                ) from None
-        if col.null_count:
-            raise DataError("missing value (null); use an empty list / empty text / 0 instead",
-                            path=path, row=row_offset + _first_true(col.is_null()), field=fld.name)
-        if pa.types.is_list(fld.type):
-            flat = col.flatten()
-            if flat.null_count:
-                owners = pc.list_parent_indices(col)
-                bad = owners[_first_true(flat.is_null())].as_py()
-                raise DataError("null element inside a list", path=path, row=row_offset + bad, field=fld.name)
-        if fld.name == LABEL:
-            bad_label = pc.invert(pc.is_in(col, pa.array([0, 1], pa.int8())))
-            if pc.any(bad_label).as_py():
-                row = _first_true(bad_label)
-                raise DataError(f"label must be 0 or 1, got {col[row].as_py()}", path=path,
-                                row=row_offset + row, field=fld.name)
-        if fld.name.startswith(DENSE_PREFIX):
-            not_finite = pc.invert(pc.is_finite(col))
-            if pc.any(not_finite).as_py():
-                row = _first_true(not_finite)
-                value = given[row].as_py()
-                why = " (beyond the float32 range)" if isinstance(value, (int, float)) and np.isfinite(value) else ""
-                raise DataError(f"dense value must be finite, got {value!r}{why}; replace NaN / inf (e.g. by 0, "
-                                "the missing-value convention) before writing", path=path, row=row_offset + row,
-                                field=fld.name)
-        columns.append(col)
-    return pa.Table.from_arrays(columns, schema=target)
+def _reason(err: OSError) -> str:
+    if err.errno is None:
+        return str(err)
+    return f"{os.strerror(err.errno)} ({errno.errorcode.get(err.errno, err.errno)})"
 
 
 class SampleWriter:
     """Write validated sample batches to ``path`` atomically.
+
+    An existing file at ``path`` is replaced, and only once the new file is complete; a failed write
+    (bad data, a full disk) leaves it as it was and no partial file behind.
 
     Example::
 
@@ -118,12 +62,42 @@ class SampleWriter:
         self.schema = schema
         self.rows_written = 0
         self._row_group_size = row_group_size
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        self._writer = pq.ParquetWriter(self._partial, schema.arrow_schema(), compression=compression)
+        self._writer: pq.ParquetWriter | None = None
+        self._finished = False
+        if self.path.is_dir():
+            raise SampleWriteError(f"cannot write sample file {self.path}: it is a folder; name a .parquet file "
+                                   f"(e.g. {self.path / 'samples.parquet'})")
+        blocking = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise SampleWriteError(f"cannot write sample file {self.path}: {blocking} is a file, not a folder; "
+                                   "write elsewhere, or move that file away")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._partial, schema.arrow_schema(), compression=compression)
+        except OSError as err:
+            raise self._failed(err) from err
+
+    def _discard(self) -> None:
+        """Close the Parquet writer, whatever state it is in, and remove the partial file."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError):  # closing after a failed write may fail again (the same full disk)
+                writer.close()
+        with contextlib.suppress(OSError):  # its folder is not a folder: there is no partial file
+            self._partial.unlink(missing_ok=True)
+
+    def _failed(self, err: OSError) -> SampleWriteError:
+        """Drop the partial file; the error to raise, naming the file, the reason and what is left."""
+        self._discard()
+        kept = "the older file there is intact" if self.path.is_file() else "nothing was written there"
+        return SampleWriteError(f"cannot write sample file {self.path}: {_reason(err)}; no partial file is left and "
+                                f"{kept}. Free some space or write elsewhere, then run again")
 
     def write(self, batch: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> None:
         """Validate and append a batch (an Arrow table / batch or a dict of columns)."""
+        if self._writer is None or self._finished:
+            raise ValueError(f"SampleWriter for {self.path} is closed")
         if isinstance(batch, Mapping):
             batch = self._table_from_columns(batch)
         target = self.schema.arrow_schema().names
@@ -132,7 +106,10 @@ class SampleWriter:
             raise DataError(f"column(s) {extra} are not in the schema {target}; add them to the SampleSchema or "
                             "drop them before writing", path=self.path, field=extra[0])
         table = validate_batch(batch, self.schema, path=self.path, row_offset=self.rows_written)
-        self._writer.write_table(table, row_group_size=self._row_group_size)
+        try:
+            self._writer.write_table(table, row_group_size=self._row_group_size)
+        except OSError as err:
+            raise self._failed(err) from err
         self.rows_written += table.num_rows
 
     def _table_from_columns(self, columns: Mapping[str, Any]) -> pa.Table:
@@ -146,7 +123,7 @@ class SampleWriter:
                 arrays[name] = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
                 continue
             dtype = target.field(name).type
-            if _is_integer(dtype) or pa.types.is_list(dtype):
+            if is_integer_type(dtype) or pa.types.is_list(dtype):
                 # pa.array(values, type=...) would truncate 0.5 to 0 in an integer column and turn the
                 # text "abc" into the list ["a", "b", "c"] in a list column, without a word
                 try:
@@ -161,7 +138,7 @@ class SampleWriter:
                         raise DataError(f"value {values[row]!r} is not a list ({dtype}); put a single value in a "
                                         "list, and a missing one as []", path=self.path,
                                         row=self.rows_written + row, field=name)
-                if inferred is not None and _is_floating(inferred.type):
+                if inferred is not None and is_floating_type(inferred.type):
                     arrays[name] = inferred  # validate_batch casts it safely: 1.0 -> 1, but 1.5 is refused
                     continue
             try:
@@ -176,16 +153,32 @@ class SampleWriter:
                 raise
         return pa.table(arrays)
 
+    def finish(self) -> None:
+        """Write the footer into the partial file, not yet under the real name (several files that must
+        appear together finish all first, then :meth:`close` each)."""
+        if self._finished:
+            return
+        if self._writer is None:
+            raise ValueError(f"SampleWriter for {self.path} was aborted")
+        try:
+            self._writer.close()
+        except OSError as err:
+            raise self._failed(err) from err
+        self._finished = True
+
     def close(self) -> Path:
-        """Finish the file and move it to its real name."""
-        self._writer.close()
-        os.replace(self._partial, self.path)
+        """Finish the file and move it to its real name (replacing an older file there)."""
+        self.finish()
+        try:
+            os.replace(self._partial, self.path)
+        except OSError as err:
+            raise self._failed(err) from err
+        self._writer = None
         return self.path
 
     def abort(self) -> None:
         """Drop everything written so far; the real name is left untouched."""
-        self._writer.close()
-        self._partial.unlink(missing_ok=True)
+        self._discard()
 
     def __enter__(self) -> SampleWriter:
         return self
@@ -197,15 +190,37 @@ class SampleWriter:
             self.abort()
 
 
+def publish_together(writers: Mapping[str, SampleWriter]) -> dict[str, Path]:
+    """Finish several files, then move each to its real name: a failure while any is written (a full
+    disk) leaves none of them replaced. Every writer is aborted on an error."""
+    try:
+        for writer in writers.values():
+            writer.finish()
+        return {name: writer.close() for name, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+
+
 class SampleReader:
     """Open a sample file and stream validated batches.
+
+    A file must hold each of its schema's columns once and of exactly the type :class:`SampleWriter`
+    writes (a file from another tool with an int ``item_text`` or ``list<int64>`` sequences is refused,
+    not cast to text); columns the schema lacks are not read.
+
+    Args:
+        path: the sample file.
+        nonnegative_ids: ID columns (``user_id``, ``item_id``, ``cat_<name>``) whose ids must be >= 0
+            (what the trainer's batcher needs): a negative one is refused naming the file's row.
 
     Attributes:
         schema: the :class:`SampleSchema` stored in the file.
         num_rows: rows in the file (from the Parquet footer; nothing is read).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, nonnegative_ids: Collection[str] = ()):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError("no such sample file", path=self.path)
@@ -215,16 +230,33 @@ class SampleReader:
             raise DataError(f"not a readable Parquet file ({err})", path=self.path) from None
         arrow_schema = self._file.schema_arrow
         self.schema = SampleSchema.from_arrow(arrow_schema, path=self.path)
+        twice = duplicated_names(arrow_schema.names)
+        if twice:
+            raise DataError(f"column(s) {twice} appear more than once in the file; a sample file has each column "
+                            "once: rewrite it without the copies", path=self.path, field=twice[0])
         missing = [n for n in self.schema.arrow_schema().names if n not in arrow_schema.names]
         if missing:
             raise DataError(f"missing column(s) {missing}", path=self.path, field=missing[0])
+        for expected in self.schema.arrow_schema():
+            found = arrow_schema.field(expected.name).type
+            if not same_type(found, expected.type):
+                raise DataError(f"found type {found}, expected {expected.type} (the schema's type): a sample "
+                                "file holds exactly the types SampleWriter writes: rewrite the file with "
+                                "bahe.ctr_data.parquet_io.SampleWriter (it converts and checks the values)",
+                                path=self.path, field=expected.name)
+        ids = ["user_id", "item_id", *self.schema.categorical_columns]
+        unknown = [name for name in nonnegative_ids if name not in ids]
+        if unknown:
+            raise ValueError(f"nonnegative_ids {unknown} are not ID columns of {self.path}, which has {ids}")
+        self.nonnegative_ids = tuple(nonnegative_ids)
         self.num_rows = self._file.metadata.num_rows
 
     def iter_batches(self, batch_size: int = 65_536) -> Iterator[pa.Table]:
         """Yield validated tables of at most ``batch_size`` rows, in file order."""
         offset = 0
         for batch in self._file.iter_batches(batch_size=batch_size, columns=self.schema.arrow_schema().names):
-            yield validate_batch(batch, self.schema, path=self.path, row_offset=offset)
+            yield validate_batch(batch, self.schema, path=self.path, row_offset=offset,
+                                 nonnegative=self.nonnegative_ids)
             offset += batch.num_rows
 
     @property
@@ -239,7 +271,7 @@ class SampleReader:
         """One row group, validated (row numbers in errors count over the whole file)."""
         offset = sum(self._file.metadata.row_group(i).num_rows for i in range(index))
         table = self._file.read_row_group(index, columns=self.schema.arrow_schema().names)
-        return validate_batch(table, self.schema, path=self.path, row_offset=offset)
+        return validate_batch(table, self.schema, path=self.path, row_offset=offset, nonnegative=self.nonnegative_ids)
 
     def read_all(self) -> pa.Table:
         """The whole file as one validated table (small files and tests only)."""

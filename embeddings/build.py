@@ -1,15 +1,18 @@
 """Build or refresh a behaviour store: encode only what the store has not seen, crash-safely.
 
-``build_store(root, sample_files, EncoderConfig(...))``:
+``build_store(root, sample_files, EncoderConfig(...))``, holding the store's lock
+(``<root>/.lock``, :mod:`bahe.embeddings.folder_lock`) from step 1 to publishing: a second build of the
+same store is refused at once, naming the first (PID, host, start time), and touches nothing.
 
 1. counts every normalised text of the sample files (sequences and item texts);
 2. opens the LATEST version as the parent (if any), refuses a parent built by another model, k,
    pooling, dtype or token settings, and extends its vocabulary: old ids stay, new texts append;
 3. splits the new texts into chunks of ``chunk_texts`` ids; rank r of a torchrun launch encodes
    chunks r, r + world, ...; each finished chunk is saved under ``<root>/.work/<version>/`` by an
-   atomic rename, so a killed run resumes where it stopped and never re-encodes a finished chunk;
+   atomic rename, so a killed run resumes where it stopped and never re-encodes a finished chunk
+   (the folder holds one plan's chunks: another plan's are parked beside it, never mixed in);
 4. rank 0 assembles the parent's rows (copied unchanged) and the chunks into a new version
-   directory, writes checksums and the manifest, renames the directory into place and only then
+   directory, writes checksums and the manifest (with a digest of itself), renames the directory into place and only then
    moves ``LATEST``. A crash at any point leaves the previous version intact and current.
 
 A write that fails (a full disk, an unwritable folder) raises :class:`StoreWriteError` naming the file,
@@ -36,11 +39,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from bahe.embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
+from bahe.embeddings.folder_lock import rank0_folder_lock
 from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
 from bahe.embeddings.store import (
     FORMAT,
     LATEST,
     MANIFEST,
+    MANIFEST_DIGEST,
     VECTORS,
     VOCAB,
     BehaviourStore,
@@ -49,6 +54,7 @@ from bahe.embeddings.store import (
     StoreWriteError,
     file_sha256,
     latest_version,
+    manifest_digest,
     version_name,
     write_bytes_atomic,
     write_text_atomic,
@@ -57,6 +63,7 @@ from bahe.embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_text
 from tqdm import tqdm
 
 WORK = ".work"
+STORE_BUSY = "store {folder} is being built by {holder}; wait for it or use another store"
 _ENCODER_FIELDS_THAT_CHANGE_VECTORS = ("k", "pooling", "dtype", "max_tokens", "batch_tokens", "fixed_shapes")
 
 
@@ -137,19 +144,52 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     write_bytes_atomic(path, serialized.getbuffer())
 
 
+def _plan_digest(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_plan(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _prepare_work_dir(work: Path, plan: dict, rank: int) -> None:
-    """Reuse an interrupted build's chunks only if it planned exactly this build."""
+    """``work`` (``.work/<version>``) holds the chunks of exactly this plan, so an interrupted build of the
+    same plan resumes from them. A build of another plan found there is parked whole as
+    ``.work/<version>-<its plan digest>``, never deleted or mixed in, and comes back when its plan runs
+    again. Rank 0 does this under the store's lock: no other build runs meanwhile."""
     if rank == 0:
         plan_path = work / "plan.json"
-        if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
-            with _writing(work, "remove the stale build"):
-                shutil.rmtree(work)  # a stale build of other data or settings
+        found = _read_plan(plan_path)
+        if work.is_dir() and found != plan:
+            if found is None:  # made, but its plan never written: no chunk can be in it
+                with _writing(work, "remove the unplanned build folder"):
+                    shutil.rmtree(work)
+            else:
+                parked = work.with_name(f"{work.name}-{_plan_digest(found)}")
+                with _writing(parked, "park the build of another plan in"):
+                    shutil.rmtree(parked, ignore_errors=True)
+                    os.replace(work, parked)
+        ours = work.with_name(f"{work.name}-{_plan_digest(plan)}")
+        if not work.exists() and ours.is_dir():
+            with _writing(work, "resume the parked build in"):
+                os.replace(ours, work)
         with _writing(work, "create"):
             work.mkdir(parents=True, exist_ok=True)
         if not plan_path.is_file():
             with _writing(plan_path):
                 write_text_atomic(plan_path, json.dumps(plan, indent=2, sort_keys=True))
     _barrier()
+
+
+def _drop_dead_work(root: Path, published: str) -> None:
+    """Once ``published`` is LATEST, a build planned for it or an earlier version can never be resumed
+    (a new build plans the next version on the new parent): remove its folder, parked or not."""
+    for folder in (root / WORK).glob("v[0-9]*"):
+        if folder.is_dir() and folder.name[:7] <= published:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _encode_chunks(work: Path, texts: list[str], config: EncoderConfig, chunk_texts: int, rank: int, world: int,
@@ -261,6 +301,7 @@ def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | Non
             vocab.save(staging / VOCAB)
         manifest["files"] = {name: {"sha256": file_sha256(staging / name), "bytes": (staging / name).stat().st_size}
                              for name in (VECTORS, VOCAB)}
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)  # covers every field, the checksums included
         with _writing(staging / MANIFEST):
             write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         final = root / version
@@ -278,7 +319,7 @@ def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | Non
             os.replace(final, staging)
             shutil.rmtree(staging, ignore_errors=True)
         raise StoreWriteError(f"cannot write {root / LATEST}: {_reason(err)}") from err
-    shutil.rmtree(work, ignore_errors=True)  # the version is published: a leftover here is only wasted space
+    _drop_dead_work(root, version)  # the version is published: a leftover here is only wasted space
 
 
 def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], config: EncoderConfig, *,
@@ -292,6 +333,12 @@ def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], 
     with _writing(root, "create the store folder"):
         root.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
+    with rank0_folder_lock(root, STORE_BUSY):  # one build per store, from planning to publishing
+        return _plan_encode_publish(root, sample_files, config, chunk_texts, show_progress, rank, world)
+
+
+def _plan_encode_publish(root: Path, sample_files: list[str | os.PathLike], config: EncoderConfig, chunk_texts: int,
+                         show_progress: bool, rank: int, world: int) -> BuildReport:
     model_dir = resolve_model_dir(config.model)
     sha = weights_sha256(model_dir)
     identity = _encoder_identity(config)

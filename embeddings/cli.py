@@ -7,7 +7,9 @@
 
 `build` under torchrun splits the encoding across ranks:
   torchrun --nproc_per_node 2 -m bahe.embeddings.cli build --store ... --data ...
-An interrupted build resumes from its finished chunks when run again with the same arguments.
+An interrupted build resumes from its finished chunks when run again with the same arguments. One
+build per store at a time: a second is refused at once (exit 2), naming the first's PID and host.
+`info`, `verify` and every reader refuse an edited manifest and files linked from outside the store.
 """
 
 from __future__ import annotations

@@ -5,14 +5,20 @@ Layout::
     <root>/
       LATEST                  name of the newest complete version (replaced atomically)
       v000001/
-        manifest.json         model identity and weights hash, k, pooling, dtype, dim, rows, parent, checksums
+        manifest.json         model identity and weights hash, k, pooling, dtype, dim, rows, parent, checksums,
+                              and manifest_sha256: a digest of all of that, checked at every open
         vocab.parquet         id, text, count (bahe.embeddings.vocabulary)
         vectors.npy           rows x dim float32; row i is the vector of vocabulary id i
       v000002/ ...            a refresh: the rows of its parent, unchanged, then the new texts
       .work/                  unfinished builds (bahe.embeddings.build); never read as a store
+      .lock                   held by the build writing the store (bahe.embeddings.folder_lock)
 
 A version directory appears under its real name only when complete, and ``LATEST`` moves only
-after that, so a crash leaves the previous version intact and current.
+after that, so a crash leaves the previous version intact and current. Every file is read only if it
+lies inside the store folder once links are resolved.
+
+Stores written before manifests carried ``manifest_sha256`` still open (their files' checksums are
+still checked by ``verify``), but ``verify`` refuses them: rebuild such a store to cover its manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import numpy as np
 from bahe.embeddings.vocabulary import BehaviourVocabulary
 
 FORMAT = "bahe-behaviour-store/1"
+MANIFEST_DIGEST = "manifest_sha256"
+NPY_MAGIC = b"\x93NUMPY"
 MANIFEST, VOCAB, VECTORS, LATEST = "manifest.json", "vocab.parquet", "vectors.npy", "LATEST"
 
 
@@ -54,6 +62,22 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys, no spaces), its own digest field left out."""
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def inside(path: Path, root: Path) -> Path:
+    """``path`` with links resolved, refused unless it lies inside ``root`` (itself resolved): a link in
+    a store may point within it, never out of it."""
+    real = Path(path).resolve()
+    if not real.is_relative_to(Path(root).resolve()):
+        raise StoreError(f"{path} is a link to {real}, outside the store folder {root}: a store reads only its "
+                         "own files; replace the link by the file itself, or rebuild the store with bahe-encode")
+    return real
 
 
 def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
@@ -95,10 +119,27 @@ def latest_version(root: Path) -> str | None:
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
+    inside(pointer, root)
     name = check_version_name(pointer.read_text().strip(), pointer)
     if not (Path(root) / name / MANIFEST).is_file():
         raise StoreError(f"{pointer} names {name!r}, which is not a complete version; restore it or delete LATEST")
     return name
+
+
+def _load_vectors(path: Path) -> np.ndarray:
+    """Memory-map a plain float .npy; anything else (not a .npy, pickled objects) is refused, never unpickled."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(NPY_MAGIC))
+    except OSError as err:
+        raise StoreError(f"cannot read {path}: {err}; rebuild this version with bahe-encode") from None
+    if head != NPY_MAGIC:
+        raise StoreError(f"{path} is not a NumPy .npy file (starts with {head!r}); rebuild this version with "
+                         "bahe-encode")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:  # e.g. pickled objects: refused, never unpickled
+        raise StoreError(f"{path} is not a plain float array ({err}); rebuild this version with bahe-encode") from None
 
 
 @dataclass(frozen=True)
@@ -129,23 +170,31 @@ class BehaviourStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise StoreError(f"{self.path} is not a behaviour store version (no {MANIFEST}); build one with bahe-encode")
+        for name in ("", MANIFEST, VECTORS, VOCAB):  # the version folder and its files: no link out of the store
+            inside(self.path / name, self.path.parent)
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
             raise StoreError(f"{manifest_path} is corrupt: {err}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise StoreError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else self.manifest
+            raise StoreError(f"{manifest_path}: format {found!r}, expected {FORMAT!r}")
+        self._check_manifest_digest(manifest_path)
         self.rows_count = int(self.manifest["rows"])
         self.dim = int(self.manifest["dim"])
-        try:
-            self._vectors = np.load(self.path / VECTORS, mmap_mode="r", allow_pickle=False)
-        except ValueError as err:  # e.g. pickled objects: refused, never unpickled
-            raise StoreError(f"{self.path / VECTORS} is not a plain float array ({err}); rebuild this version "
-                             "with bahe-encode") from None
+        self._vectors = _load_vectors(self.path / VECTORS)
         if self._vectors.shape != (self.rows_count, self.dim) or self._vectors.dtype != np.float32:
             raise StoreError(f"{self.path / VECTORS} holds {self._vectors.shape} {self._vectors.dtype}, the manifest "
                              f"says ({self.rows_count}, {self.dim}) float32: the store is corrupt; rebuild it")
         self._vocab: BehaviourVocabulary | None = None
+
+    def _check_manifest_digest(self, manifest_path: Path) -> None:
+        """An edited manifest (k, dim, a checksum, any field) no longer matches its digest: refused."""
+        recorded = self.manifest.get(MANIFEST_DIGEST)
+        if recorded is not None and recorded != manifest_digest(self.manifest):
+            raise StoreError(f"{manifest_path} was changed after the store was written (its {MANIFEST_DIGEST} does "
+                             "not match its contents), so its k, dim and checksums cannot be trusted; restore the "
+                             "file or rebuild the store with bahe-encode")
 
     @classmethod
     def open(cls, root: str | os.PathLike, version: str | None = None) -> BehaviourStore:
@@ -185,9 +234,14 @@ class BehaviourStore:
                              f"bahe-encode for this config, or point the config at the matching store")
 
     def verify(self) -> None:
-        """Recompute every file checksum (reads everything; for audits, not for each load)."""
+        """Recompute every file checksum (reads everything; for audits, not for each load), and refuse a
+        manifest that no digest covers (a store written before manifests carried one)."""
         for name, meta in self.manifest["files"].items():
-            actual = file_sha256(self.path / name)
+            actual = file_sha256(inside(self.path / name, self.path.parent))
             if actual != meta["sha256"]:
                 raise StoreError(f"{self.path / name}: checksum {actual[:12]}... does not match the manifest's "
                                  f"{meta['sha256'][:12]}...; the file changed after the store was written")
+        if MANIFEST_DIGEST not in self.manifest:
+            raise StoreError(f"{self.path / MANIFEST} carries no {MANIFEST_DIGEST}: the store was written before "
+                             "manifests were checksummed (or the field was removed), so an edit of its k, dim or "
+                             "checksums would go unnoticed; rebuild the store with bahe-encode to cover it")

@@ -4,7 +4,8 @@
       --data-dir runs/demo/data --store runs/demo/store [the model flags the run was trained with]
 
 The model flags (arm, dims, layers, ...) must be those of the training run: the checkpoint holds
-weights, not the architecture. The run is restored exactly as a resumed training would be, nothing
+weights, not the architecture. Those left out default to the run's record (<run>/run_config.json);
+one given that differs is refused, naming it. The run is restored exactly as a resumed training would be, nothing
 is trained, and the metrics go to <out>/evaluation.json (default: <run>/evaluation/; the run's own
 metrics.json and TensorBoard logs are left as they are).
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from bahe.launchers.train import build_parser, config_from_args, quiet_library_d
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_deprecations()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     parser.prog, parser.description = "bahe-evaluate", __doc__
     parser.add_argument("--checkpoint", type=Path, required=True, help="the training run folder (its --out)")
@@ -29,32 +33,50 @@ def main(argv: list[str] | None = None) -> int:
             action.required = False
     args = parser.parse_args(argv)
     run = args.checkpoint
-    latest = run / "checkpoints" / "LATEST"
-    if not latest.is_file():
-        print(f"bahe-evaluate: error: {run} holds no checkpoint (no checkpoints/LATEST); pass a training run's --out",
-              file=sys.stderr)
-        return 2
-    step = int(latest.read_text().strip().split("-")[-1])
-    target = args.out or run / "evaluation"
-    args.out = target
+    from bahe.training.checkpoint import Checkpointer
+    from bahe.training.run_record import apply_record, check_resume
+
     try:
-        config = dataclasses.replace(config_from_args(args), steps=step, eval_every=0, checkpoint_every=0,
-                                     checkpoint_dir=run / "checkpoints")
+        latest = Checkpointer(run / "checkpoints").latest()  # a damaged LATEST: one line, below
+        if latest is None:
+            raise FileNotFoundError(f"{run} holds no checkpoint (no checkpoints/LATEST); pass a training run's --out")
+        apply_record(args, argv, run)  # model flags left out default to the run's run_config.json
+        args.out = args.out or run / "evaluation"
+        config = dataclasses.replace(config_from_args(args), steps=int(latest.name.split("-")[-1]), eval_every=0,
+                                     checkpoint_every=0, checkpoint_dir=run / "checkpoints")
+        check_resume(config)  # model flags given that differ from the run's: refused
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-evaluate: error: {err}", file=sys.stderr)
         return 2
     from bahe.training.loop import run_training
 
-    summary = run_training(config)  # restores step `step` of `step`: evaluation only
+    fresh = not args.out.exists()
+    try:
+        summary = run_training(config)  # restores step `step` of `step`: evaluation only
+    except (ValueError, FileNotFoundError) as err:  # a damaged or foreign checkpoint: one line on every rank
+        if fresh and os.environ.get("RANK", "0") == "0":  # the folder the run's lock made: nothing left behind
+            _remove_if_only_a_lock(args.out)
+        if os.environ.get("BAHE_TRACEBACK"):
+            raise
+        print(f"bahe-evaluate: error: {err} (BAHE_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        result = {"checkpoint": str(run), "step": step, "valid": summary["valid"], "test": summary["test"]}
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "evaluation.json").write_text(json.dumps(result, indent=2))
+        result = {"checkpoint": str(run), "step": config.steps, "valid": summary["valid"], "test": summary["test"]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "evaluation.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
     dist.destroy_process_group()
     return 0
+
+
+def _remove_if_only_a_lock(folder: Path) -> None:
+    try:
+        if {p.name for p in folder.iterdir()} <= {".lock"}:
+            shutil.rmtree(folder)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k", type=int, default=None, help="shallow layers (default: the store's)")
     t.add_argument("--deep-layers", type=int, default=None, help="trainable deep layers (default: all the rest)")
     t.add_argument("--max-behaviours", type=int, default=50, help="M: most recent behaviours per sequence")
+    t.add_argument("--max-unknown-rate", type=float, default=0.05,
+                   help="refuse to start when more than this share of the train split's first texts is not in the "
+                        "store, i.e. the store was built for other data (default 0.05)")
     t.add_argument("--max-user-tokens", type=int, default=2048, help="token budget per user of the token-level arm")
     t.add_argument("--pooling", choices=POOLINGS, default="mean")
     t.add_argument("--attention", choices=ATTENTIONS, default="causal")
@@ -104,6 +107,7 @@ def config_from_args(args: argparse.Namespace):
                        optim=optim, batch_size=args.batch_size,
                        steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at,
+                       max_unknown_text_rate=args.max_unknown_rate,
                        shuffle=not args.no_shuffle, standardize_dense=not args.no_dense_standardize, seed=args.seed,
                        device=args.device)
 
@@ -121,18 +125,26 @@ def _feature_rows(pairs: list[str]) -> dict[str, int]:
 def quiet_library_deprecations() -> None:
     """torch / torchrec deprecation notices (ShardedTensor, fx tracing, DDP arguments) are not the
     user's to act on; every other warning still shows."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # torchmetrics' own indexing inside its all-gather (a torch deprecation it must fix, not the user)
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # the is_fx_tracing notice
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_deprecations()
     args = build_parser().parse_args(argv)
+    from bahe.training.run_record import check_out_folder, check_resume
+
     try:
+        check_out_folder(args.out)  # before anything is written under it
         config = config_from_args(args)
+        check_resume(config)  # a resume with other model flags than its checkpoint's is refused
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-train: error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ batches, vectorised:
 * ID features ``user_id``, ``item_id`` and every ``cat_<name>``: hashed ``id % num_embeddings``.
   An id at or beyond its table's rows is NOT an error: it shares a row with the ids equal to it
   modulo the table size (the hashing trick, DLRM's convention for Criteo's 40M-id features); such
-  ids are counted. A negative id is an error naming the feature and the row of the batch;
+  ids are counted. A negative id is an error naming the feature and the row of the batch (the
+  trainer's reader, ``SampleReader(nonnegative_ids=...)``, refuses it first, naming the file and its row);
 * behaviours: each sequence's texts -> store ids. Empty texts carry nothing and are dropped
   (counted); a text the store has not encoded -> the reserved unknown row (counted); of the rest,
   the ``max_behaviours`` most recent are kept, oldest first (the older ones dropped are counted);
@@ -43,7 +44,9 @@ ITEM_TEXT_KEY = "item_text"
 
 @dataclass
 class BaheBatch(Batch):
-    """torchrec's Batch plus ``behaviour_features`` (KJT of store ids; None for the DLRM-only arm)."""
+    """torchrec's Batch plus ``behaviour_features`` (KJT of store ids; None for the DLRM-only arm). Labels are
+    int32 (B), as torchrec's Criteo loader gives them: a two-class AUROC takes them as they are, and the
+    train wrappers cast them to float for the loss."""
 
     behaviour_features: KeyedJaggedTensor | None = None
 
@@ -225,7 +228,7 @@ class SampleBatcher:
         return BaheBatch(
             dense_features=torch.from_numpy(dense),
             sparse_features=self._id_features(table),
-            labels=torch.from_numpy(table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.float32)),
+            labels=torch.from_numpy(table.column(LABEL).to_numpy(zero_copy_only=False).astype(np.int32)),
             behaviour_features=self._behaviour_features(table) if self.vocabulary is not None else None,
         )
 

@@ -123,7 +123,7 @@ def test_sample_file_empty_gives_no_rows_and_no_dense_statistics(tmp_path, tiny_
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 40), data=st.data(), value=st.sampled_from([math.nan, math.inf, -math.inf, 1e39]),
+@given(n=st.integers(1, 40), data=st.data(), value=st.sampled_from([math.nan, math.inf, -math.inf]),
        group=st.integers(1, 16), batch=st.integers(1, 16))
 def test_sample_file_property_any_non_finite_dense_is_found_at_its_row(n, data, value, group, batch):
     """Property (reader): whatever the row, row-group size and read batch size, a non-finite dense
@@ -132,7 +132,7 @@ def test_sample_file_property_any_non_finite_dense_is_found_at_its_row(n, data, 
     bad = data.draw(st.integers(0, n - 1))
     rows = tiny_rows(n)
     table = tiny_table(tiny_schema, rows).set_column(
-        5, "dense_age", pa.array([value if i == bad else 1.0 for i in range(n)], pa.float64()))
+        5, "dense_age", pa.array([value if i == bad else 1.0 for i in range(n)], pa.float32()))
     table = table.replace_schema_metadata(tiny_schema.arrow_schema().metadata)
     with tempfile.TemporaryDirectory() as tmp:
         pq.write_table(table, Path(tmp) / "s.parquet", row_group_size=group)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from bahe.embeddings.store import write_text_atomic
 from bahe.training.faults import inject_fault
+from bahe.training.run_record import write_record
 from bahe.training.safe_load import load_checkpoint
 
 FROZEN_MARKER = "embeddings.behaviours."
@@ -98,8 +99,9 @@ def merge_into(target: dict, loaded: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, run_config=None):
         self.directory = Path(directory)
+        self.run_config = run_config  # a TrainConfig: its model flags are recorded beside each checkpoint
         self.rows_seen = 0  # the data position of the restored checkpoint (0 for a fresh run)
 
     def _is_rank0(self) -> bool:
@@ -179,6 +181,8 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             try:
+                if self.run_config is not None:  # before LATEST: never a current checkpoint without its record
+                    write_record(self.directory.parent, self.run_config)
                 write_text_atomic(self.directory / "LATEST", name + "\n")
             except OSError:
                 if self._latest_name() != name:  # complete but not current: only in the way

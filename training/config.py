@@ -54,11 +54,15 @@ class TrainConfig:
         batch_size: samples per rank per step.
         steps: optimisation steps (the data repeats in epochs if needed).
         eval_every: evaluate on valid every this many steps (0: only at the end).
-        eval_batches: cap on valid batches per evaluation (None: the whole split).
+        eval_batches: cap on valid batches per evaluation, >= 1 (None: the whole split).
         checkpoint_every: save a checkpoint every this many steps (0: only at the end).
         log_every: steps between TensorBoard points.
         stop_at: end THIS invocation after this step (with a checkpoint), e.g. to fit a cluster's
-            time limit; the next invocation resumes there. The schedule still spans ``steps``.
+            time limit; the next invocation resumes there. The schedule still spans ``steps``. >= 1
+            (None: run to ``steps``).
+        max_unknown_text_rate: refuse to start (training/preflight.py) when more than this fraction of
+            the texts (behaviours and item texts) in the first rows of the train split are not in the
+            behaviour store: a store built for other data (BAHE arm only; 0..1).
         standardize_dense: z-score the log1p'd dense features with train statistics (model/dense_features.py).
         shuffle: shuffle the train split (seeded; default). False trains in file (time) order.
         seed: model initialisation and data order.
@@ -79,6 +83,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     stop_at: int | None = None
+    max_unknown_text_rate: float = 0.05
     standardize_dense: bool = True
     shuffle: bool = True
     seed: int = 0
@@ -92,6 +97,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: batch_size and steps must be >= 1, got {self.batch_size}, {self.steps}")
         if min(self.eval_every, self.checkpoint_every) < 0 or self.log_every < 1:
             raise ValueError("TrainConfig: eval_every and checkpoint_every must be >= 0, log_every >= 1")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"TrainConfig.eval_batches={self.eval_batches}: evaluation needs at least 1 batch; "
+                             "give --eval-batches N >= 1, or leave it out to evaluate the whole valid split")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ValueError(f"TrainConfig.stop_at={self.stop_at}: --stop-at N ends this invocation after step N, "
+                             "so N must be >= 1; leave it out to train all --steps")
+        if not 0.0 <= self.max_unknown_text_rate <= 1.0:
+            raise ValueError(f"TrainConfig.max_unknown_text_rate={self.max_unknown_text_rate}: give a fraction in "
+                             "[0, 1] (--max-unknown-rate 0.05 refuses a store missing over 5% of the data's texts)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         object.__setattr__(self, "criteo_tsv", tuple(Path(p) for p in self.criteo_tsv))

@@ -59,7 +59,7 @@ def _global_batches(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]
 
 
 def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bool, skip_rows: int = 0,
-                seed: int = 0, shuffle: bool = True) -> Iterator[tuple[pa.Table, int]]:
+                seed: int = 0, shuffle: bool = True, id_columns: tuple[str, ...] = ()) -> Iterator[tuple[pa.Table, int]]:
     """Yield (table of exactly ``batch_size`` rows, number of real rows in it) for this rank.
 
     Args:
@@ -68,8 +68,10 @@ def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bo
         skip_rows: training rows to skip first (resuming at a data position: steps x batch x ranks
             of the run that saved it, whatever the world size now).
         seed: the training order's seed (the same on every rank).
+        id_columns: ID columns whose ids must be >= 0 (the batcher's): a negative one is refused naming
+            the file and its row, before rows are shuffled into batches.
     """
-    reader = SampleReader(path)
+    reader = SampleReader(path, nonnegative_ids=id_columns)
     size = batch_size * world
     if train and reader.num_rows < size:
         raise ValueError(f"{path} has {reader.num_rows} rows, fewer than one global batch ({batch_size} x {world} "
@@ -84,9 +86,12 @@ def rank_tables(path: Path, batch_size: int, rank: int, world: int, *, train: bo
 
 def batches(path: Path, batcher: Callable, batch_size: int, rank: int, world: int, **kw) -> Iterator:
     """Training batches (see :func:`rank_tables`)."""
-    return (batcher(table) for table, _ in rank_tables(path, batch_size, rank, world, train=True, **kw))
+    ids = tuple(getattr(batcher, "id_features", ()))
+    return (batcher(table) for table, _ in rank_tables(path, batch_size, rank, world, train=True, id_columns=ids, **kw))
 
 
 def eval_batches(path: Path, batcher: Callable, batch_size: int, rank: int, world: int) -> Iterator:
     """(batch, real rows) pairs covering the split once; rows past ``real`` are padding."""
-    return ((batcher(table), real) for table, real in rank_tables(path, batch_size, rank, world, train=False))
+    ids = tuple(getattr(batcher, "id_features", ()))
+    return ((batcher(table), real) for table, real in rank_tables(path, batch_size, rank, world, train=False,
+                                                                   id_columns=ids))

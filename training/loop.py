@@ -23,8 +23,10 @@ from bahe.model.sharding import shard_model
 from bahe.training.checkpoint import Checkpointer
 from bahe.training.config import TrainConfig
 from bahe.training.faults import inject_fault
+from bahe.training.health import check_loss
 from bahe.training.metrics import CtrMetrics
 from bahe.training.optimizers import attach_sparse_optimizer, build_optimizer
+from bahe.training.preflight import preflight
 from bahe.training.sources import ParquetData, RandomData, criteo_data
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -111,11 +113,27 @@ def segment_ends(config: TrainConfig, start: int) -> list[int]:
     return sorted(e for e in ends if e > start)
 
 
+RUN_BUSY = ("run folder {folder} is being written by {holder}: another bahe-train is training into it; wait for "
+            "it or pass another --out")
+
+
 def run_training(config: TrainConfig) -> dict:
+    """:func:`_train` holding the run folder's lock (rank 0; every rank fails together if another process
+    holds it). A restarted torchrun attempt waits up to 30 s for the dead attempt's rank 0 to let go."""
+    from bahe.embeddings.folder_lock import rank0_folder_lock
+
+    setup_distributed(config.device)
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    with rank0_folder_lock(config.out_dir, RUN_BUSY, wait_s=30.0 if restarted else 0.0):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict:
     """Train, evaluate and checkpoint; returns the final metrics (on every rank)."""
     rank, world, device = setup_distributed(config.device)
     torch.manual_seed(config.seed)
     source = open_source(config, rank)
+    preflight(config, source, world)  # every split, texts vs store: before the model or any file
     normalizer = source.dense_normalizer() if config.standardize_dense else None
     model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"),
                                         dense_normalizer=normalizer)
@@ -124,7 +142,7 @@ def run_training(config: TrainConfig) -> dict:
     if store is not None:
         load_store_rows(dmp, store)
     optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
-    checkpointer = Checkpointer(config.checkpoint_dir)
+    checkpointer = Checkpointer(config.checkpoint_dir, run_config=config)  # records the model flags too
     start = checkpointer.restore(dmp, optimizer, schedulers)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
     data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip_rows=checkpointer.rows_seen,
@@ -142,6 +160,7 @@ def run_training(config: TrainConfig) -> dict:
             begin, wait_before = time.perf_counter(), data.wait
             loss, logits, labels = pipeline.progress(segment)
             step += 1
+            check_loss(loss, step, checkpointer)  # NaN / inf: stop before it is saved
             inject_fault(rank, step)
             for scheduler in schedulers:
                 scheduler.step()
