@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        print(json.dumps({k: summary[k] for k in ("steps", "stopped_at", "valid", "test") if k in summary}))
+        shown = ("steps", "stopped_at", "resumed_from_step", "steps_run", "valid", "test")
+        print(json.dumps({k: summary[k] for k in shown if k in summary}))
     dist.destroy_process_group()
     return 0
 

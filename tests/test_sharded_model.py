@@ -27,7 +27,7 @@ def results(tmp_path_factory):
     out = root / "out"
     out.mkdir()
     torchrun(ROOT / "tests" / "dist" / "sharded_bahe_worker.py", pipeline.llm, pipeline.data, pipeline.store,
-             ",".join(SHARDINGS), out, port=29541)
+             ",".join(SHARDINGS), out)
     return {(s, r): json.loads((out / f"{s}-rank{r}.json").read_text()) for s in SHARDINGS for r in (0, 1)}
 
 

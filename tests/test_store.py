@@ -192,7 +192,7 @@ def test_killed_encode_resumes_without_reencoding_and_matches_scratch(tmp_path, 
 def test_two_ranks_under_torchrun_build_the_same_store(tmp_path, tiny_llama, tiny_schema):
     """torchrun with 2 ranks splits the chunks between them; the store equals a 1-process build."""
     data = write_samples(tmp_path / "a.parquet", tiny_schema, [texts("Pay", 60)], ["T", ][:1])
-    torchrun(*_encode_cli(tmp_path / "ranks", data, tiny_llama)[1:], port=29531, timeout=300)
+    torchrun(*_encode_cli(tmp_path / "ranks", data, tiny_llama)[1:], timeout=300)
     build_store(tmp_path / "one", [data], config(tiny_llama), chunk_texts=8, show_progress=False)
     assert (BehaviourStore.open(tmp_path / "ranks").path / "vectors.npy").read_bytes() == \
         (BehaviourStore.open(tmp_path / "one").path / "vectors.npy").read_bytes()

@@ -132,8 +132,8 @@ def test_under_torchrun_every_rank_fails_together_when_the_store_is_held(tmp_pat
     data = write_samples(tmp_path / "a.parquet", tiny_schema, [texts("Pay", 20)], ["T"])
     root = tmp_path / "store"
     proc = holder(root)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:29613", *_encode_cli(root, data, tiny_llama)[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           *_encode_cli(root, data, tiny_llama)[1:]]
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     out = done.stdout + done.stderr
     assert done.returncode != 0, out[-3000:]
@@ -152,8 +152,8 @@ def test_a_second_trainer_into_a_run_folder_is_refused_on_every_rank(tmp_path, h
     (run / "metrics.json").write_text('{"steps": 10}')
     before = files(run)
     proc = holder(run)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:29614", "-m", "bahe.launchers.train", "--out", str(run), "--arm", "dlrm",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "bahe.launchers.train", "--out", str(run), "--arm", "dlrm",
            "--random-data", "--steps", "4", "--batch-size", "8", "--embedding-dim", "8", "--dense-arch", "16", "8",
            "--over-arch", "16", "1", "--table-rows", "100"]
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -360,7 +360,7 @@ def test_two_ranks_both_raise_and_neither_waits(tmp_path):
     runs out of space in its shard; each time both ranks raise the same error (no rank is left in a
     barrier), and step 10 stays LATEST."""
     (tmp_path / "blocked").write_text("a file")
-    torchrun(ROOT / "tests" / "dist" / "checkpoint_write_worker.py", "two_ranks", tmp_path, port=29587, env=ENV,
+    torchrun(ROOT / "tests" / "dist" / "checkpoint_write_worker.py", "two_ranks", tmp_path, env=ENV,
              timeout=240)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0]["file_error"] == results[1]["file_error"]

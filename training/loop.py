@@ -38,12 +38,12 @@ def setup_distributed(preference: str) -> tuple[int, int, torch.device]:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("TrainConfig.device is cuda but CUDA is not available here")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain single process: a 1-rank group of its own
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29577"))
         backend = "nccl" if cuda else "gloo"
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is None:
+        if "RANK" not in os.environ:  # a plain single process: a 1-rank group over an in-memory store (no port)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        elif attempt is None:
             dist.init_process_group(backend)
         else:  # under torchrun: keys of this attempt only (a restart would read the dead attempt's addresses)
             store, rank, world = next(dist.rendezvous("env://"))
@@ -144,6 +144,10 @@ def _train(config: TrainConfig) -> dict:
     optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
     checkpointer = Checkpointer(config.checkpoint_dir, run_config=config)  # records the model flags too
     start = checkpointer.restore(dmp, optimizer, schedulers)
+    if start and rank == 0:
+        print(f"resumed from checkpoint step-{start:07d} in {config.checkpoint_dir}: {checkpointer.rows_seen:,} "
+              f"training rows already seen; this run trains steps {start + 1}..{config.stop_at or config.steps}",
+              flush=True)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
     data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip_rows=checkpointer.rows_seen,
                                       seed=config.seed, shuffle=config.shuffle))
@@ -185,12 +189,12 @@ def _train(config: TrainConfig) -> dict:
     if step < config.steps:  # stopped early on purpose (stop_at): the next invocation resumes from here
         if writer is not None:
             writer.close()
-        return {"steps": step, "stopped_at": step}
+        return {"steps": step, "stopped_at": step, "resumed_from_step": start, "steps_run": step - start}
     final = {split: evaluate(dmp, source, split, batcher, config, rank, world, device, None)
              for split in ("valid", "test")}
     _log_eval(writer, "eval", final["valid"], config.steps)
     _log_eval(writer, "test", final["test"], config.steps)
-    summary = {"steps": config.steps, "world_size": world, "valid": final["valid"], "test": final["test"],
+    summary = {"steps": config.steps, "resumed_from_step": start, "steps_run": config.steps - start, "world_size": world, "valid": final["valid"], "test": final["test"],
                "history": history, "peak_memory_mb": peak_memory_mb(device),
                "rank0_data_counters": _counters(batcher)}
     if writer is not None:
