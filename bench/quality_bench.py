@@ -110,7 +110,7 @@ def summarise(runs: dict[str, list[dict]], floor: dict) -> dict:
         fresh = [r for r in results if not r.get("resumed_from_step")] or results
         out[arm]["wall_seconds"] = stats([r.get("wall_seconds", float("nan")) for r in fresh])
         out[arm]["resumed_from_step"] = [r.get("resumed_from_step", 0) for r in results]
-    out["floor"] = {"auc": floor["test"]}
+    out["floor"] = {"auc": floor["test"], "chosen": floor.get("chosen")}  # the heuristic best on valid
     return out
 
 
@@ -124,7 +124,9 @@ def table(summary: dict, steps: int, seeds: list[int], precision: str = "auto", 
             lines.append(f"| {arm} | {s['auc']['mean']:.4f} +- {s['auc']['std']:.4f} | "
                          f"{s['logloss']['mean']:.4f} +- {s['logloss']['std']:.4f} | {s['wall_seconds']['mean']:.0f} |")
     lines += [f"| {arm} | not run | - | - |" for arm in ARMS if arm not in summary]
-    lines.append(f"| non-learned floor | {summary['floor']['auc']:.4f} | - | - |")
+    chosen = summary["floor"].get("chosen")
+    lines.append(f"| non-learned floor{f' ({chosen}, chosen on valid)' if chosen else ''} | "
+                 f"{summary['floor']['auc']:.4f} | - | - |")
     for arm in ARMS:
         resumed = [(seed, step) for seed, step in zip(seeds, summary.get(arm, {}).get("resumed_from_step", [])) if step]
         if resumed:  # a resumed run trained fewer steps in this call: its wall time says less

@@ -1,4 +1,4 @@
-"""`bahe-evaluate`: score a trained run's latest checkpoint on valid and test; one process per rank.
+"""`bahe-evaluate`: score a trained run's best checkpoint (by valid; or its latest) on valid and test.
 
   torchrun --nproc_per_node 2 -m bahe.launchers.evaluate --checkpoint runs/demo/bahe \\
       --data-dir runs/demo/data --store runs/demo/store [the model flags the run was trained with]
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog, parser.description = "bahe-evaluate", __doc__
     parser.add_argument("--checkpoint", type=Path, required=True, help="the training run folder (its --out)")
+    parser.add_argument("--which", choices=("best", "latest"), default="best",
+                        help="best: the checkpoint the run selected on valid (its BEST.json; the latest when it "
+                             "made no selection); latest: the last checkpoint")
     for action in parser._actions:  # --out is optional here: the metrics default to the run folder
         if action.dest == "out":
             action.required = False
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     run = args.checkpoint
     from bahe.training.checkpoint import Checkpointer
     from bahe.training.run_record import apply_record, check_resume
+    from bahe.training.selection import recorded_metric
 
     try:
         latest = Checkpointer(run / "checkpoints").latest()  # a damaged LATEST: one line, below
@@ -42,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{run} holds no checkpoint (no checkpoints/LATEST); pass a training run's --out")
         apply_record(args, argv, run)  # model flags left out default to the run's run_config.json
         args.out = args.out or run / "evaluation"
+        metric = recorded_metric(run / "checkpoints")  # the run's own selection metric, if it selected
         config = dataclasses.replace(config_from_args(args), steps=int(latest.name.split("-")[-1]), eval_every=0,
-                                     checkpoint_every=0, checkpoint_dir=run / "checkpoints")
+                                     checkpoint_every=0, checkpoint_dir=run / "checkpoints",
+                                     use_best=args.which == "best", select_by=metric or args.select_by)
         check_resume(config)  # model flags given that differ from the run's: refused
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-evaluate: error: {err}", file=sys.stderr)
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        result = {"checkpoint": str(run), "step": config.steps, "valid": summary["valid"], "test": summary["test"]}
+        result = {"checkpoint": str(run), "step": summary["selected_step"], "which": args.which,
+                  "valid": summary["valid"], "test": summary["test"]}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "evaluation.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))

@@ -34,9 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True, help="run folder: tensorboard/, checkpoints/, metrics.json")
     g.add_argument("--arm", choices=("bahe", "token_level", "dlrm"), default="bahe",
                    help="bahe (default), the token-level LLM baseline, or DLRM without text")
-    g.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
+    g.add_argument("--steps", type=int, default=None, help="optimisation steps (default 100; or give --epochs)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the train split instead of --steps (e.g. 1 or 2.5; Parquet data)")
     g.add_argument("--batch-size", type=int, default=128, help="samples per rank per step (default 128)")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate on valid every N steps (default: at the end)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate on valid every N steps and at the end; the run keeps the best checkpoint and "
+                        "reports its valid / test metrics (default 0: only the last step, at the end)")
+    g.add_argument("--select-by", choices=("auc", "logloss"), default="auc",
+                   help="valid metric that picks the best checkpoint (default auc)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop after P evaluations without improvement (default 0: never stop early)")
     g.add_argument("--eval-batches", type=int, default=None, help="cap on valid batches per periodic evaluation")
     g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     g.add_argument("--stop-at", type=int, default=None,
@@ -105,11 +113,18 @@ def config_from_args(args: argparse.Namespace):
     data_dir = args.data_dir or args.out / "data"
     return TrainConfig(data_dir=data_dir, data=data, criteo_tsv=tuple(args.criteo_tsv), out_dir=args.out, model=model,
                        optim=optim, batch_size=args.batch_size,
-                       steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                       steps=_steps(args), epochs=args.epochs, select_by=args.select_by, patience=args.patience,
+                       eval_every=args.eval_every, eval_batches=args.eval_batches,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at,
                        max_unknown_text_rate=args.max_unknown_rate,
                        shuffle=not args.no_shuffle, standardize_dense=not args.no_dense_standardize, seed=args.seed,
                        device=args.device)
+
+
+def _steps(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError(f"give --steps or --epochs, not both (--steps {args.steps}, --epochs {args.epochs})")
+    return 100 if args.steps is None else args.steps
 
 
 def _feature_rows(pairs: list[str]) -> dict[str, int]:
@@ -161,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        shown = ("steps", "stopped_at", "resumed_from_step", "steps_run", "valid", "test")
+        shown = ("steps", "stopped_at", "resumed_from_step", "steps_run", "selected_step", "early_stopped_at", "valid",
+                 "test")
         print(json.dumps({k: summary[k] for k in shown if k in summary}))
     dist.destroy_process_group()
     return 0

@@ -76,14 +76,50 @@ def test_too_small_a_split_for_one_global_batch_is_refused(samples):
         next(rank_tables(samples, 40, 0, 2, train=True))
 
 
-def test_non_learned_floor_on_movielens(tmp_path):
-    """The floor the demo must beat: item train positive rate + user recent positive rate."""
-    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
-    from bahe.training.baselines import non_learned_baseline
+def _write_splits(root, schema, splits: dict[str, list[tuple[int, int, int, int]]]) -> None:
+    """(timestamp, user, item, label) rows per split, time-ordered across the three files."""
+    for name, rows in splits.items():
+        table = tiny_rows(len(rows))
+        table.update(timestamp=[r[0] for r in rows], user_id=[r[1] for r in rows], item_id=[r[2] for r in rows],
+                     label=[r[3] for r in rows])
+        with SampleWriter(root / f"{name}.parquet", schema) as writer:
+            writer.write(table)
 
-    write_movielens(MovieLensConfig(max_history=2), tmp_path)
+
+def test_floor_candidates_use_only_what_was_known_before_each_sample(tmp_path, tiny_schema):
+    """Scores against a hand computation: the item's smoothed train rate (prior p = train rate, m = 10),
+    the user's rate over earlier labels only (a same-timestamp group sees none of its own), p with none."""
+    from bahe.training.baselines import ITEM_PRIOR_WEIGHT, candidate_scores
+
+    _write_splits(tmp_path, tiny_schema, {
+        "train": [(0, 1, 100, 1), (1, 1, 100, 1), (2, 2, 100, 0), (3, 2, 200, 0)],  # p = 0.5
+        "valid": [(4, 1, 100, 0), (4, 1, 200, 1)],  # one timestamp: neither sees the other's label
+        "test": [(5, 1, 300, 1), (6, 3, 100, 0)],
+    })
+    scores, labels, splits = candidate_scores(tmp_path)
+    m, p = ITEM_PRIOR_WEIGHT, 0.5
+    item = {100: (2 + m * p) / (3 + m), 200: (0 + m * p) / (1 + m), 300: p}
+    assert scores["item"].tolist() == pytest.approx([item[100], item[200], item[300], item[100]])
+    # user 1: [1, 1] before valid; valid's two labels (0, 1) join before test; user 3 has no history
+    assert scores["user_all"].tolist() == pytest.approx([1.0, 1.0, 0.75, p])
+    assert scores["user_last5"].tolist() == pytest.approx([1.0, 1.0, 0.75, p])
+    assert scores["item+user_last10"].tolist() == pytest.approx((scores["item"] + scores["user_last10"]).tolist())
+    assert labels.tolist() == [0, 1, 1, 0] and splits.tolist() == ["valid", "valid", "test", "test"]
+
+
+def test_the_floor_is_the_candidate_best_on_valid_never_chosen_on_test(tmp_path):
+    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+    from bahe.training.baselines import OLD_FLOOR, non_learned_baseline
+
+    write_movielens(MovieLensConfig(max_history=1, split=(0.7, 0.15, 0.15)), tmp_path)
     floor = non_learned_baseline(tmp_path)
-    assert 0.70 < floor["test"] < 0.78 and 0.70 < floor["valid"] < 0.78
+    candidates = floor["candidates"]
+    assert floor["chosen"] == max(candidates, key=lambda name: candidates[name]["valid"])
+    assert (floor["valid"], floor["test"]) == (candidates[floor["chosen"]]["valid"], candidates[floor["chosen"]]["test"])
+    # on this split the best on valid is not the best on test (bench/floor_bench.py): choosing on test would
+    # have reported the stronger-looking old floor
+    assert floor["chosen"] != OLD_FLOOR and floor["test"] < candidates[OLD_FLOOR]["test"]
+    assert 0.70 < floor["test"] < 0.78 and floor["old_floor"] == candidates[OLD_FLOOR]
 
 
 def test_no_shuffle_trains_in_file_order(samples):

@@ -123,6 +123,12 @@ class Checkpointer:
                                     "start this run from step 0")
         return path
 
+    def _named(self, name: str) -> Path:
+        if not re.fullmatch(r"step-\d{7}", name) or not (self.directory / name).is_dir():
+            raise FileNotFoundError(f"{self.directory} holds no complete checkpoint {name!r} (BEST.json names it): "
+                                    "restore that folder, or evaluate the latest step (bahe-evaluate --which latest)")
+        return self.directory / name
+
     def _latest_name(self) -> str | None:
         try:
             return (self.directory / "LATEST").read_text().strip() or None
@@ -211,9 +217,10 @@ class Checkpointer:
         raise CheckpointWriteError(f"cannot write checkpoint {name} into {partial} ({'; '.join(found)}); the "
                                    f"partial folder was removed. {self._what_now()}") from err
 
-    def restore(self, dmp, optimizer, schedulers) -> int:
-        """Load the newest complete checkpoint in place; returns its step (0 when there is none)."""
-        path = self.latest()
+    def restore(self, dmp, optimizer, schedulers, *, name: str | None = None) -> int:
+        """Load the newest complete checkpoint (or the one called ``name``, e.g. the best) in place; returns
+        its step (0 when there is none)."""
+        path = self.latest() if name is None else self._named(name)
         if path is None:
             return 0
         # AdamW creates its moments lazily at the first step; a fresh optimizer's state dict would have

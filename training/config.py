@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bahe.model.config import BaheModelConfig
+from bahe.training.selection import Selection
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,21 @@ class TrainConfig:
         optim: optimisers and schedules.
         batch_size: samples per rank per step.
         steps: optimisation steps (the data repeats in epochs if needed).
-        eval_every: evaluate on valid every this many steps (0: only at the end).
+        eval_every: evaluate on valid every this many steps and at the last one (0: only at the end); each
+            evaluation is a candidate, and the run ends with the best checkpoint (training/selection.py).
         eval_batches: cap on valid batches per evaluation, >= 1 (None: the whole split).
         checkpoint_every: save a checkpoint every this many steps (0: only at the end).
         log_every: steps between TensorBoard points.
         stop_at: end THIS invocation after this step (with a checkpoint), e.g. to fit a cluster's
             time limit; the next invocation resumes there. The schedule still spans ``steps``. >= 1
             (None: run to ``steps``).
+        epochs: train this many passes over the train split instead of ``steps`` (steps = epochs x
+            train rows / (batch_size x ranks)); Parquet data only.
+        select_by: ``auc`` (default) or ``logloss`` on valid: which evaluation is the best.
+        patience: stop after this many evaluations without improvement (0: never stop early); needs
+            ``eval_every``.
+        use_best: end with (and report) the best checkpoint the run's selection recorded (BEST.json);
+            False: the last step (bahe-evaluate --which latest).
         max_unknown_text_rate: refuse to start (training/preflight.py) when more than this fraction of
             the texts (behaviours and item texts) in the first rows of the train split are not in the
             behaviour store: a store built for other data (BAHE arm only; 0..1).
@@ -83,6 +93,10 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     stop_at: int | None = None
+    epochs: float | None = None
+    select_by: str = "auc"
+    patience: int = 0
+    use_best: bool = True
     max_unknown_text_rate: float = 0.05
     standardize_dense: bool = True
     shuffle: bool = True
@@ -100,6 +114,15 @@ class TrainConfig:
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ValueError(f"TrainConfig.eval_batches={self.eval_batches}: evaluation needs at least 1 batch; "
                              "give --eval-batches N >= 1, or leave it out to evaluate the whole valid split")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"TrainConfig.epochs={self.epochs}: give a number of passes over the train split > 0 "
+                             "(e.g. --epochs 1), or leave it out and give --steps")
+        if self.epochs is not None and self.data == "random":
+            raise ValueError("TrainConfig.epochs: the random dataset has no epochs; give --steps")
+        Selection(self.select_by, self.patience)  # checks both
+        if self.patience and not self.eval_every:
+            raise ValueError(f"TrainConfig.patience={self.patience} needs periodic validation: add --eval-every N "
+                             "(patience counts those evaluations)")
         if self.stop_at is not None and self.stop_at < 1:
             raise ValueError(f"TrainConfig.stop_at={self.stop_at}: --stop-at N ends this invocation after step N, "
                              "so N must be >= 1; leave it out to train all --steps")

@@ -7,10 +7,12 @@ data wait, peak memory, learning rates, and the final hparams) and ``metrics.jso
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import resource
+import sys
 import time
 from collections.abc import Iterator
 
@@ -27,6 +29,7 @@ from bahe.training.health import check_loss
 from bahe.training.metrics import CtrMetrics
 from bahe.training.optimizers import attach_sparse_optimizer, build_optimizer
 from bahe.training.preflight import preflight
+from bahe.training.selection import Selection, epochs_to_steps, passes_warning
 from bahe.training.sources import ParquetData, RandomData, criteo_data
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -134,6 +137,7 @@ def _train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     source = open_source(config, rank)
     preflight(config, source, world)  # every split, texts vs store: before the model or any file
+    config = _with_epochs(config, source, world, rank)
     normalizer = source.dense_normalizer() if config.standardize_dense else None
     model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"),
                                         dense_normalizer=normalizer)
@@ -144,6 +148,7 @@ def _train(config: TrainConfig) -> dict:
     optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
     checkpointer = Checkpointer(config.checkpoint_dir, run_config=config)  # records the model flags too
     start = checkpointer.restore(dmp, optimizer, schedulers)
+    selection = Selection.load(config.checkpoint_dir, config.select_by, config.patience)
     if start and rank == 0:
         print(f"resumed from checkpoint step-{start:07d} in {config.checkpoint_dir}: {checkpointer.rows_seen:,} "
               f"training rows already seen; this run trains steps {start + 1}..{config.stop_at or config.steps}",
@@ -155,7 +160,7 @@ def _train(config: TrainConfig) -> dict:
     history = []
     dmp.train()
     step = start
-    for end in segment_ends(config, start):
+    for end in segment_ends(config, start) if selection.stopped_at is None else []:
         # One train pipeline per segment, fed exactly end - step batches: it drains completely, so
         # evaluation and checkpoints never race the batches it prefetches (in-flight collectives).
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
@@ -179,22 +184,40 @@ def _train(config: TrainConfig) -> dict:
                 _log_counters(writer, batcher, step)
                 window = dict.fromkeys(window, 0.0)
         pipeline.detach()
-        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+        evaluated = bool(config.eval_every) and (step % config.eval_every == 0 or step == config.steps)
+        best = False
+        if evaluated:
             result = evaluate(dmp, source, "valid", batcher, config, rank, world, device, config.eval_batches)
             history.append({"step": step, **result})
             _log_eval(writer, "eval", result, step)
-        if (config.checkpoint_every and step % config.checkpoint_every == 0) or step in (config.steps, config.stop_at):
+            best = selection.update(step, result)
+        if best or (config.checkpoint_every and step % config.checkpoint_every == 0) or \
+                step in (config.steps, config.stop_at) or selection.stopped_at == step:
             checkpointer.save(step, dmp, optimizer, schedulers, rows_seen=checkpointer.rows_seen
                               + (step - start) * config.batch_size * world)
-    if step < config.steps:  # stopped early on purpose (stop_at): the next invocation resumes from here
+        if evaluated and rank == 0:
+            selection.save(config.checkpoint_dir)  # after the checkpoint it may name
+        if selection.stopped_at is not None:
+            if rank == 0:
+                print(f"early stop at step {step}: valid {selection.metric} has not improved for "
+                      f"{selection.patience} evaluations; the best is step {selection.step} ({selection.value:.4f})",
+                      flush=True)
+            break
+    if step < config.steps and selection.stopped_at is None:  # paused on purpose (stop_at): a rerun resumes
         if writer is not None:
             writer.close()
         return {"steps": step, "stopped_at": step, "resumed_from_step": start, "steps_run": step - start}
+    selected = selection.step if config.use_best and selection.step is not None else step
+    if selected != step:  # the best checkpoint by valid, not the last step
+        checkpointer.restore(dmp, optimizer, schedulers, name=f"step-{selected:07d}")
     final = {split: evaluate(dmp, source, split, batcher, config, rank, world, device, None)
              for split in ("valid", "test")}
-    _log_eval(writer, "eval", final["valid"], config.steps)
-    _log_eval(writer, "test", final["test"], config.steps)
-    summary = {"steps": config.steps, "resumed_from_step": start, "steps_run": config.steps - start, "world_size": world, "valid": final["valid"], "test": final["test"],
+    if not history or history[-1]["step"] != step:  # no periodic evaluation logged it
+        _log_eval(writer, "eval", final["valid"], step)
+    _log_eval(writer, "test", final["test"], step)
+    summary = {"steps": step, "resumed_from_step": start, "steps_run": step - start, "world_size": world,
+               "selected_step": selected, "select_by": config.select_by if config.eval_every else None,
+               "early_stopped_at": selection.stopped_at, "valid": final["valid"], "test": final["test"],
                "history": history, "peak_memory_mb": peak_memory_mb(device),
                "rank0_data_counters": _counters(batcher)}
     if writer is not None:
@@ -205,6 +228,23 @@ def _train(config: TrainConfig) -> dict:
         writer.close()
         (config.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _with_epochs(config: TrainConfig, source, world: int, rank: int) -> TrainConfig:
+    """``config`` with ``steps`` from ``epochs`` (Parquet data); warns on rank 0 when the run passes over
+    its training split more than once with nothing to select on."""
+    train_path = getattr(source, "paths", {}).get("train")
+    if train_path is None:  # the random dataset: no epochs
+        return config
+    from bahe.ctr_data.parquet_io import SampleReader
+
+    rows = SampleReader(train_path).num_rows
+    if config.epochs is not None:
+        config = dataclasses.replace(config, steps=epochs_to_steps(config.epochs, rows, config.batch_size, world))
+    warning = passes_warning(config.steps, rows, config.batch_size, world, config.eval_every)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr, flush=True)
+    return config
 
 
 def _arm(config: TrainConfig) -> str:

@@ -1,0 +1,108 @@
+"""Model selection on the valid split: the best checkpoint by valid AUC (or log loss), early stopping.
+
+Each periodic evaluation (``--eval-every``) is a candidate. An improvement is checkpointed at once, so
+the best model is always on disk; ``BEST.json`` in the checkpoint folder names its step and carries
+the selection's state (the best value, evaluations since it, where the run stopped early), so a resumed
+run selects exactly as an uninterrupted one. The run's final valid / test metrics are those of the
+selected checkpoint, and ``bahe-evaluate`` scores it by default.
+
+Epochs: ``epochs_to_steps`` turns ``--epochs E`` into optimisation steps for a train split of R rows
+at B rows x W ranks per step; :func:`passes_warning` says when a run re-reads its data with nothing to
+select on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bahe.embeddings.store import write_text_atomic
+
+BEST = "BEST.json"
+SELECT_BY = {"auc": 1.0, "logloss": -1.0}  # metric -> sign (higher is better after multiplying)
+
+
+@dataclass
+class Selection:
+    """The selection's state; ``step`` is None until the first evaluation."""
+
+    metric: str = "auc"
+    patience: int = 0  # evaluations without improvement before stopping (0: never stop early)
+    step: int | None = None
+    value: float | None = None
+    evals_since_best: int = 0
+    stopped_at: int | None = None  # the step at which early stopping ended training
+
+    def __post_init__(self) -> None:
+        if self.metric not in SELECT_BY:
+            raise ValueError(f"select_by={self.metric!r}: choose one of {sorted(SELECT_BY)}")
+        if self.patience < 0:
+            raise ValueError(f"patience={self.patience}: give 0 (no early stopping) or a number of evaluations >= 1")
+
+    def update(self, step: int, result: dict[str, float]) -> bool:
+        """Record an evaluation at ``step``; True when it is the best so far (checkpoint it)."""
+        value = float(result[self.metric])
+        if not math.isfinite(value):
+            improved = False
+        else:
+            improved = self.value is None or SELECT_BY[self.metric] * (value - self.value) > 0
+        if improved:
+            self.step, self.value, self.evals_since_best = step, value, 0
+        else:
+            self.evals_since_best += 1
+        if self.patience and self.evals_since_best >= self.patience:
+            self.stopped_at = step
+        return improved
+
+    def save(self, directory: Path) -> None:
+        write_text_atomic(Path(directory) / BEST, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path, metric: str, patience: int) -> Selection:
+        """The state saved in ``directory`` (a resumed run), or a fresh one. A run must keep its metric."""
+        path = Path(directory) / BEST
+        if not path.is_file():
+            return cls(metric, patience)
+        try:
+            saved = json.loads(path.read_text())
+            state = cls(**{k: saved[k] for k in ("metric", "step", "value", "evals_since_best", "stopped_at")},
+                        patience=patience)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is damaged ({err}): restore it, or delete it to select among later "
+                             "evaluations only") from None
+        if state.metric != metric:
+            raise ValueError(f"{path}: this run selects by {state.metric}, not {metric}: pass --select-by "
+                             f"{state.metric}, or train into another --out")
+        return state
+
+
+def recorded_metric(directory: Path) -> str | None:
+    """The metric a run selected by (its BEST.json in ``directory``), or None when it made no selection."""
+    path = Path(directory) / BEST
+    if not path.is_file():
+        return None
+    try:
+        metric = json.loads(path.read_text())["metric"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({err}): restore it, or delete it to evaluate the latest step") from None
+    if metric not in SELECT_BY:
+        raise ValueError(f"{path} selects by {metric!r}, not one of {sorted(SELECT_BY)}: restore it")
+    return metric
+
+
+def epochs_to_steps(epochs: float, train_rows: int, batch_size: int, world: int) -> int:
+    """Optimisation steps that pass ``epochs`` times over ``train_rows`` rows (at least 1)."""
+    return max(1, round(epochs * train_rows / (batch_size * world)))
+
+
+def passes_warning(steps: int, train_rows: int, batch_size: int, world: int, eval_every: int) -> str | None:
+    """A warning when the run passes over its training split more than once with no validation to select on."""
+    passes = steps * batch_size * world / max(train_rows, 1)
+    if passes <= 1.0 or eval_every:
+        return None
+    return (f"bahe-train: warning: {steps} steps of {batch_size} x {world} rows pass {passes:.1f} times over the "
+            f"{train_rows:,} training rows with no validation (--eval-every 0): later passes may overfit and the "
+            "last step is kept; add --eval-every N (the best checkpoint by valid is kept) and --patience P, or "
+            f"train --epochs 1")
