@@ -22,6 +22,7 @@ from pathlib import Path
 from bahe.ctr_data.schema import DataError
 from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError
 from bahe.embeddings.store import BehaviourStore, StoreError
+from bahe.embeddings.store_stats import TOP_CHANNELS, store_anisotropy
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -43,8 +44,9 @@ def _build(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     store = BehaviourStore.open(args.store, args.version)
     manifest = dict(store.manifest)
+    stats = store_anisotropy(store, args.sample) if getattr(args, "stats", False) else None
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps({**manifest, **({"stats": stats} if stats else {})}, indent=2))
     else:
         enc, model = manifest["encoder"], manifest["model"]
         print(f"{store.path}: {manifest['rows']:,} rows x {manifest['dim']} ({manifest['store_dtype']}), "
@@ -52,6 +54,10 @@ def _info(args: argparse.Namespace) -> int:
               f"model {model['name']} ({model['architecture']}, {model['num_layers']} layers, sha256 "
               f"{model['sha256'][:12]}...), k={enc['k']}, pooling {enc['pooling']}, dtype {enc['dtype']}, "
               f"max_tokens {enc['max_tokens']}")
+        if stats:
+            print(f"anisotropy of {stats['rows']:,} sampled texts: mean cosine between texts "
+                  f"{stats['mean_cosine']:.3f}, top-{TOP_CHANNELS} channels hold {stats['top_channel_energy']:.1%} "
+                  f"of the energy, effective rank {stats['effective_rank']:.1f} of {manifest['dim']}")
     return 0
 
 
@@ -94,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("store", type=Path, help="store root folder")
         cmd.add_argument("--version", default=None, help="a version name such as v000002 (default LATEST)")
         cmd.add_argument("--json", action="store_true", help="JSON output")
+        if name == "info":
+            cmd.add_argument("--stats", action="store_true",
+                             help="also print the vectors' anisotropy: mean cosine between texts, energy share of "
+                                  f"the top {TOP_CHANNELS} channels, effective rank (embeddings/store_stats.py)")
+            cmd.add_argument("--sample", type=int, default=2000, help="texts sampled for --stats (default 2000)")
         cmd.set_defaults(run=run)
     return parser
 
