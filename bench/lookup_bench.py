@@ -20,6 +20,10 @@ to --repeats repeats after a warm-up, every cell of a size interleaved in a rota
 Peak memory: torch.profiler(profile_memory=True), high-water mark of the running sum of the CPU
 allocator's alloc/free records during one step (torch allocations only, from the step's start).
 Correctness: every layout and mode equals direct indexing of the weights, bit for bit.
+
+Since 2026-11-30 the repo's BehaviourLookup (ec) looks up under torch.no_grad (no backward can move the
+frozen table), so its "fwd_bwd" cells time the forward only: what training pays for it. The other
+layouts still run their backward into the table. docs/bench_lookup.json predates that change.
 """
 
 from __future__ import annotations
@@ -163,7 +167,11 @@ def step(fn, kjt, measure: str, grads):
             return fn(kjt)
     out = fn(kjt)
     if measure == "fwd_bwd":
-        torch.autograd.backward(list(out), list(grads))
+        # BehaviourLookup (ec) looks up under torch.no_grad (the frozen table never sees a backward), so
+        # its outputs need no gradient: backward only what requires one (nothing, for ec)
+        pairs = [(o, g) for o, g in zip(out, grads) if o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     return out
 
 

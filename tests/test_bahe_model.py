@@ -16,6 +16,7 @@ from bahe.model.factory import build_model
 from torchrec.models.dlrm import DLRM
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from tests.llm_dtypes import linear_output_dtypes, split_by_prefix
 from tests.model_fixtures import TINY_LAYERS, make_tiny_pipeline
 
 
@@ -164,8 +165,9 @@ def test_token_level_layers_equal_the_full_models_forward(pipeline):
 
 
 def test_token_level_bf16_precision_matches_the_full_models_autocast_forward(pipeline):
-    """--llm-precision bf16 runs the baseline's shallow AND deep layers under bf16 autocast: the result
-    matches the HF model's own forward under the same autocast, and differs from fp32."""
+    """--llm-precision bf16 runs the baseline's shallow AND deep layers under bf16 autocast (every linear
+    layer of every decoder layer computes in bfloat16; the projections stay fp32): the result is the HF
+    model's own forward under the same autocast, far tighter than its distance to fp32."""
     from bahe.model.token_baseline import TokenLevelTextArch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     from transformers import AutoModel
@@ -175,16 +177,45 @@ def test_token_level_bf16_precision_matches_the_full_models_autocast_forward(pip
                                                    values=torch.cat([tokens[0], tokens[0, :3]]),
                                                    lengths=torch.tensor([9, 3]))
     encoded = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "auto", "bf16"):
         arch = TokenLevelTextArch(pipeline.llm, 2, None, 8, max_user_tokens=12, max_item_tokens=4,
                                   pooling="last", precision=precision).eval()
-        with torch.no_grad():
+        with torch.no_grad(), linear_output_dtypes(arch) as seen:
             encoded[precision] = arch._encode(features, "user_tokens")
+            features_out = arch(features)
+        llm, other = split_by_prefix(seen, ("shallow.layers.", "deep.decoder.layers."))
+        assert len([n for n in seen if n.startswith("shallow.layers.")]) == 2 * 7  # every layer below k ran
+        assert len([n for n in seen if n.startswith("deep.decoder.layers.")]) == (TINY_LAYERS - 2) * 7
+        assert llm == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
+        assert other == {torch.float32} and features_out.dtype == torch.float32  # the projections
+        assert all(p.dtype == torch.float32 for p in arch.parameters())
     full = AutoModel.from_pretrained(pipeline.llm).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         reference = full(input_ids=tokens).last_hidden_state[:, -1].float()
-    torch.testing.assert_close(encoded["bf16"], reference, rtol=2e-2, atol=2e-2)
-    assert encoded["bf16"].dtype == torch.float32 and not torch.equal(encoded["bf16"], encoded["fp32"])
+    assert encoded["bf16"].dtype == torch.float32 and torch.equal(encoded["auto"], encoded["fp32"])
+    assert (encoded["fp32"] - reference).abs().max() > 1e-3  # fp32 (or bf16 in only some layers) would show
+    torch.testing.assert_close(encoded["bf16"], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_bahe_bf16_precision_runs_the_deep_layers_in_bf16_and_the_rest_in_fp32(pipeline):
+    """TextConfig.llm_precision reaches the aggregator: under ``bf16`` every linear layer of the LLM's
+    deep layers computes in bfloat16, while the projections, the dense and over arches, the weights and
+    the logits stay fp32; under ``auto`` (on CPU) and ``fp32`` everything is fp32."""
+    for precision in ("auto", "fp32", "bf16"):
+        model, batcher, _ = built(pipeline, llm_precision=precision)
+        batch = batcher(pipeline.table(8))
+        with linear_output_dtypes(model) as seen:
+            logits = model(batch.dense_features, batch.sparse_features, batch.behaviour_features)
+        logits.sum().backward()
+        llm, other = split_by_prefix(seen, ("text_arch.aggregator.decoder.layers.",))
+        assert len([n for n in seen if n.startswith("text_arch.aggregator.")]) == (TINY_LAYERS - 2) * 7
+        assert llm == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
+        head = {"dense_arch.model._mlp.0._linear", "over_arch.model.1", "text_arch.user_projection",
+                "text_arch.item_projection"}
+        assert head <= set(seen)  # the head and the projections ran, and are counted in ``other``
+        assert other == {torch.float32} and logits.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
 
 
 def test_dropped_id_features_get_no_table_and_are_not_read(pipeline):

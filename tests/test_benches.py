@@ -69,23 +69,70 @@ def test_quality_wall_time_mean_leaves_out_a_run_resumed_from_a_checkpoint():
     assert "bahe: seed 0 resumed from its step-300 checkpoint; the wall time counts only" in table(summary, 600, [0])
 
 
+def run_folder_files(work: Path) -> dict[str, tuple[int, int, int]]:
+    """Every run folder of a quality-bench work dir, and everything in it: path -> (inode, size, mtime)."""
+    runs = [run for run in work.iterdir() if run.is_dir() and run.name.startswith(("dlrm-", "token_level-", "bahe-"))]
+    return {str(path.relative_to(work)): (path.stat().st_ino, path.stat().st_size, path.stat().st_mtime_ns)
+            for run in runs for path in [run, *run.rglob("*")]}
+
+
+def test_quality_bench_reuses_a_finished_run_and_trains_an_unfinished_one(tmp_path, monkeypatch):
+    """bench.quality_bench.train: a run folder with metrics.json is read back and nothing is started or
+    written; one without starts the trainer once, into that folder, and records its wall time and the
+    checkpoint step it resumed from."""
+    import json
+
+    from bahe.launchers.demo import PRESETS
+
+    import bench.quality_bench as quality
+
+    started = []
+
+    def trainer(cmd, **_):
+        started.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        (out / "metrics.json").write_text(json.dumps({"test": {"auc": 0.61, "logloss": 0.69}}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(quality.subprocess, "run", trainer)
+    preset = PRESETS["cpu"]
+    finished = tmp_path / "bahe-seed0-steps3"
+    finished.mkdir()
+    recorded = {"test": {"auc": 0.7, "logloss": 0.6}, "wall_seconds": 12.5, "resumed_from_step": 0}
+    (finished / "metrics.json").write_text(json.dumps(recorded))
+    before = run_folder_files(tmp_path)
+    assert quality.train("bahe", 0, 3, tmp_path / "data", tmp_path / "store", finished, preset) == recorded
+    assert started == [] and run_folder_files(tmp_path) == before
+
+    unfinished = tmp_path / "bahe-seed1-steps3"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "checkpoints" / "LATEST").write_text("step-2\n")
+    result = quality.train("bahe", 1, 3, tmp_path / "data", tmp_path / "store", unfinished, preset)
+    assert len(started) == 1 and started[0][started[0].index("--out") + 1] == str(unfinished)
+    assert started[0][started[0].index("--seed") + 1] == "1"
+    assert result["test"]["auc"] == 0.61 and result["resumed_from_step"] == 2 and result["wall_seconds"] >= 0
+
+
 @pytest.mark.integration
 def test_quality_bench_trains_each_arm_per_seed_and_writes_json_markdown_and_plot(tmp_path):
     """A tiny real run: MovieLens-100K, the real store, 2 torchrun ranks per run, 3 steps; a second call
-    reuses the finished runs."""
+    reuses the finished runs: their folders, files and TensorBoard logs are left exactly as they were."""
     import json
 
-    out = tmp_path / "quality.json"
-    done = subprocess.run([sys.executable, "-m", "bench.quality_bench", "--arms", "dlrm", "bahe", "--seeds", "0",
-                           "--steps", "3", "--work", str(tmp_path / "work"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out, work = tmp_path / "quality.json", tmp_path / "work"
+    command = [sys.executable, "-m", "bench.quality_bench", "--arms", "dlrm", "bahe", "--seeds", "0",
+               "--steps", "3", "--work", str(work), "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"dlrm", "bahe"} and all(len(r) == 1 for r in report["runs"].values())
     assert all(0.0 < r["auc"] < 1.0 for runs in report["runs"].values() for r in runs)
     assert "BAHE - dlrm" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
-    # a second call reuses the finished runs instead of training again
-    again = subprocess.run([sys.executable, "-m", "bench.quality_bench", "--arms", "dlrm", "bahe", "--seeds", "0",
-                            "--steps", "3", "--work", str(tmp_path / "work"), "--out", str(out)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and json.loads(out.read_text())["runs"] == report["runs"]
+    trained = run_folder_files(work)
+    assert {"dlrm-seed0-steps3/metrics.json", "bahe-seed0-steps3/metrics.json"} <= set(trained)
+    # a second call reuses the finished runs instead of training again: nothing in a run folder is
+    # re-created, rewritten or added (a retrain would rewrite metrics.json and log new event files)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert run_folder_files(work) == trained
+    assert json.loads(out.read_text())["runs"] == report["runs"]

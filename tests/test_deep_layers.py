@@ -8,6 +8,7 @@ import torch
 from bahe.embeddings.pretrained import ModelError
 from bahe.model.deep_layers import DeepLayerAggregator
 
+from tests.llm_dtypes import linear_output_dtypes
 from tests.llm_fixtures import make_tiny_llama
 
 LAYERS, HIDDEN = 6, 32
@@ -105,20 +106,34 @@ def test_bad_slices_and_options_are_refused(tiny_dir):
         DeepLayerAggregator(tiny_dir, k=1, deep_layers=1, attention="sparse")
 
 
-def test_bf16_precision_autocasts_on_cpu_and_auto_stays_fp32_there(tiny_dir):
-    """``precision`` picks the LLM layers' compute dtype: bf16 autocasts on any device (close to fp32,
-    not equal), ``auto`` is fp32 on CPU (bit-equal to ``fp32``); the pooled result is fp32 either way."""
+def test_bf16_precision_autocasts_on_cpu_and_auto_stays_fp32_there(tiny_dir, full_model):
+    """``precision`` picks the LLM layers' compute dtype: under ``bf16`` every linear layer of every
+    decoder layer computes in bfloat16 (on any device), under ``fp32`` and ``auto`` (on CPU) in fp32;
+    the weights, their gradients and the pooled result stay fp32 either way. The bf16 result is the
+    model's own layers under the same autocast (not merely close to fp32)."""
     torch.manual_seed(2)
-    vectors, lengths = torch.randn(3, 5, HIDDEN), torch.tensor([5, 2, 4])
+    # small inputs: the layers' own (unit-RMS normed) contributions dominate the residual stream
+    vectors, lengths = 0.01 * torch.randn(3, 5, HIDDEN), torch.full((3,), 5)
     outputs = {}
     for precision in ("fp32", "auto", "bf16"):
         torch.manual_seed(0)
-        agg = DeepLayerAggregator(tiny_dir, k=1, deep_layers=3, precision=precision).eval()
-        with torch.no_grad():
+        agg = DeepLayerAggregator(tiny_dir, k=1, deep_layers=3, precision=precision, pooling="last").train()
+        with linear_output_dtypes(agg) as seen:
             outputs[precision] = agg(vectors, lengths)
+        assert len(seen) == 3 * 7  # q, k, v, o, gate, up, down of each of the 3 layers ran
+        computed = {dtype for dtypes in seen.values() for dtype in dtypes}
+        assert computed == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
+        outputs[precision].sum().backward()
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in agg.parameters())
     assert all(out.dtype == torch.float32 for out in outputs.values())
     assert torch.equal(outputs["auto"], outputs["fp32"])
-    assert not torch.equal(outputs["bf16"], outputs["fp32"])
-    torch.testing.assert_close(outputs["bf16"], outputs["fp32"], rtol=5e-2, atol=5e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf16 = reference(full_model, vectors, 1, 3)[:, -1].float()
+    with torch.no_grad():
+        ref_fp32 = reference(full_model, vectors, 1, 3)[:, -1]
+    # the two references are far apart next to this tolerance: a layer left in fp32 would show
+    assert (ref_bf16 - ref_fp32).abs().max() > 2e-3
+    torch.testing.assert_close(outputs["bf16"].detach(), ref_bf16, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outputs["fp32"].detach(), ref_fp32, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="precision must be one of"):
         DeepLayerAggregator(tiny_dir, k=1, deep_layers=1, precision="fp16")

@@ -48,6 +48,7 @@ def test_epochs_and_the_many_passes_warning():
     assert epochs_to_steps(1, 1000, 16, 2) == 31 and epochs_to_steps(2.5, 1000, 16, 2) == 78
     assert epochs_to_steps(0.001, 1000, 16, 2) == 1
     assert passes_warning(31, 1000, 16, 2, eval_every=0) is None  # one pass
+    assert passes_warning(33, 1000, 16, 2, eval_every=0) is None  # 1.06 passes: a few rows twice
     assert "pass 2.0 times" in passes_warning(62, 1000, 16, 2, eval_every=0)
     assert passes_warning(62, 1000, 16, 2, eval_every=10) is None  # the best checkpoint is kept
 

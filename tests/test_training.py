@@ -29,8 +29,9 @@ def train(pipeline, data: Path, out: Path, *extra: str, ranks: int = 2, restarts
            "--out", str(out), "--batch-size", str(64 // ranks), "--embedding-dim", "16", "--dense-arch", "32", "16",
            "--over-arch", "32", "1", "--table-rows", "1000", "--max-behaviours", "6", "--dense-lr", "5e-3",
            "--llm-lr", "1e-3", "--warmup-steps", "5", "--log-every", "5",
-           # time order: this small synthetic set is learned within 40 steps in file order (test AUC
-           # 0.89) but not yet shuffled (0.53; 0.71 after 120 steps) -- an open question in the notes
+           # file order: the generator's order of this small set leaves the early loss plateau within 40
+           # steps (test AUC 0.89), shuffled runs by about 120 (docs/decisions.md, "Shuffled vs file-order";
+           # tests/test_training_shuffled.py trains the default shuffled path)
            "--no-shuffle", *extra, ranks=ranks, restarts=restarts, env=env)
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "_log": done.stdout + done.stderr}
 

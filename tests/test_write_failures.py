@@ -5,8 +5,13 @@ is left in the way, the error names the path and the OS's reason, and a rerun re
 A full disk is simulated honestly in a subprocess with ``RLIMIT_FSIZE`` (SIGXFSZ ignored): every
 write past the limit fails with EFBIG exactly as a write on a disk that fills up fails with ENOSPC, at
 a point chosen to fall in the middle of the new version's vectors or a checkpoint's shard. Where the
-tests run as root with mount rights, a really full tmpfs gives ENOSPC itself. ``chmod`` cannot make a
-folder unwritable for root, so as root that case is a path whose folder is a regular file instead.
+tests run as root with mount rights, a really full tmpfs gives ENOSPC itself.
+
+An unwritable folder is a real ``chmod 0o500`` folder and a real EACCES from the kernel. ``chmod`` alone
+cannot stop root (CAP_DAC_OVERRIDE), and sessions and CI run as root, so there the writing process runs
+under ``setpriv --bounding-set=-all --inh-caps=-all``: still uid 0, the owner of the test's files and of
+the interpreter (here under /root, 0o700, which ``nobody`` cannot enter), but without any capability, so
+the kernel checks the folder's mode bits as for any user. A non-root user runs the process as it is.
 """
 
 from __future__ import annotations
@@ -35,23 +40,37 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _chmod_blocks_writes() -> bool:
-    """False for root (CAP_DAC_OVERRIDE writes into a 0o500 folder anyway): there, chmod tests prove nothing."""
-    import tempfile
+# the writing process as an unprivileged user: root gives up every capability (CAP_DAC_OVERRIDE included)
+DROP_ALL_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
 
-    with tempfile.TemporaryDirectory() as folder:
-        os.chmod(folder, 0o500)
-        try:
-            Path(folder, "probe").write_text("")
-            return False
-        except PermissionError:
-            return True
-        finally:
-            os.chmod(folder, 0o700)
+# writes a file into the 0o500 folder argv[1]; exit 3 when the kernel refuses it (EACCES)
+PROBE = """
+import pathlib, sys
+try:
+    pathlib.Path(sys.argv[1], "probe").write_text("")
+except PermissionError:
+    sys.exit(3)
+"""
 
 
-CHMOD_BLOCKS_WRITES = _chmod_blocks_writes()
-NO_CHMOD = "this user writes into a chmod 0o500 folder anyway (root); the file-in-the-way tests cover it"
+@pytest.fixture(scope="module")
+def unprivileged(tmp_path_factory) -> list[str]:
+    """The command prefix that runs a process without the right to write into a chmod 0o500 folder: none for
+    a non-root user; for root, ``setpriv`` dropping every capability. Checked once with a real write."""
+    prefix = DROP_ALL_CAPABILITIES if os.geteuid() == 0 else []
+    folder = tmp_path_factory.mktemp("read-only-probe")
+    folder.chmod(0o500)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-c", PROBE, str(folder)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("root here, and no setpriv (util-linux) to run a process without CAP_DAC_OVERRIDE")
+    finally:
+        folder.chmod(0o700)
+    if done.returncode != 3:
+        pytest.skip(f"{' '.join(prefix) or 'this user'} still writes into a chmod 0o500 folder (exit "
+                    f"{done.returncode}: {done.stderr.strip()[-300:]}); the file-in-the-way tests cover it")
+    return prefix
+
 
 # a build_store call whose outcome is printed as JSON (stdout is a pipe: not subject to the file size limit)
 BUILD = """
@@ -256,19 +275,33 @@ def test_a_store_folder_that_cannot_be_a_folder(tmp_path, tiny_llama, capsys):
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(not CHMOD_BLOCKS_WRITES, reason=NO_CHMOD)
-def test_refresh_into_a_read_only_store_folder(tmp_path, tiny_llama, refresh):
-    """Non-root only: chunks go to the writable .work/, publishing v000002 is refused (EACCES)."""
+@pytest.mark.integration
+def test_refresh_into_a_read_only_store_folder(tmp_path, tiny_llama, refresh, unprivileged):
+    """The store folder is read-only for the user who refreshes it (chmod 0o500, a real EACCES): the chunks
+    still go to the writable .work/, publishing v000002 is refused naming that folder and EACCES, v000001
+    stays LATEST byte for byte, and once the folder is writable the rerun resumes from every chunk."""
     root, _, day2 = refresh
     before = snapshot(root)
-    os.chmod(root, 0o500)
+    root.chmod(0o500)
     try:
-        with pytest.raises(StoreWriteError, match="Permission denied") as error:
-            build_store(root, [day2], config(tiny_llama), chunk_texts=8, show_progress=False)
+        failed = subprocess.run([*unprivileged, sys.executable, "-c", BUILD, str(root), str(day2), str(tiny_llama),
+                                 "8"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     finally:
-        os.chmod(root, 0o700)
-    assert str(root) in str(error.value) and "v000001 is intact" in str(error.value)
+        root.chmod(0o700)
+    assert failed.returncode == 0, failed.stderr[-3000:]
+    outcome = json.loads(failed.stdout.strip().splitlines()[-1])
+    assert outcome["type"] == "StoreWriteError" and "PermissionError" in outcome["cause"], outcome
+    message = outcome["message"]
+    assert f"cannot publish {root / 'v000002'}: Permission denied (EACCES)" in message, message
+    assert f"building store version v000002 in {root} failed" in message
+    assert "The previous version v000001 is intact and still current (LATEST)" in message
+    assert "resumes from the 25 chunk(s) already encoded" in message
     assert_v1_intact(root, before)
+    assert len(list((root / WORK / "v000002").glob("chunk-*.npy"))) == 25
+
+    report = build_store(root, [day2], config(tiny_llama), chunk_texts=8, show_progress=False)
+    assert report.version == "v000002" and report.resumed_chunks == 25  # nothing encoded twice
+    BehaviourStore.open(root).verify()
 
 
 def test_a_failed_latest_write_unpublishes_the_new_version(tmp_path, tiny_llama, refresh, monkeypatch):
@@ -394,19 +427,110 @@ def test_a_checkpoint_folder_that_cannot_be_a_folder(tmp_path):
     assert blocker.read_text() == "x"
 
 
-@pytest.mark.skipif(not CHMOD_BLOCKS_WRITES, reason=NO_CHMOD)
-def test_a_read_only_checkpoint_folder(tmp_path):
+# saves a Linear(8, 8) and its SGD state (seeded by the step) as step argv[2] into argv[1]; prints the outcome
+SAVE = """
+import json, sys, torch
+from bahe.training.checkpoint import Checkpointer
+folder, step = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(step)
+module = torch.nn.Linear(8, 8)
+try:
+    Checkpointer(folder).save(step, module, torch.optim.SGD(module.parameters(), lr=0.1), [], rows_seen=0)
+    print(json.dumps({"error": None}))
+except Exception as err:
+    print(json.dumps({"type": type(err).__name__, "message": str(err), "is_os_error": isinstance(err, OSError)}))
+"""
+
+
+def test_a_read_only_checkpoint_folder(tmp_path, unprivileged):
+    """The checkpoint folder is read-only for the user who trains (chmod 0o500, a real EACCES):
+    CheckpointWriteError naming the partial folder and EACCES; step 1 stays LATEST, loads with its own
+    tensors, and nothing of step 2 is left."""
+    import torch.distributed.checkpoint as dcp
+
     module, optimizer = plain_state()
-    checkpointer = Checkpointer(tmp_path / "ckpt")
+    ckpt = tmp_path / "ckpt"
+    checkpointer = Checkpointer(ckpt)
     checkpointer.save(1, module, optimizer, [], rows_seen=0)
-    os.chmod(tmp_path / "ckpt", 0o500)
+    expected = {k: v.clone() for k, v in module.state_dict().items()}
+    ckpt.chmod(0o500)
     try:
-        with pytest.raises(CheckpointWriteError, match="Permission denied \\(EACCES\\)") as error:
-            checkpointer.save(2, module, optimizer, [], rows_seen=0)
+        done = subprocess.run([*unprivileged, sys.executable, "-c", SAVE, str(ckpt), "2"], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=120)
     finally:
-        os.chmod(tmp_path / "ckpt", 0o700)
-    assert "step-0000001 is intact and still LATEST" in str(error.value)
-    assert checkpointer.latest() == tmp_path / "ckpt" / "step-0000001"
+        ckpt.chmod(0o700)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["type"] == "CheckpointWriteError" and outcome["is_os_error"], outcome
+    assert outcome["message"].startswith(f"cannot create the checkpoint folder for step-0000002: "
+                                         f"{ckpt / '.partial-step-0000002'}: Permission denied (EACCES). "), outcome
+    assert "step-0000001 is intact and still LATEST" in outcome["message"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["LATEST", "step-0000001"]
+    assert checkpointer.latest() == ckpt / "step-0000001"
+    loaded = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}}
+    dcp.load(loaded, checkpoint_id=str(checkpointer.latest()), no_dist=True)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in expected.items())
+
+
+# bahe-train, the DLRM-only arm on the Criteo fixture in one process: 92 training rows, 10 steps of 8 (one pass,
+# no validation needed), a 678 KB checkpoint shard
+CRITEO_SAMPLE = ROOT / "tests" / "fixtures" / "criteo" / "sample.tsv"
+TRAIN = ["-m", "bahe.launchers.train", "--arm", "dlrm", "--criteo-tsv", str(CRITEO_SAMPLE), "--batch-size", "8",
+         "--drop-id-features", "user_id", "item_id", "--steps", "10", "--embedding-dim", "8", "--dense-arch", "16",
+         "8", "--over-arch", "16", "1", "--table-rows", "500", "--log-every", "5"]
+
+
+def bahe_train(out: Path, *extra: str, prefix: tuple[str, ...] = (), preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, *TRAIN, "--out", str(out), *extra], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+
+def assert_one_line_and_step5_kept(failed: subprocess.CompletedProcess, ckpt: Path, before: dict[str, bytes],
+                                   reason: str) -> None:
+    assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "resumed from checkpoint step-0000005" in failed.stdout  # it trained, then failed to save step 10
+    lines = failed.stderr.splitlines()
+    assert len(lines) == 1, failed.stderr  # no traceback, no library noise
+    assert lines[0].startswith(f"bahe-train: error: {reason}"), lines[0]
+    assert "The last complete checkpoint step-0000005 is intact and still LATEST" in lines[0]
+    assert f"make {ckpt} a writable folder" in lines[0] and "training resumes from the last complete" in lines[0]
+    assert snapshot(ckpt) == before  # LATEST still names step 5, whose files are untouched; no partial folder
+    assert Checkpointer(ckpt).latest() == ckpt / "step-0000005"
+    assert not (ckpt.parent / "metrics.json").exists()
+
+
+@pytest.mark.integration
+def test_bahe_train_reports_a_failed_checkpoint_write_in_one_line_and_keeps_the_last_one(tmp_path, unprivileged):
+    """bahe-train pauses at step 5 (--stop-at 5), then resumes and cannot write its step-10 checkpoint: first
+    the disk fills half-way through the shard (RLIMIT_FSIZE, EFBIG), then the checkpoint folder is read-only
+    for the user who trains (chmod 0o500, a real EACCES). Each time: exit code 2 and one line on stderr
+    naming the folder and the reason, no traceback; step 5 stays LATEST byte for byte and no partial
+    folder is left. The rerun, once there is room and the right to write, resumes from step 5."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    partial = ckpt / ".partial-step-0000010"
+    first = bahe_train(out, "--stop-at", "5")
+    assert first.returncode == 0 and not first.stderr, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (ckpt / "LATEST").read_text() == "step-0000005\n"
+    before = snapshot(ckpt)
+
+    limit = (ckpt / "step-0000005" / "__0_0.distcp").stat().st_size // 2
+    full = bahe_train(out, preexec_fn=file_size_limit(limit))
+    assert_one_line_and_step5_kept(full, ckpt, before, f"cannot write checkpoint step-0000010 into {partial} (rank 0: "
+                                                       "File too large (EFBIG)); the partial folder was removed. ")
+    ckpt.chmod(0o500)
+    try:
+        read_only = bahe_train(out, prefix=tuple(unprivileged))
+    finally:
+        ckpt.chmod(0o700)
+    assert_one_line_and_step5_kept(read_only, ckpt, before, "cannot create the checkpoint folder for step-0000010: "
+                                                            f"{partial}: Permission denied (EACCES). ")
+
+    again = bahe_train(out)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_step"] == 5 and summary["steps"] == 10
+    assert (ckpt / "LATEST").read_text() == "step-0000010\n"
 
 
 def test_a_failed_latest_write_leaves_the_previous_checkpoint_current(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from pathlib import Path
 from bahe.embeddings.store import write_text_atomic
 
 BEST = "BEST.json"
+REPASS_TOLERANCE = 1.1  # warn from this many passes over the train split with nothing to select on
 SELECT_BY = {"auc": 1.0, "logloss": -1.0}  # metric -> sign (higher is better after multiplying)
 
 
@@ -98,9 +99,10 @@ def epochs_to_steps(epochs: float, train_rows: int, batch_size: int, world: int)
 
 
 def passes_warning(steps: int, train_rows: int, batch_size: int, world: int, eval_every: int) -> str | None:
-    """A warning when the run passes over its training split more than once with no validation to select on."""
+    """A warning when the run passes over its training split more than ``REPASS_TOLERANCE`` times with no
+    validation to select on."""
     passes = steps * batch_size * world / max(train_rows, 1)
-    if passes <= 1.0 or eval_every:
+    if passes <= REPASS_TOLERANCE or eval_every:  # a few rows of a second pass are no overfitting risk
         return None
     return (f"bahe-train: warning: {steps} steps of {batch_size} x {world} rows pass {passes:.1f} times over the "
             f"{train_rows:,} training rows with no validation (--eval-every 0): later passes may overfit and the "
