@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml tools/fbgemm_gpu_cpu_shim/pyproject.toml Makefile
 	$(PY) -c "import torchrec, transformers, bahe.ctr_data" || (echo "environment check failed: see the pip output above" >&2; exit 1)
 	touch $(STAMP)
 
+# Two workers, one test file each at a time (module fixtures are built once): CI stays under 20 minutes.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

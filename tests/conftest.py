@@ -35,3 +35,34 @@ def tiny_rows(n: int = 4) -> dict[str, list]:
         "seq_liked": [[f"Movie {j}" for j in range(i)] for i in range(n)],
         "seq_disliked": [[] for _ in range(n)],
     }
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A CLI's main() in this process as a 1-rank gloo group on a free port (its environment restored, its
+    group destroyed afterwards)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("BAHE_TRACEBACK", raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """TorchX's local scheduler takes over SIGINT/SIGTERM when created; give them back to pytest afterwards."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,23 +94,6 @@ def test_duplicated_column_is_refused_on_write_and_nothing_appears(tmp_path, tin
             SampleWriter(tmp_path / "s.parquet", tiny_schema) as writer:
         writer.write(table)
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """bahe-train's main() in this process as a 1-rank gloo group on a free port (destroyed afterwards)."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    monkeypatch.delenv("BAHE_TRACEBACK", raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def test_duplicated_column_in_a_split_stops_bahe_train_in_one_line(tmp_path, tiny_schema, capsys, one_rank):

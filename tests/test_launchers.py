@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +26,7 @@ TRAIN_MODULE_ARGS = ["--data-dir", "/data/ml", "--out", "/data/runs/bahe", "--ar
                      "--batch-size", "64"]
 
 
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """TorchX's local scheduler takes over SIGINT/SIGTERM when created; give them back to pytest afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")  # tests/conftest.py
 
 
 def dryrun(app, scheduler: str, cfg: dict):

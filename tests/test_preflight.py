@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +29,6 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("preflight")
     pipeline = make_tiny_pipeline(root / "pipeline")
     return pipeline, split_by_time(pipeline, root / "data")
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """bahe-train's main() in this process as a 1-rank gloo group (its environment restored, its group
-    destroyed afterwards)."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    monkeypatch.delenv("BAHE_TRACEBACK", raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def train_main(capsys, *argv) -> tuple[int, str]:
