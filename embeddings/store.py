@@ -234,14 +234,19 @@ class BehaviourStore:
                              f"bahe-encode for this config, or point the config at the matching store")
 
     def verify(self) -> None:
-        """Recompute every file checksum (reads everything; for audits, not for each load), and refuse a
-        manifest that no digest covers (a store written before manifests carried one)."""
+        """:meth:`verify_files` (reads everything; for audits), and refuse a manifest that no digest covers
+        (a store written before manifests carried one)."""
+        self.verify_files()
+        if MANIFEST_DIGEST not in self.manifest:
+            raise StoreError(f"{self.path / MANIFEST} carries no {MANIFEST_DIGEST}: the store was written before "
+                             "manifests were checksummed (or the field was removed), so an edit of its k, dim or "
+                             "checksums would go unnoticed; rebuild the store with bahe-encode to cover it")
+
+    def verify_files(self) -> None:
+        """Recompute every file checksum against the manifest (reads everything); a changed file raises a
+        StoreError naming it. The trainer runs it as it loads the rows (model/behaviour_lookup.py)."""
         for name, meta in self.manifest["files"].items():
             actual = file_sha256(inside(self.path / name, self.path.parent))
             if actual != meta["sha256"]:
                 raise StoreError(f"{self.path / name}: checksum {actual[:12]}... does not match the manifest's "
                                  f"{meta['sha256'][:12]}...; the file changed after the store was written")
-        if MANIFEST_DIGEST not in self.manifest:
-            raise StoreError(f"{self.path / MANIFEST} carries no {MANIFEST_DIGEST}: the store was written before "
-                             "manifests were checksummed (or the field was removed), so an edit of its k, dim or "
-                             "checksums would go unnoticed; rebuild the store with bahe-encode to cover it")
