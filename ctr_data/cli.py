@@ -5,8 +5,9 @@
   bahe-data synthetic --out data/synth.parquet --samples 1000000
   bahe-data criteo --out data/criteo.parquet day_0.tsv [day_1.tsv ...]
   bahe-data summary data/ml-100k/*.parquet
+  bahe-data slices --out data/ml-days --period 14d --warmup 0.7 data/ml-100k/{train,valid,test}.parquet
 
---out names a folder for movielens and a .parquet file for synthetic and criteo. Existing files there
+--out names a folder for movielens and slices and a .parquet file for synthetic and criteo. Existing files there
 are replaced, and only once the new ones are complete: a failed run (bad input, a full disk) leaves
 them as they were and no partial file behind.
 """
@@ -33,10 +34,10 @@ def _check_out(args: argparse.Namespace) -> None:
     out = getattr(args, "out", None)
     if out is None:
         return
-    if args.command == "movielens" and out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; movielens writes train/valid/test.parquet into a folder: name a "
+    if args.command in ("movielens", "slices") and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; {args.command} writes train/valid/test.parquet into a folder: name a "
                          "folder (new or existing)")
-    if args.command != "movielens" and out.is_dir():
+    if args.command not in ("movielens", "slices") and out.is_dir():
         raise ValueError(f"--out {out} is a folder; {args.command} writes one .parquet file: name it, e.g. --out "
                          f"{out / f'{args.command}.parquet'} (an existing file is replaced once the new one is complete)")
 
@@ -65,6 +66,17 @@ def _criteo(args: argparse.Namespace) -> list[Path]:
 
     convert_criteo_tsv(args.inputs, args.out)
     return [args.out]
+
+
+def _slices(args: argparse.Namespace) -> list[Path]:
+    from bahe.ctr_data.time_slices import SliceConfig, parse_period, write_time_slices
+
+    config = SliceConfig(period_s=parse_period(args.period), warmup=args.warmup, valid_fraction=args.valid_fraction,
+                         max_slices=args.max_slices)
+    summary = write_time_slices(args.inputs, args.out, config)
+    print(f"wrote {len(summary['slices'])} slice folders (slice-PP: one period; upto-PP: all rows so far) "
+          f"into {args.out}; cuts and rows in {args.out / 'slices.json'}", file=sys.stderr)
+    return [args.out / name / f"{split}.parquet" for name in summary["slices"] for split in ("train", "valid", "test")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("inputs", type=Path, nargs="+", help="TSV day files, in time order")
     cr.add_argument("--out", type=Path, required=True, help="output .parquet file (an existing one is replaced once the new one is complete)")
     cr.set_defaults(run=_criteo)
+
+    sl = sub.add_parser("slices", help="time-ordered sample files -> consecutive periods (a daily update loop's days)",
+                        description=__import__("bahe.ctr_data.time_slices", fromlist=["_"]).__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sl.add_argument("inputs", type=Path, nargs="+", help="sample .parquet files of one dataset (any order)")
+    sl.add_argument("--out", type=Path, required=True, help="output folder: slice-PP/, upto-PP/, slices.json")
+    sl.add_argument("--period", default="7d", help="length of one period: 1d, 7d, 12h, 3600s (default 7d)")
+    sl.add_argument("--warmup", type=float, default=0.5, help="share of all rows in the warm-up period (default 0.5)")
+    sl.add_argument("--valid-fraction", type=float, default=0.1,
+                    help="share of each period's last rows held out as its valid split (default 0.1)")
+    sl.add_argument("--max-slices", type=int, default=None, help="keep only the first N periods after the warm-up")
+    sl.set_defaults(run=_slices)
 
     sm = sub.add_parser("summary", help="print the summary of existing sample files")
     sm.add_argument("files", type=Path, nargs="+")
