@@ -6,6 +6,11 @@
 
 The same command trains every arm (--arm bahe | token_level | dlrm) from the same tables and head.
 A run folder that holds a checkpoint resumes from it.
+
+Warm start (the daily update): yesterday's model continues on today's data and refreshed store,
+  bahe-train --init-from runs/day1 --store stores/ml --data-dir data/day2 --out runs/day2 --steps 200
+(model flags left out default to those of the --init-from run; --store to its store, whose LATEST is the
+refresh; step, data position and schedules start at 0).
 """
 
 from __future__ import annotations
@@ -55,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-dense-standardize", action="store_true",
                    help="feed log1p(dense) as it is, without z-scoring it with the train split's statistics")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--init-from", type=Path, default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="warm start: every trainable weight from a previous run's selected checkpoint (best by "
+                        "valid, else latest) or from RUN/checkpoints/step-NNNNNNN; the behaviour table from --store "
+                        "(that run's store or a refresh of it: new texts are new rows); step, data position and "
+                        "schedules start at 0. Model flags left out default to that run's; different ones, or a "
+                        "store whose shared rows differ, are refused. Not applied when --out holds its own "
+                        "checkpoint (that resumes)")
+    g.add_argument("--init-optimizer", action="store_true",
+                   help="with --init-from: also load its optimizer state (row-wise Adagrad of the ID tables, "
+                        "AdamW moments; default: fresh)")
     t = p.add_argument_group("text (ignored by --arm dlrm)")
     t.add_argument("--store", help="behaviour store folder (bahe-encode build --store ...)")
     t.add_argument("--llm", default=DEFAULT_MODEL, help=f"the model the store was encoded with (default {DEFAULT_MODEL})")
@@ -118,7 +133,7 @@ def config_from_args(args: argparse.Namespace):
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at,
                        max_unknown_text_rate=args.max_unknown_rate,
                        shuffle=not args.no_shuffle, standardize_dense=not args.no_dense_standardize, seed=args.seed,
-                       device=args.device)
+                       init_from=args.init_from, init_optimizer=args.init_optimizer, device=args.device)
 
 
 def _steps(args: argparse.Namespace) -> int:
@@ -137,6 +152,26 @@ def _feature_rows(pairs: list[str]) -> dict[str, int]:
     return rows
 
 
+def _init_from_defaults(args: argparse.Namespace, argv: list[str]) -> None:
+    """With --init-from: model flags (and --store, --llm, --batch-size) left out take the recorded values of
+    this run's own record when --out holds a checkpoint (a rerun resumes), else of the --init-from run."""
+    if args.init_from is None:
+        return
+    from bahe.training.init_from import resolve
+    from bahe.training.run_record import apply_record, has_checkpoint
+
+    apply_record(args, argv, args.out if has_checkpoint(args.out) else resolve(args.init_from).run)
+
+
+def _check_init_from(config) -> None:
+    """--init-from's checkpoint and model flags (its store lineage is checked by the trainer)."""
+    from bahe.training.init_from import check_model, resolve
+    from bahe.training.run_record import has_checkpoint
+
+    if config.init_from is not None and not has_checkpoint(config.out_dir):
+        check_model(resolve(config.init_from), config)
+
+
 def quiet_library_deprecations() -> None:
     """torch / torchrec deprecation notices (ShardedTensor, fx tracing, DDP arguments) are not the
     user's to act on; every other warning still shows."""
@@ -153,13 +188,16 @@ def quiet_library_deprecations() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_deprecations()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from bahe.training.run_record import check_out_folder, check_resume
 
     try:
         check_out_folder(args.out)  # before anything is written under it
+        _init_from_defaults(args, argv)
         config = config_from_args(args)
         check_resume(config)  # a resume with other model flags than its checkpoint's is refused
+        _check_init_from(config)  # the same refusals the trainer makes, before any process group or file
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-train: error: {err}", file=sys.stderr)
         return 2
@@ -176,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        shown = ("steps", "stopped_at", "resumed_from_step", "steps_run", "selected_step", "early_stopped_at", "valid",
-                 "test")
+        shown = ("steps", "stopped_at", "resumed_from_step", "steps_run", "initialized_from", "selected_step",
+                 "early_stopped_at", "valid", "test")
         print(json.dumps({k: summary[k] for k in shown if k in summary}))
     dist.destroy_process_group()
     return 0

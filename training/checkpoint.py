@@ -5,6 +5,8 @@ may resume on another number of ranks.
 
 The frozen behaviour table and its (lr=0) optimizer state are left out: they come from the
 behaviour store, which the trainer loads at start-up, so checkpoints stay small.
+:func:`load_into` is the one loader: a resume, the best checkpoint at the end, and a warm start from
+another run (``bahe-train --init-from``, training/init_from.py: weights, and optimizer state on request).
 
 Layout: ``<dir>/step-000100/`` (a DCP checkpoint) and ``<dir>/LATEST`` naming the newest COMPLETE
 one. A checkpoint is written under ``.partial-step-...`` and renamed only after every rank has
@@ -99,9 +101,10 @@ def merge_into(target: dict, loaded: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, run_config=None):
+    def __init__(self, directory: Path, run_config=None, record_extra: dict | None = None):
         self.directory = Path(directory)
         self.run_config = run_config  # a TrainConfig: its model flags are recorded beside each checkpoint
+        self.record_extra = record_extra  # recorded with them: the store, initialized_from (run_record.py)
         self.rows_seen = 0  # the data position of the restored checkpoint (0 for a fresh run)
 
     def _is_rank0(self) -> bool:
@@ -123,7 +126,7 @@ class Checkpointer:
                                     "start this run from step 0")
         return path
 
-    def _named(self, name: str) -> Path:
+    def named(self, name: str) -> Path:
         if not re.fullmatch(r"step-\d{7}", name) or not (self.directory / name).is_dir():
             raise FileNotFoundError(f"{self.directory} holds no complete checkpoint {name!r} (BEST.json names it): "
                                     "restore that folder, or evaluate the latest step (bahe-evaluate --which latest)")
@@ -146,7 +149,7 @@ class Checkpointer:
                 f"another run folder, bahe-train --out), then run again: training resumes from the last complete "
                 f"checkpoint")
 
-    def _on_rank0(self, action, what: str) -> None:
+    def on_rank0(self, action, what: str) -> None:
         """Run ``action`` on rank 0 and raise on every rank if it failed (a bare barrier would leave the other
         ranks waiting for a rank 0 that has raised)."""
         reason = None
@@ -172,7 +175,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
 
-        self._on_rank0(start, f"create the checkpoint folder for {name}")
+        self.on_rank0(start, f"create the checkpoint folder for {name}")
         state = {"model": without_frozen(dmp.state_dict()), "optimizer": without_frozen(optimizer.state_dict()),
                  "progress": {"step": torch.tensor(step), "rows_seen": torch.tensor(rows_seen),
                               "schedulers": torch.tensor([s.last_epoch for s in schedulers])}}
@@ -188,14 +191,14 @@ class Checkpointer:
             os.replace(partial, final)
             try:
                 if self.run_config is not None:  # before LATEST: never a current checkpoint without its record
-                    write_record(self.directory.parent, self.run_config)
+                    write_record(self.directory.parent, self.run_config, self.record_extra)
                 write_text_atomic(self.directory / "LATEST", name + "\n")
             except OSError:
                 if self._latest_name() != name:  # complete but not current: only in the way
                     shutil.rmtree(final, ignore_errors=True)
                 raise
 
-        self._on_rank0(publish, f"publish checkpoint {name} in {self.directory}")
+        self.on_rank0(publish, f"publish checkpoint {name} in {self.directory}")
         return final
 
     def _save_failed(self, name: str, partial: Path, writer: _ReportingWriter, err: dcp.CheckpointException) -> None:
@@ -220,26 +223,41 @@ class Checkpointer:
     def restore(self, dmp, optimizer, schedulers, *, name: str | None = None) -> int:
         """Load the newest complete checkpoint (or the one called ``name``, e.g. the best) in place; returns
         its step (0 when there is none)."""
-        path = self.latest() if name is None else self._named(name)
+        path = self.latest() if name is None else self.named(name)
         if path is None:
             return 0
+        progress = {"step": torch.tensor(0), "rows_seen": torch.tensor(0),
+                    "schedulers": torch.zeros(len(schedulers), dtype=torch.long)}
+        load_into(path, dmp, optimizer, progress=progress)
+        for scheduler, last in zip(schedulers, progress["schedulers"].tolist()):
+            scheduler.last_epoch = last
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * scheduler.lr_lambdas[0](last)
+        self.rows_seen = int(progress["rows_seen"])
+        return int(progress["step"])
+
+
+def load_into(path: Path, dmp, optimizer=None, *, progress: dict | None = None) -> None:
+    """Load checkpoint ``path`` in place: the model's trainable weights into ``dmp`` (DCP reshards them to
+    this launch's ranks and sharding plan), the optimizer state into ``optimizer`` when given (its
+    hyper-parameters, e.g. learning rates, are not in checkpoints and stay), and the ``progress`` tensors
+    when given. The frozen behaviour table is neither read nor touched: the store supplies it."""
+    if optimizer is not None:
         # AdamW creates its moments lazily at the first step; a fresh optimizer's state dict would have
         # no slots for them and they would silently not be restored. torchrec's init_state() runs one
         # zero-gradient step to create them; everything it touches is overwritten by the load below.
         optimizer.init_state()
-        model_state, optimizer_state = dmp.state_dict(), optimizer.state_dict()
-        state = {"model": without_frozen(model_state), "optimizer": without_frozen(optimizer_state),
-                 "progress": {"step": torch.tensor(0), "rows_seen": torch.tensor(0),
-                              "schedulers": torch.zeros(len(schedulers), dtype=torch.long)}}
-        # restricted loaders: a checkpoint folder may come from someone else (training/safe_load.py)
-        load_checkpoint(state, path)
-        merge_into(model_state, state["model"])
+    model_state = dmp.state_dict()
+    state = {"model": without_frozen(model_state)}
+    if optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+        state["optimizer"] = without_frozen(optimizer_state)
+    if progress is not None:
+        state["progress"] = progress
+    # restricted loaders: a checkpoint folder may come from someone else (training/safe_load.py)
+    load_checkpoint(state, path)
+    merge_into(model_state, state["model"])
+    dmp.load_state_dict(model_state)
+    if optimizer is not None:
         merge_into(optimizer_state, state["optimizer"])
-        dmp.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
-        for scheduler, last in zip(schedulers, state["progress"]["schedulers"].tolist()):
-            scheduler.last_epoch = last
-            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * scheduler.lr_lambdas[0](last)
-        self.rows_seen = int(state["progress"]["rows_seen"])
-        return int(state["progress"]["step"])

@@ -76,6 +76,14 @@ class TrainConfig:
         standardize_dense: z-score the log1p'd dense features with train statistics (model/dense_features.py).
         shuffle: shuffle the train split (seeded; default). False trains in file (time) order.
         seed: model initialisation and data order.
+        init_from: warm start: a previous run folder (its selected checkpoint: BEST.json's, else LATEST)
+            or one of its checkpoints (``RUN/checkpoints/step-NNNNNNN``); every trainable weight starts
+            from it, step and data position from 0, the frozen behaviour table from this run's store (a
+            refresh of that run's store). Its model flags and store lineage are checked before step 1
+            (training/init_from.py). Ignored when ``checkpoint_dir`` holds this run's own checkpoint (a
+            resume wins). None: initialise from the seed.
+        init_optimizer: with ``init_from``, also load its optimizer state (row-wise Adagrad of the ID
+            tables, AdamW moments); the learning-rate schedules start fresh either way.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
@@ -101,12 +109,19 @@ class TrainConfig:
     standardize_dense: bool = True
     shuffle: bool = True
     seed: int = 0
+    init_from: Path | None = None
+    init_optimizer: bool = False
     device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir or self.out_dir / "checkpoints"))
+        if self.init_from is not None:
+            object.__setattr__(self, "init_from", Path(self.init_from))
+        if self.init_optimizer and self.init_from is None:
+            raise ValueError("TrainConfig.init_optimizer loads the optimizer state of the run given by init_from: "
+                             "add --init-from RUN_OR_CHECKPOINT, or leave out --init-optimizer")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError(f"TrainConfig: batch_size and steps must be >= 1, got {self.batch_size}, {self.steps}")
         if min(self.eval_every, self.checkpoint_every) < 0 or self.log_every < 1:

@@ -22,6 +22,7 @@ from bahe.model.bahe import BAHETrain
 from bahe.model.behaviour_lookup import load_store_rows
 from bahe.model.factory import build_model
 from bahe.model.sharding import shard_model
+from bahe.training import init_from
 from bahe.training.checkpoint import Checkpointer
 from bahe.training.config import TrainConfig
 from bahe.training.faults import inject_fault
@@ -29,9 +30,11 @@ from bahe.training.health import check_loss
 from bahe.training.metrics import CtrMetrics
 from bahe.training.optimizers import attach_sparse_optimizer, build_optimizer
 from bahe.training.preflight import preflight
+from bahe.training.run_record import RECORD, check_run_store, read_record, store_record, write_record
 from bahe.training.selection import Selection, epochs_to_steps, passes_warning
 from bahe.training.sources import ParquetData, RandomData, criteo_data
 from torch.utils.tensorboard import SummaryWriter
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 
@@ -131,6 +134,54 @@ def run_training(config: TrainConfig) -> dict:
         return _train(config)
 
 
+@dataclasses.dataclass
+class Started:
+    """The sharded model ready for step ``start + 1``, with its batcher, optimizer, schedules and
+    checkpointer; ``initialized`` is the run's ``initialized_from`` record (None: from the seed)."""
+
+    dmp: DistributedModelParallel
+    batcher: object
+    optimizer: torch.optim.Optimizer
+    schedulers: list
+    groups: dict
+    checkpointer: Checkpointer
+    start: int
+    initialized: dict | None
+
+
+def start_model(config: TrainConfig, source, rank: int, device: torch.device) -> Started:
+    """Build and shard the model, load the store's rows, then restore the run's own checkpoint (a resume)
+    or, at step 0, the ``--init-from`` checkpoint; its refusals come before the model is sharded. When
+    training follows, rank 0 records the store and the start in run_config.json."""
+    normalizer = source.dense_normalizer() if config.standardize_dense else None
+    model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"),
+                                        dense_normalizer=normalizer)
+    checkpointer = Checkpointer(config.checkpoint_dir, run_config=config)  # records the model flags too
+    text_store = store if store is not None else _text_store(config)
+    own = checkpointer.latest()
+    if own is not None:  # a resume (or bahe-evaluate): the run's store lineage; --init-from does not apply
+        check_run_store(config.checkpoint_dir.parent, text_store)
+    init = init_from.prepare(config, text_store, rank=rank) if own is None else None  # refusals: before step 1
+    attach_sparse_optimizer(model, config.optim)
+    dmp = shard_model(BAHETrain(model), device, batch_size=config.batch_size)
+    if store is not None:
+        load_store_rows(dmp, store)
+    optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
+    start = checkpointer.restore(dmp, optimizer, schedulers)
+    if init is not None:
+        init_from.load(init, dmp, optimizer if config.init_optimizer else None)
+    initialized = init.as_record(config.init_optimizer) if init is not None else \
+        (read_record(config.checkpoint_dir.parent) or {}).get("initialized_from") if start else None
+    if rank == 0:
+        _say_where_it_starts(config, start, checkpointer, init, own, text_store)
+    if start < config.steps:  # training: record the store and the start now (and beside each checkpoint)
+        checkpointer.record_extra = {"store": store_record(text_store) if text_store is not None else None,
+                                     "initialized_from": initialized}
+        checkpointer.on_rank0(lambda: write_record(config.checkpoint_dir.parent, config, checkpointer.record_extra),
+                              f"write {config.checkpoint_dir.parent / RECORD}")
+    return Started(dmp, batcher, optimizer, schedulers, groups, checkpointer, start, initialized)
+
+
 def _train(config: TrainConfig) -> dict:
     """Train, evaluate and checkpoint; returns the final metrics (on every rank)."""
     rank, world, device = setup_distributed(config.device)
@@ -138,21 +189,11 @@ def _train(config: TrainConfig) -> dict:
     source = open_source(config, rank)
     preflight(config, source, world)  # every split, texts vs store: before the model or any file
     config = _with_epochs(config, source, world, rank)
-    normalizer = source.dense_normalizer() if config.standardize_dense else None
-    model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"),
-                                        dense_normalizer=normalizer)
-    attach_sparse_optimizer(model, config.optim)
-    dmp = shard_model(BAHETrain(model), device, batch_size=config.batch_size)
-    if store is not None:
-        load_store_rows(dmp, store)
-    optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
-    checkpointer = Checkpointer(config.checkpoint_dir, run_config=config)  # records the model flags too
-    start = checkpointer.restore(dmp, optimizer, schedulers)
+    started = start_model(config, source, rank, device)
+    dmp, batcher, optimizer, schedulers, groups = (started.dmp, started.batcher, started.optimizer,
+                                                   started.schedulers, started.groups)
+    checkpointer, start, initialized = started.checkpointer, started.start, started.initialized
     selection = Selection.load(config.checkpoint_dir, config.select_by, config.patience)
-    if start and rank == 0:
-        print(f"resumed from checkpoint step-{start:07d} in {config.checkpoint_dir}: {checkpointer.rows_seen:,} "
-              f"training rows already seen; this run trains steps {start + 1}..{config.stop_at or config.steps}",
-              flush=True)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
     data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip_rows=checkpointer.rows_seen,
                                       seed=config.seed, shuffle=config.shuffle))
@@ -206,7 +247,8 @@ def _train(config: TrainConfig) -> dict:
     if step < config.steps and selection.stopped_at is None:  # paused on purpose (stop_at): a rerun resumes
         if writer is not None:
             writer.close()
-        return {"steps": step, "stopped_at": step, "resumed_from_step": start, "steps_run": step - start}
+        return {"steps": step, "stopped_at": step, "resumed_from_step": start, "steps_run": step - start,
+                "initialized_from": initialized}
     selected = selection.step if config.use_best and selection.step is not None else step
     if selected != step:  # the best checkpoint by valid, not the last step
         checkpointer.restore(dmp, optimizer, schedulers, name=f"step-{selected:07d}")
@@ -216,6 +258,7 @@ def _train(config: TrainConfig) -> dict:
         _log_eval(writer, "eval", final["valid"], step)
     _log_eval(writer, "test", final["test"], step)
     summary = {"steps": step, "resumed_from_step": start, "steps_run": step - start, "world_size": world,
+               "initialized_from": initialized,
                "selected_step": selected, "select_by": config.select_by if config.eval_every else None,
                "early_stopped_at": selection.stopped_at, "valid": final["valid"], "test": final["test"],
                "history": history, "peak_memory_mb": peak_memory_mb(device),
@@ -228,6 +271,29 @@ def _train(config: TrainConfig) -> dict:
         writer.close()
         (config.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _text_store(config: TrainConfig):
+    """The store of a text arm built without a behaviour table (token-level: it fixes k), else None."""
+    from bahe.embeddings.store import BehaviourStore
+
+    return BehaviourStore.open(config.model.text.store) if config.model.text is not None else None
+
+
+def _say_where_it_starts(config: TrainConfig, start: int, checkpointer: Checkpointer, init, own, store) -> None:
+    """Rank 0: one line on a resume or a warm start (or an --init-from that a resume overrides)."""
+    last = config.stop_at or config.steps
+    if start:
+        print(f"resumed from checkpoint step-{start:07d} in {config.checkpoint_dir}: {checkpointer.rows_seen:,} "
+              f"training rows already seen; this run trains steps {start + 1}..{last}", flush=True)
+    if own is not None and config.init_from is not None:
+        print(f"--init-from {config.init_from} not applied: {config.checkpoint_dir} holds this run's own checkpoint "
+              f"{own.name}, which wins (a resume; --init-from applies at step 0 only)", flush=True)
+    if init is not None:
+        table = "" if store is None else f"; the behaviour table from store {store.path} ({store.rows_count:,} rows)"
+        print(f"initialized from {init.checkpoint} (step {init.step} of {init.run}): every trainable weight; "
+              f"optimizer state {'loaded' if config.init_optimizer else 'fresh'}{table}; this run trains steps "
+              f"1..{last} from data position 0", flush=True)
 
 
 def _with_epochs(config: TrainConfig, source, world: int, rank: int) -> TrainConfig:

@@ -5,15 +5,23 @@ Checkpoints hold weights, not the architecture. A resume (or ``bahe-evaluate``) 
 DCP or, worse, silently continue with weights trained for another model. So rank 0 records the model
 flags beside each checkpoint it publishes (atomically, ``Checkpointer.save``), and a start that
 finds a checkpoint is refused before anything starts if its model flags differ, naming every one.
-``bahe-evaluate`` defaults the model flags it was not given to the recorded ones.
+``bahe-evaluate`` (and ``bahe-train --init-from``) default the model flags not given to the recorded ones.
+
+The record also names the behaviour store the run trained on (``store``: root, version, LLM, k, rows
+and digests of its rows, :func:`store_record`) and where its weights started (``initialized_from``).
+A later start on a store checks that store's lineage (:func:`lineage_problem`): a refresh appends new
+texts as new rows and keeps every old row byte-identical, so the run's rows must be the new store's
+first rows, same encoder, same texts in the same order, same vectors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from bahe.embeddings.store import write_text_atomic
+import numpy as np
+from bahe.embeddings.store import BehaviourStore, write_text_atomic
 
 RECORD = "run_config.json"  # in the run folder, beside checkpoints/
 # flag -> the argparse destination that holds it (the flags that make the model: shape and computation)
@@ -53,14 +61,16 @@ def record_of(config) -> dict:
                                                        "--batch-size": config.batch_size}}
 
 
-def write_record(run: Path, config) -> None:
-    """Rank 0, beside each published checkpoint: the model flags its weights were trained with."""
-    path, text = Path(run) / RECORD, json.dumps(record_of(config), indent=2) + "\n"
+def write_record(run: Path, config, extra: dict | None = None) -> None:
+    """Rank 0, at the start of training and beside each published checkpoint: the model flags its weights
+    were trained with, and ``extra`` sections (``store``, ``initialized_from``)."""
+    path, text = Path(run) / RECORD, json.dumps({**record_of(config), **(extra or {})}, indent=2) + "\n"
     try:
         if path.read_text() == text:
             return
     except (OSError, UnicodeDecodeError):
         pass
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
 
 
@@ -126,3 +136,78 @@ def apply_record(args, argv: list[str], run: Path) -> None:
         if flag in given or flag not in values or (value is None and flag not in DEFAULT_FLAGS):
             continue
         setattr(args, dest, value)
+
+
+# Rows whose vectors the store digest reads: evenly spaced over the shared rows (first and last included).
+# The texts digest covers every shared text; a rebuild, another LLM / k / dtype changes every vector, so
+# a sample of rows tells; reading them all would cost a full pass over the store at every start.
+STORE_DIGEST_ROWS = 4096
+
+
+def shared_rows_digest(store: BehaviourStore, rows: int) -> dict[str, str]:
+    """SHA-256 of the first ``rows`` vocabulary texts (in id order) and of the vectors of
+    :data:`STORE_DIGEST_ROWS` rows spread evenly over them (float32 bytes, in row order)."""
+    texts, vocabulary = hashlib.sha256(), store.vocabulary.texts
+    for start in range(0, rows, 65_536):  # JSON of 65,536 texts at a time: bounded memory, same bytes each time
+        texts.update(json.dumps(vocabulary[start:min(start + 65_536, rows)], ensure_ascii=False).encode())
+    picked = np.unique(np.linspace(0, rows - 1, min(rows, STORE_DIGEST_ROWS)).round().astype(np.int64))
+    vectors = hashlib.sha256()
+    for row in picked.tolist():
+        vectors.update(store.rows(row, row + 1).tobytes())
+    return {"texts_sha256": texts.hexdigest(), "rows_sample_sha256": vectors.hexdigest()}
+
+
+def store_identity(store: BehaviourStore) -> dict:
+    """The store's root, version, LLM, encoder settings and size (from its manifest; nothing read)."""
+    manifest = store.manifest
+    return {"root": str(store.path.parent), "version": store.version, "llm": manifest["model"]["name"],
+            "llm_sha256": manifest["model"]["sha256"], "k": manifest["encoder"]["k"],
+            "encoder": manifest["encoder"], "dim": store.dim, "rows": store.rows_count}
+
+
+def store_record(store: BehaviourStore) -> dict:
+    """What a run records of the store it trains on (run_config.json's ``store``): its identity and the
+    digests of all its rows."""
+    return {**store_identity(store), **shared_rows_digest(store, store.rows_count)}
+
+
+def describe_store(record: dict) -> str:
+    """'stores/ml v000002 (llm smollm2-135m, k 6, 1,664 rows)'."""
+    return f"{record['root']} {record['version']} (llm {record['llm']}, k {record['k']}, {record['rows']:,} rows)"
+
+
+def lineage_problem(recorded: dict, store: BehaviourStore) -> str | None:
+    """Why ``store`` does not hold the recorded store's rows unchanged as its first rows; None when it does
+    (the same version, or a refresh of it)."""
+    manifest, rows = store.manifest, int(recorded["rows"])
+    if manifest["model"]["sha256"] != recorded["llm_sha256"]:
+        return (f"it was encoded by another LLM (weights sha256 {manifest['model']['sha256'][:12]}..., the run's "
+                f"{recorded['llm_sha256'][:12]}...)")
+    if manifest["encoder"]["k"] != recorded["k"]:
+        return f"it was encoded with another k ({manifest['encoder']['k']}, the run's {recorded['k']})"
+    settings = [f"{key} {value!r} (the run's {recorded['encoder'].get(key)!r})"
+                for key, value in manifest["encoder"].items() if recorded["encoder"].get(key) != value]
+    if settings or store.dim != recorded["dim"]:
+        return f"it was encoded with other settings ({'; '.join(settings) or f'dim {store.dim}'})"
+    if store.rows_count < rows:
+        return f"it has fewer rows ({store.rows_count:,}, the run's {rows:,})"
+    digest = shared_rows_digest(store, rows)
+    if digest["texts_sha256"] != recorded["texts_sha256"]:
+        return (f"its first {rows:,} texts are not the run's in the same order (a store rebuilt from scratch or "
+                "from other data: the ids of the texts differ)")
+    if digest["rows_sample_sha256"] != recorded["rows_sample_sha256"]:
+        return f"the vectors of its first {rows:,} rows are not the run's (the texts were encoded again)"
+    return None
+
+
+def check_run_store(run: Path, store: BehaviourStore | None) -> None:
+    """A resume (or ``bahe-evaluate``) of ``run`` on a store that does not hold the rows the run trained on
+    unchanged is refused, naming both stores (a run recorded before stores were recorded: not checked)."""
+    recorded = (read_record(run) or {}).get("store")
+    if recorded is None or store is None:
+        return
+    problem = lineage_problem(recorded, store)
+    if problem:
+        raise RunConfigError(f"{run} was trained on store {describe_store(recorded)}, and the store given now, "
+                             f"{describe_store(store_identity(store))}, does not hold those rows unchanged: {problem}; "
+                             "give the run's store (or a refresh of it, bahe-encode build), or train into a new --out")
