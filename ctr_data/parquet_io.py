@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from bahe.ctr_data.schema import DataError, SampleSchema
+from bahe.ctr_data.validation import _check_nonnegative as check_nonnegative
 from bahe.ctr_data.validation import duplicated_names, is_floating_type, is_integer_type, same_type, validate_batch
 
 __all__ = ["SampleReader", "SampleWriteError", "SampleWriter", "publish_together", "validate_batch"]
@@ -218,6 +220,12 @@ class SampleReader:
     Attributes:
         schema: the :class:`SampleSchema` stored in the file.
         num_rows: rows in the file (from the Parquet footer; nothing is read).
+        row_group_offsets: int64 array of ``num_row_groups + 1``: row group i holds the file's rows
+            ``[offsets[i], offsets[i + 1])`` (from the footer).
+
+    Row groups are Parquet's unit of reading: :meth:`read_row_group` reads one (every column chunk of
+    it), and :attr:`bytes_read` counts the bytes actually read from the file so far, footer included
+    (``row_groups_read`` the groups).
     """
 
     def __init__(self, path: str | os.PathLike, *, nonnegative_ids: Collection[str] = ()):
@@ -225,7 +233,8 @@ class SampleReader:
         if not self.path.is_file():
             raise DataError("no such sample file", path=self.path)
         try:
-            self._file = pq.ParquetFile(self.path)
+            self._source = _CountingFile(self.path)
+            self._file = pq.ParquetFile(self._source)
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(f"not a readable Parquet file ({err})", path=self.path) from None
         arrow_schema = self._file.schema_arrow
@@ -250,6 +259,14 @@ class SampleReader:
             raise ValueError(f"nonnegative_ids {unknown} are not ID columns of {self.path}, which has {ids}")
         self.nonnegative_ids = tuple(nonnegative_ids)
         self.num_rows = self._file.metadata.num_rows
+        sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.metadata.num_row_groups)]
+        self.row_group_offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        self.row_groups_read = 0  # by read_row_group
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the file so far (footer, column chunks), as the operating system served them."""
+        return self._source.bytes_read
 
     def iter_batches(self, batch_size: int = 65_536) -> Iterator[pa.Table]:
         """Yield validated tables of at most ``batch_size`` rows, in file order."""
@@ -267,13 +284,71 @@ class SampleReader:
         """Rows in one row group (from the footer; nothing is read)."""
         return self._file.metadata.row_group(index).num_rows
 
-    def read_row_group(self, index: int) -> pa.Table:
-        """One row group, validated (row numbers in errors count over the whole file)."""
-        offset = sum(self._file.metadata.row_group(i).num_rows for i in range(index))
+    def read_row_group(self, index: int, rows: np.ndarray | None = None) -> pa.Table:
+        """One row group, validated (row numbers in errors count over the whole file); with ``rows``
+        (indices into the group, any order, repeats allowed), only those rows, in that order. The whole
+        group is read and checked either way: a row group is the smallest unit a Parquet file is read in."""
+        offset = int(self.row_group_offsets[index])
         table = self._file.read_row_group(index, columns=self.schema.arrow_schema().names)
-        return validate_batch(table, self.schema, path=self.path, row_offset=offset, nonnegative=self.nonnegative_ids)
+        self.row_groups_read += 1
+        table = validate_batch(table, self.schema, path=self.path, row_offset=offset, nonnegative=self.nonnegative_ids)
+        return table if rows is None else table.take(pa.array(rows, type=pa.int64()))
+
+    def check_ids(self) -> None:
+        """Refuse a negative id in any of ``nonnegative_ids`` anywhere in the file, naming its row, before
+        any batch is read. The footer's statistics (each row group's minimum id) prove most groups clean
+        without reading them; the ID columns of the others (a negative minimum, no statistics) are read."""
+        if not self.nonnegative_ids:
+            return
+        metadata = self._file.metadata
+        leaves = {}  # ID column -> index of its (leaf) column chunk in each row group
+        for j in range(metadata.num_columns):
+            name = metadata.schema.column(j).path.split(".")[0]
+            if name in self.nonnegative_ids:
+                leaves[name] = j
+        for index in range(metadata.num_row_groups):
+            doubtful = []
+            for name, j in leaves.items():
+                stats = metadata.row_group(index).column(j).statistics
+                proven = stats is not None and stats.has_min_max and stats.min >= 0
+                if not proven:
+                    doubtful.append(name)
+            if doubtful:
+                table = self._file.read_row_group(index, columns=doubtful)
+                for name in doubtful:
+                    check_nonnegative(table.column(name).combine_chunks(), path=self.path,
+                                       row_offset=int(self.row_group_offsets[index]), field=name)
 
     def read_all(self) -> pa.Table:
         """The whole file as one validated table (small files and tests only)."""
         tables = list(self.iter_batches())
         return pa.concat_tables(tables) if tables else self.schema.arrow_schema().empty_table()
+
+
+class _CountingFile(io.RawIOBase):
+    """A read-only file that counts the bytes read through it (what pyarrow asks of the disk)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 -- closed with this object
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer) -> int:
+        count = self._file.readinto(buffer)
+        self.bytes_read += count or 0
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()

@@ -54,10 +54,19 @@ def dense_tensor_estimate(module: nn.Module) -> int:
 
 def topology(world: int, device: torch.device):
     """The launch's topology through torchrec's TopologyFactory: ``world`` ranks, LOCAL_WORLD_SIZE of
-    them per host (torchrun sets it; a 2x1 launch is 2 hosts of 1 rank)."""
+    them per host (torchrun sets it; a 2x1 launch is 2 hosts of 1 rank, whose traffic the planner
+    prices at the cross-host bandwidth)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local < 1 or world % local:
+        raise ValueError(f"LOCAL_WORLD_SIZE={local} does not divide the world size {world}: every host must run "
+                         "the same number of ranks (torchrun --nproc_per_node, TorchX -j NODESxRANKS)")
     return TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local),
                                            kernel_config=KernelConfig(compute_device=device.type))
+
+
+def hosts(topo) -> int:
+    """Hosts of a topology: world size / ranks per host."""
+    return topo.world_size // topo.local_world_size
 
 
 def sharders() -> list:
@@ -99,7 +108,10 @@ def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: 
     with warnings.catch_warnings():  # its constructor warns to pass an estimate, which we do
         warnings.simplefilter("ignore", FutureWarning)
         reservation = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=dense_tensor_estimate(module))
-    planner = EmbeddingShardingPlanner(topology=topology(world, device), batch_size=batch_size,
+    topo = topology(world, device)
+    if hosts(topo) > 1 and (not dist.is_initialized() or dist.get_rank() == 0):  # one host: nothing to say
+        print(f"sharding plan for {hosts(topo)} hosts x {topo.local_world_size} rank(s) ({device.type})", flush=True)
+    planner = EmbeddingShardingPlanner(topology=topo, batch_size=batch_size,
                                        constraints=constraints, storage_reservation=reservation)
     pg = dist.GroupMember.WORLD if dist.is_initialized() else None
     plan = planner.collective_plan(module, sharders(), pg) if pg is not None else planner.plan(module, sharders())

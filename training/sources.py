@@ -32,11 +32,17 @@ SPLITS = ("train", "valid", "test")
 
 
 class ParquetData:
-    """``train/valid/test.parquet`` in ``data_dir``; batches through the model's batcher."""
+    """``train/valid/test.parquet`` in ``data_dir``; batches through the model's batcher. Each rank reads
+    only the row groups that hold its rows; ``lanes`` deals the training stream into that many parts
+    (:mod:`bahe.training.data`): 1 keeps one stream, a multiple of the world size has each rank read
+    ~1/world of the train split (the global batch must then be a multiple of ``lanes``)."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *, lanes: int = 1):
+        if lanes < 1:
+            raise ValueError(f"ParquetData: lanes must be >= 1, got {lanes}")
         self.paths = {name: Path(data_dir) / f"{name}.parquet" for name in SPLITS}
         self.schema: SampleSchema = SampleReader(self.paths["train"]).schema
+        self.lanes = lanes
 
     def dense_normalizer(self) -> DenseNormalizer:
         """Dense statistics of the train split (its first million rows)."""
@@ -45,7 +51,7 @@ class ParquetData:
     def train(self, batcher, batch_size: int, rank: int, world: int, *, skip_rows: int, seed: int,
               shuffle: bool) -> Iterator:
         return batches(self.paths["train"], batcher, batch_size, rank, world, skip_rows=skip_rows, seed=seed,
-                       shuffle=shuffle)
+                       shuffle=shuffle, lanes=self.lanes)
 
     def evaluate(self, split: str, batcher, batch_size: int, rank: int, world: int) -> Iterator:
         return eval_batches(self.paths[split], batcher, batch_size, rank, world)
