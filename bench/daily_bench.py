@@ -1,0 +1,197 @@
+"""The daily loop on real data: MovieLens-100K cut into periods, warm-started updates vs from-scratch retrains.
+
+After a warm-up (the first ``--warmup`` of the ratings by time), the ratings are cut into periods of
+``--period`` (``bahe-data slices``). For every seed and every period p:
+
+(a) the daily chain: ``bahe-daily run`` on period p alone -- refresh the store with the period's new
+    texts, warm-start from the previous period's published model, train on the period's rows;
+(b) a retrain from scratch on every row so far (``upto-PP``), with the same flags and the same store
+    version, run right after (a) so both see the same texts.
+
+Both select their checkpoint on the period's held-out valid rows and are tested on the NEXT period. The
+update's cost is the chain's refresh + train seconds; the retrain's is its bahe-train's wall time.
+Period 0 is the warm-up, trained from scratch by both (it is not compared).
+
+  python -m bench.daily_bench                  # 3 seeds x 4 periods of 14 days: about 40 min on 2 CPU cores
+  python -m bench.daily_bench --seeds 0 --max-slices 1 --epochs 0.2 --out /tmp/daily.json   # a quick look
+
+Writes docs/daily.json (every cell), docs/daily.md's table (between its markers) and docs/daily.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_flags(epochs: float) -> list[str]:
+    """The demo preset's trainer flags (launchers/demo.py), by epochs instead of steps: the same every day."""
+    from bahe.launchers.demo import PRESETS, trainer_flags
+
+    return ["--epochs", str(epochs), *trainer_flags(PRESETS["cpu"])]
+
+
+def _run(command: list[str], log: Path) -> float:
+    """Run ``command`` with its output in ``log``; returns its wall seconds; raises with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if done.returncode not in (0, 3):  # 3: the regression guard kept the day's model unpublished
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed; the end of {log}:\n{log.read_text()[-3000:]}")
+    return seconds
+
+
+def prepare(work: Path, args: argparse.Namespace) -> tuple[Path, list[str]]:
+    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+    from bahe.ctr_data.time_slices import SliceConfig, parse_period, write_time_slices
+
+    data, days = work / "data", work / "days"
+    if not (data / "test.parquet").is_file():
+        write_movielens(MovieLensConfig(), data)
+    if not (days / "slices.json").is_file():
+        write_time_slices([data / f"{s}.parquet" for s in ("train", "valid", "test")], days,
+                          SliceConfig(period_s=parse_period(args.period), warmup=args.warmup,
+                                      max_slices=args.max_slices))
+    return days, json.loads((days / "slices.json").read_text())["slices"]
+
+
+def run_seed(work: Path, days: Path, slices: list[str], seed: int, args: argparse.Namespace) -> list[dict]:
+    home, cells = work / f"seed-{seed}", []
+    flags = [*train_flags(args.epochs), "--seed", str(seed)]
+    for p, day in enumerate(slices):
+        wall = _run([sys.executable, "-m", "bahe.launchers.daily", "run", "--home", str(home), "--day", day,
+                     "--data", str(days / day), "--nproc", str(args.nproc), "--", *flags], home / "logs" / f"{day}.log")
+        report = json.loads((home / "reports" / f"{day}.json").read_text())
+        done = json.loads((home / "runs" / day / "day.json").read_text())["done"]
+        cell = {"seed": seed, "period": p, "day": day, "status": report["status"],
+                "daily": {"valid": report["new"]["valid"], "test": report["new"]["test"],
+                          "update_seconds": round(done["refresh"]["seconds"] + done["train"]["seconds"], 1),
+                          "chain_seconds": round(wall, 1), "new_texts": report["refresh"]["new_texts"],
+                          "new_occurrence_share": report["refresh"]["new_occurrence_share"],
+                          "train_rows": report["rows"]["train"]}}
+        if p:  # the warm-up is trained from scratch by both: compared from period 1 on
+            run = work / f"seed-{seed}" / "retrain" / day
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                       str(args.nproc), "-m", "bahe.launchers.train", "--data-dir", str(days / day.replace("slice", "upto")),
+                       "--out", str(run), "--store", str(home / "store"), *flags]
+            if not (run / "metrics.json").is_file():
+                seconds = _run(command, run.with_suffix(".log"))
+                (run / "wall_seconds").write_text(f"{seconds:.1f}")
+            metrics = json.loads((run / "metrics.json").read_text())
+            cell["retrain"] = {"valid": metrics["valid"], "test": metrics["test"],
+                               "seconds": float((run / "wall_seconds").read_text()),
+                               "train_rows": _rows(days / day.replace("slice", "upto"))}
+        cells.append(cell)
+        print(json.dumps({k: cell[k] for k in ("seed", "day", "status")} | {
+            "daily_test_auc": round(cell["daily"]["test"]["auc"], 4),
+            "retrain_test_auc": cell.get("retrain") and round(cell["retrain"]["test"]["auc"], 4),
+            "update_s": cell["daily"]["update_seconds"], "retrain_s": cell.get("retrain", {}).get("seconds")}),
+            flush=True)
+    return cells
+
+
+def _rows(folder: Path) -> int:
+    from bahe.ctr_data.parquet_io import SampleReader
+
+    return SampleReader(folder / "train.parquet").num_rows
+
+
+def summarize(cells: list[dict]) -> dict:
+    """Per period: mean test AUC of both, mean difference, mean time ratio; the targets at the last period."""
+    periods = sorted({c["period"] for c in cells if "retrain" in c})
+    rows = []
+    for p in periods:
+        here = [c for c in cells if c["period"] == p]
+        diff = [c["daily"]["test"]["auc"] - c["retrain"]["test"]["auc"] for c in here]
+        ratio = [c["daily"]["update_seconds"] / c["retrain"]["seconds"] for c in here]
+        rows.append({"period": p, "day": here[0]["day"], "seeds": len(here),
+                     "daily_test_auc": statistics.mean(c["daily"]["test"]["auc"] for c in here),
+                     "retrain_test_auc": statistics.mean(c["retrain"]["test"]["auc"] for c in here),
+                     "auc_difference": statistics.mean(diff), "auc_difference_min": min(diff),
+                     "update_seconds": statistics.mean(c["daily"]["update_seconds"] for c in here),
+                     "retrain_seconds": statistics.mean(c["retrain"]["seconds"] for c in here),
+                     "time_ratio": statistics.mean(ratio),
+                     "new_texts": statistics.mean(c["daily"]["new_texts"] for c in here),
+                     "new_occurrence_share": statistics.mean(c["daily"]["new_occurrence_share"] for c in here),
+                     "published": sum(c["status"] == "published" for c in here)})
+    last = rows[-1] if rows else None
+    targets = last and {"time_ratio_at_most_0.2": last["time_ratio"] <= 0.2,
+                        "auc_within_0.002_or_better": last["auc_difference"] >= -0.002}
+    return {"periods": rows, "last": last, "targets_met": targets}
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| period (test = next) | daily AUC | retrain AUC | daily - retrain | update s | retrain s | ratio | "
+             "new texts (share of occurrences) | published |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["periods"]:
+        lines.append(f"| {r['day']} | {r['daily_test_auc']:.4f} | {r['retrain_test_auc']:.4f} | "
+                     f"{r['auc_difference']:+.4f} (min {r['auc_difference_min']:+.4f}) | {r['update_seconds']:.0f} | "
+                     f"{r['retrain_seconds']:.0f} | {r['time_ratio']:.2f} | {r['new_texts']:.0f} "
+                     f"({r['new_occurrence_share']:.2%}) | {r['published']}/{r['seeds']} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, cells: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = summary["periods"]
+    x = [r["period"] for r in rows]
+    fig, (auc, secs) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("daily", "daily update (warm start, new period only)"), ("retrain", "retrain from scratch")):
+        auc.plot(x, [r[f"{key}_test_auc"] for r in rows], marker="o", label=label)
+        points = [(c["period"], c[key]["test"]["auc"]) for c in cells if "retrain" in c]
+        auc.scatter(*zip(*points), s=8, alpha=0.4)
+    secs.plot(x, [r["update_seconds"] for r in rows], marker="o", label="daily update (refresh + train)")
+    secs.plot(x, [r["retrain_seconds"] for r in rows], marker="o", label="retrain from scratch")
+    auc.set(xlabel="period (tested on the next one)", ylabel="test AUC", title="AUC on the next period")
+    secs.set(xlabel="period", ylabel="wall seconds", title="cost of one update")
+    auc.legend(fontsize=8)
+    secs.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.daily_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "daily_bench", help="data, homes, runs (reused)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "daily.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--period", default="14d")
+    parser.add_argument("--warmup", type=float, default=0.7)
+    parser.add_argument("--max-slices", type=int, default=4)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over each day's (or all) train rows")
+    parser.add_argument("--nproc", type=int, default=2)
+    args = parser.parse_args(argv)
+    days, slices = prepare(args.work, args)
+    cells = [cell for seed in args.seeds for cell in run_seed(args.work, days, slices, seed, args)]
+    summary = summarize(cells)
+    result = {"command": "python -m bench.daily_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")} | {"flags": train_flags(args.epochs)},
+              "summary": summary, "cells": cells}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    table = markdown(summary)
+    args.out.with_suffix(".table.md").write_text(table + "\n")
+    plot(summary, cells, args.out.with_suffix(".png"))
+    print(table)
+    print(json.dumps(summary["targets_met"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""`bahe-daily`: one day of the production loop -- refresh the store, warm-start, evaluate, guard, publish.
+
+  bahe-daily run --home prod --day 2026-11-30 --data days/2026-11-30 -- --epochs 1 --batch-size 256
+  bahe-daily run --home prod --day 2026-11-30 --data /shared/days/2026-11-30 --profile slurm -- ...
+  bahe-daily status --home prod
+  bahe-daily rollback --home prod [--to 2026-11-28]
+
+A day, in order (its DATA folder holds train.parquet, valid.parquet -- the day's held-out last rows --
+and test.parquet, the rows to report on: the next day's in a replay, else the valid rows again):
+
+1. refresh: ``bahe-encode build`` appends the day's NEW texts (train and valid) to HOME/store as a new
+   version; old rows stay byte-identical, so yesterday's model reads the grown store unchanged;
+2. train: ``bahe-train --init-from`` the current run, on the day's rows only (the first day trains
+   from scratch); everything after ``--`` goes to bahe-train, the same every day;
+3. evaluate: the current (yesterday's) model on the same day's valid and test rows;
+4. guard: today's model is NOT published when its valid AUC is below yesterday's on the same rows by
+   more than --margin (it is kept in HOME/runs/DAY; exit code 3);
+5. publish: HOME/CURRENT names today's run (an atomic rename);
+6. report: HOME/reports/DAY.json and .md (rows, new texts and their cost, seconds per step, AUC / NE /
+   log loss / calibration of today's and yesterday's model on the same rows).
+
+A day that fails at any step (a crash, bad data, a NaN loss, a full disk) leaves CURRENT and the
+store's earlier versions as they were, says so in one line (exit code 1), and the same command run
+again resumes: finished steps are not redone (HOME/runs/DAY/day.json) and training resumes from its
+last checkpoint. Every step's output is in HOME/runs/DAY/logs/. With --profile the encode, train and
+evaluate steps are TorchX jobs of that torchx.yaml profile (python -m bahe.launchers.submit); the rest
+runs here. See docs/daily.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bahe.training.daily_state import DailyError, DailyHome, check_day_name
+
+STEPS = ("refresh", "train", "evaluate", "publish", "report")
+FAULT_ENV = "BAHE_DAILY_KILL_AT"  # tests: SIGKILL this driver at the start of that step
+GUARD_REFUSED = 3
+
+
+class Day:
+    """One day's run of the chain in a :class:`DailyHome`; its progress lives in runs/DAY/day.json."""
+
+    def __init__(self, home: DailyHome, day: str, data: Path, args: argparse.Namespace):
+        self.home, self.day, self.data, self.args = home, check_day_name(day), Path(data), args
+        self.run = home.run_dir(day)
+        self.state_file = self.run / "day.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+
+    def save(self) -> None:
+        from bahe.embeddings.store import write_text_atomic
+
+        self.run.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.state_file, json.dumps(self.state, indent=2))
+
+    # -- running a program: here (torchrun for several ranks) or as a TorchX job of a profile ------------------
+    def launch(self, step: str, module: str, component: str, args: list[str], component_args: list[str]) -> None:
+        """Run ``python -m module args`` (or the TorchX ``component``); its output goes to logs/STEP.log."""
+        if self.args.profile:
+            command = [sys.executable, "-m", "bahe.launchers.submit", "--profile", self.args.profile, "--wait",
+                       component, "--", *component_args]
+        elif self.args.nproc > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                       str(self.args.nproc), "-m", module, *args]
+        else:
+            command = [sys.executable, "-m", module, *args]
+        logs = self.run / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{step}.log"
+        with open(log_path, "a") as log:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:
+            raise DailyError(f"{step} failed ({_last_error(log_path)}; whole log: {log_path})")
+
+    def timed(self, step: str, work) -> dict:
+        """Run a step unless day.json says it finished; records its result and seconds."""
+        if step in self.state.get("done", {}):
+            print(f"day {self.day}: {step} already done (day.json), skipped", flush=True)
+            return self.state["done"][step]
+        _maybe_killed(step)
+        print(f"day {self.day}: {step} ...", flush=True)
+        start = time.perf_counter()
+        result = work() or {}
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        self.state.setdefault("done", {})[step] = result
+        self.save()
+        print(f"day {self.day}: {step} done in {result['seconds']:.1f} s", flush=True)
+        return result
+
+    # -- the steps -------------------------------------------------------------------------------------------
+    def refresh(self) -> dict:
+        from bahe.embeddings.store import BehaviourStore, latest_version
+
+        files = [self.data / "train.parquet", self.data / "valid.parquet"]
+        before = latest_version(self.home.store) if self.home.store.is_dir() else None
+        rows_before = BehaviourStore.open(self.home.store).rows_count if before else 0
+        encoder = _encoder_flags(self.home.store, self.args)
+        self.launch("refresh", "bahe.embeddings.cli", "encode",
+                    ["build", "--store", str(self.home.store), "--data", *map(str, files), *encoder, "--quiet"],
+                    ["--store", str(self.home.store), "--data", ",".join(map(str, files)), "--", *encoder])
+        store = BehaviourStore.open(self.home.store)
+        new = store.version != before
+        stats = store.manifest.get("stats", {}) if new else {}
+        share = _new_occurrence_share(store, rows_before, files)
+        return {"version": store.version, "previous_version": before, "rows": store.rows_count,
+                "new_texts": store.rows_count - rows_before, "tokens": stats.get("tokens", 0),
+                "encode_seconds": stats.get("encode_seconds", 0.0), "new_occurrence_share": share}
+
+    def train(self, init_from: str | None) -> dict:
+        args = ["--data-dir", str(self.data), "--out", str(self.run / "train"), "--store", str(self.home.store),
+                *(["--init-from", init_from] if init_from else []), *self.args.train_flags]
+        component = ["--data_dir", str(self.data), "--out", str(self.run / "train"), "--store", str(self.home.store),
+                     "--", *args[6:]]
+        self.launch("train", "bahe.launchers.train", "train", args, component)
+        metrics = json.loads((self.run / "train" / "metrics.json").read_text())
+        return {"init_from": init_from, "selected_step": metrics.get("selected_step"), "steps": metrics["steps"],
+                "valid": metrics["valid"], "test": metrics["test"]}
+
+    def evaluate_previous(self, previous_run: Path) -> dict:
+        out = self.run / "yesterday"
+        args = ["--checkpoint", str(previous_run), "--data-dir", str(self.data), "--store", str(self.home.store),
+                "--out", str(out)]
+        self.launch("evaluate", "bahe.launchers.evaluate", "evaluate", args,
+                    ["--checkpoint", str(previous_run), "--data_dir", str(self.data), "--store", str(self.home.store),
+                     "--out", str(out)])
+        result = json.loads((out / "evaluation.json").read_text())
+        return {"run": str(previous_run), "valid": result["valid"], "test": result["test"]}
+
+
+def _maybe_killed(step: str) -> None:
+    if os.environ.get(FAULT_ENV) == step:
+        print(f"{FAULT_ENV}: the daily driver kills itself with SIGKILL at {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of a failed program's log: its own error line, else the last line."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "error:" in line.lower() or line.startswith(("ValueError", "RuntimeError", "OSError", "DataError")):
+            return line[:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def _encoder_flags(store_root: Path, args: argparse.Namespace) -> list[str]:
+    """The first build's --model/--k from the flags; later builds repeat the store's own encoder settings."""
+    from bahe.embeddings.store import BehaviourStore, latest_version
+
+    if store_root.is_dir() and latest_version(store_root):
+        manifest = BehaviourStore.open(store_root).manifest
+        encoder = manifest["encoder"]
+        flags = ["--model", manifest["model"]["dir"], "--k", str(encoder["k"]), "--pooling", encoder["pooling"],
+                 "--dtype", encoder["dtype"], "--max-tokens", str(encoder["max_tokens"]),
+                 "--batch-tokens", str(encoder["batch_tokens"])]
+        return flags + ([] if encoder["fixed_shapes"] else ["--dynamic-shapes"])
+    return ["--model", args.llm, "--k", str(args.k)]
+
+
+def _new_occurrence_share(store, rows_before: int, files: list[Path]) -> float:
+    """Share of the day's text occurrences (behaviours and item texts) whose text the refresh encoded."""
+    from bahe.embeddings.vocabulary import count_texts
+
+    counts = count_texts(files)
+    new = set(store.vocabulary.texts[rows_before:])
+    total = sum(counts.values())
+    return round(sum(c for text, c in counts.items() if text in new) / total, 4) if total else 0.0
+
+
+def run_day(args: argparse.Namespace) -> int:
+    from bahe.embeddings.folder_lock import FolderLock
+
+    home = DailyHome(args.home)
+    home.root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid", "test"):
+        if not (Path(args.data) / f"{split}.parquet").is_file():
+            raise ValueError(f"--data {args.data} has no {split}.parquet: a day's folder holds train.parquet, "
+                             "valid.parquet (its held-out last rows) and test.parquet (rows to report on)")
+    with FolderLock(home.root, "{folder} is being updated by {holder}: one bahe-daily per home at a time"):
+        day = Day(home, args.day, Path(args.data), args)
+        current = home.current()
+        if current and current["day"] == day.day:
+            print(f"day {day.day} is already current in {home.root}; nothing to do", flush=True)
+            return 0
+        if "previous" not in day.state:  # fixed at the day's first attempt: a rerun continues the same chain
+            day.state["previous"] = current
+            day.save()
+        previous = day.state["previous"]
+        report = {"day": day.day, "status": "running", "previous_day": previous and previous["day"],
+                  "data": str(day.data)}
+        try:
+            refresh = day.timed("refresh", day.refresh)
+            init_from = str(home.root / previous["run"]) if previous else None
+            new = day.timed("train", lambda: day.train(init_from))
+            old = day.timed("evaluate", lambda: day.evaluate_previous(home.root / previous["run"])) if previous \
+                else None
+            report.update(refresh=refresh, rows=_rows(day.data), new={"valid": new["valid"], "test": new["test"]},
+                          yesterday=old and {"valid": old["valid"], "test": old["test"]})
+            worse = old and new["valid"]["auc"] < old["valid"]["auc"] - args.margin
+            if worse:
+                report.update(status="kept, not published", reason=(
+                    f"regression guard: today's valid AUC {new['valid']['auc']:.4f} is below yesterday's "
+                    f"{old['valid']['auc']:.4f} on the same rows by more than --margin {args.margin}; "
+                    f"{previous['day']} stays current, today's run is kept in {day.run / 'train'}"))
+            else:
+                day.timed("publish", lambda: home.publish(day.day, {
+                    "run": str((day.run / "train").relative_to(home.root)), "store_version": refresh["version"],
+                    "valid_auc": new["valid"]["auc"], "init_from": init_from}) or {})
+                report.update(status="published", reason=f"{day.day} is current (CURRENT -> {day.run / 'train'})")
+            _maybe_killed("report")
+            report["seconds"] = {step: r["seconds"] for step, r in day.state["done"].items()}
+            home.write_report(day.day, report)
+            print(f"day {day.day}: {report['status']}: {report['reason']} (report: {home.reports / day.day}.md)",
+                  flush=True)
+            return GUARD_REFUSED if worse else 0
+        except (DailyError, OSError, ValueError) as err:
+            serving = f"{previous['day']} is still current" if previous else "nothing is published yet"
+            line = (f"day {day.day} failed: {err}. {serving}, and the store's earlier versions are intact; run the "
+                    "same command again to resume")
+            report.update(status="failed", reason=line)
+            with contextlib.suppress(OSError):  # a full disk: the line below still says it
+                home.write_report(day.day, report)
+            raise DailyError(line) from None
+
+
+def _rows(data: Path) -> dict:
+    from bahe.ctr_data.parquet_io import SampleReader
+
+    return {split: SampleReader(data / f"{split}.parquet").num_rows for split in ("train", "valid", "test")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bahe.embeddings.pretrained import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="bahe-daily", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) one day of the chain")
+    run.add_argument("--home", type=Path, required=True, help="the deployment's folder (store, runs, CURRENT, reports)")
+    run.add_argument("--day", required=True, help="the day's name, e.g. 2026-11-30 (names its run folder)")
+    run.add_argument("--data", type=Path, required=True, help="the day's folder: train/valid/test.parquet")
+    run.add_argument("--margin", type=float, default=0.002,
+                     help="regression guard: refuse to publish when today's valid AUC is below yesterday's on the "
+                          "same rows by more than this (default 0.002)")
+    run.add_argument("--nproc", type=int, default=1, help="local ranks per step (torchrun; default 1)")
+    run.add_argument("--profile", default=None,
+                     help="run encode / train / evaluate as TorchX jobs of this torchx.yaml profile instead")
+    run.add_argument("--llm", default=DEFAULT_MODEL, help=f"the store's LLM at its first build (default {DEFAULT_MODEL})")
+    run.add_argument("--k", type=int, default=4, help="the store's shallow layers at its first build (default 4)")
+    run.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: bahe-train flags, the same every day")
+    status = sub.add_parser("status", help="print CURRENT and the published days")
+    status.add_argument("--home", type=Path, required=True)
+    back = sub.add_parser("rollback", help="make an earlier published day current again")
+    back.add_argument("--home", type=Path, required=True)
+    back.add_argument("--to", default=None, help="the day to make current (default: the one before the current)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            args.train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
+            if args.nproc < 1:
+                raise ValueError(f"--nproc {args.nproc}: give >= 1 local ranks")
+            return run_day(args)
+        home = DailyHome(args.home)
+        if args.command == "rollback":
+            record = home.rollback(args.to)
+            print(f"{home.root}: {record['day']} is current again ({record['run']})")
+            return 0
+        print(json.dumps({"current": home.current(), "published": home.published()}, indent=2))
+        return 0
+    except (DailyError, ValueError, OSError) as err:
+        print(f"bahe-daily: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
