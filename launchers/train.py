@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard points (default 10)")
     g.add_argument("--seed", type=int, default=0, help="model initialisation and training order")
     g.add_argument("--no-shuffle", action="store_true", help="train in file (time) order instead of shuffled")
+    g.add_argument("--data-lanes", type=int, default=1,
+                   help="deal each epoch's training order into L lanes so that each rank reads only ~1/ranks of the "
+                        "train split (L a multiple of the ranks, e.g. 8; batch x ranks a multiple of L); default 1")
     g.add_argument("--no-dense-standardize", action="store_true",
                    help="feed log1p(dense) as it is, without z-scoring it with the train split's statistics")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -132,7 +135,7 @@ def config_from_args(args: argparse.Namespace):
                        eval_every=args.eval_every, eval_batches=args.eval_batches,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at,
                        max_unknown_text_rate=args.max_unknown_rate,
-                       shuffle=not args.no_shuffle, standardize_dense=not args.no_dense_standardize, seed=args.seed,
+                       shuffle=not args.no_shuffle, data_lanes=args.data_lanes, standardize_dense=not args.no_dense_standardize, seed=args.seed,
                        init_from=args.init_from, init_optimizer=args.init_optimizer, device=args.device)
 
 

@@ -90,6 +90,50 @@ def test_resume_with_another_model_shape_is_refused_naming_the_flags(run, data, 
     assert snapshot(run) == before
 
 
+def test_resume_with_other_data_lanes_is_refused_and_a_lanes_run_trains_and_resumes(run, data, capsys, tmp_path):
+    """The training order depends on --data-lanes: a resume must keep the run's value (the rows it skips are
+    counted in that order); a run with lanes trains, records them and resumes with them."""
+    before = snapshot(run)
+    assert train.main(["--data-dir", str(data), "--out", str(run), "--steps", "8", "--data-lanes", "2", *MODEL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data-lanes: run has 1, now 2" in err
+    assert snapshot(run) == before
+    laned = tmp_path / "laned"
+    done = cli("bahe.launchers.train", "--data-dir", data, "--out", laned, "--steps", "2", "--data-lanes", "4", *MODEL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((laned / RECORD).read_text())["stream"] == {"--data-lanes": 4}
+    done = cli("bahe.launchers.train", "--data-dir", data, "--out", laned, "--steps", "4", "--data-lanes", "4", *MODEL)
+    assert done.returncode == 0 and "resumed from checkpoint step-0000002" in done.stdout, done.stderr[-3000:]
+    assert train.main(["--data-dir", str(data), "--out", str(tmp_path / "x"), "--data-lanes", "0", *MODEL]) == 2
+    assert "TrainConfig.data_lanes=0" in capsys.readouterr().err
+
+
+def test_a_warm_start_keeps_the_dense_statistics_its_weights_learned_on(trained, data, tmp_path):
+    """A run records the z-score statistics of its dense features; a warm start on another day's data keeps
+    the --init-from run's (its weights were trained on those inputs), not a refit on the new train split."""
+    import pyarrow.compute as pc
+    from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
+    from bahe.model.dense_features import DenseNormalizer
+
+    shifted = tmp_path / "day2"
+    for split in ("train", "valid", "test"):
+        reader = SampleReader(data / f"{split}.parquet")
+        table = reader.read_all()
+        for name in reader.schema.dense_columns:  # another day: the dense features drift
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, pc.multiply(table.column(name), 3.0).cast(table.schema.field(i).type))
+        with SampleWriter(shifted / f"{split}.parquet", reader.schema) as writer:
+            writer.write(table)
+    first = json.loads((trained / RECORD).read_text())["dense_statistics"]
+    done = cli("bahe.launchers.train", "--init-from", trained, "--data-dir", shifted, "--out", tmp_path / "warm",
+               "--steps", "2", *MODEL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warm = json.loads((tmp_path / "warm" / RECORD).read_text())
+    refit = DenseNormalizer.fit(SampleReader(shifted / "train.parquet"))
+    assert warm["dense_statistics"] == first and list(refit.mean) != first["mean"]
+    assert warm["defaults"]["--data-dir"] == str(shifted)
+
+
 def test_resume_with_another_pooling_attention_or_deep_layers_is_refused_naming_each(tmp_path, data, capsys):
     """A BAHE run folder (its record and LATEST): --pooling / --attention / --deep-layers changed would
     silently resume with weights trained for another aggregation. Refused before anything starts."""

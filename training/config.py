@@ -75,6 +75,9 @@ class TrainConfig:
             behaviour store: a store built for other data (BAHE arm only; 0..1).
         standardize_dense: z-score the log1p'd dense features with train statistics (model/dense_features.py).
         shuffle: shuffle the train split (seeded; default). False trains in file (time) order.
+        data_lanes: deal each epoch's training order into this many lanes (training/data.py): with lanes a
+            multiple of the ranks, each rank reads only ~1/ranks of the train split. 1 (default) = the plain
+            order; batch_size x ranks must be a multiple of it. A resume keeps the run's value.
         seed: model initialisation and data order.
         init_from: warm start: a previous run folder (its selected checkpoint: BEST.json's, else LATEST)
             or one of its checkpoints (``RUN/checkpoints/step-NNNNNNN``); every trainable weight starts
@@ -108,6 +111,7 @@ class TrainConfig:
     max_unknown_text_rate: float = 0.05
     standardize_dense: bool = True
     shuffle: bool = True
+    data_lanes: int = 1
     seed: int = 0
     init_from: Path | None = None
     init_optimizer: bool = False
@@ -144,6 +148,11 @@ class TrainConfig:
         if not 0.0 <= self.max_unknown_text_rate <= 1.0:
             raise ValueError(f"TrainConfig.max_unknown_text_rate={self.max_unknown_text_rate}: give a fraction in "
                              "[0, 1] (--max-unknown-rate 0.05 refuses a store missing over 5% of the data's texts)")
+        if self.data_lanes < 1:
+            raise ValueError(f"TrainConfig.data_lanes={self.data_lanes}: give >= 1 (1: the plain training order; "
+                             "a multiple of the ranks, e.g. 8, to read ~1/ranks of the train split per rank)")
+        if self.data_lanes > 1 and self.data != "parquet":
+            raise ValueError("TrainConfig.data_lanes: lanes deal a Parquet train split; leave --data-lanes at 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         object.__setattr__(self, "criteo_tsv", tuple(Path(p) for p in self.criteo_tsv))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from bahe.model.bahe import BAHETrain
 from bahe.model.behaviour_lookup import load_store_rows
+from bahe.model.dense_features import DenseNormalizer
 from bahe.model.factory import build_model
 from bahe.model.sharding import shard_model
 from bahe.training import init_from
@@ -106,7 +107,7 @@ def open_source(config: TrainConfig, rank: int):
         return RandomData(config.eval_batches or 8)
     if config.data == "criteo_tsv":
         return criteo_data(config.criteo_tsv, config.data_dir, rank)
-    return ParquetData(config.data_dir)
+    return ParquetData(config.data_dir, lanes=config.data_lanes)
 
 
 def segment_ends(config: TrainConfig, start: int) -> list[int]:
@@ -149,16 +150,35 @@ class Started:
     initialized: dict | None
 
 
+def dense_statistics(config: TrainConfig, source, resuming: bool) -> DenseNormalizer | None:
+    """The dense features' z-score statistics the model's weights were trained with: a resumed run's (or the
+    evaluated run's) own, recorded in run_config.json; at a warm start the --init-from run's, so the weights
+    keep seeing the inputs they learned on; else fitted on this train split."""
+    if not config.standardize_dense:
+        return None
+    run = config.checkpoint_dir.parent if resuming else init_from.resolve(config.init_from).run \
+        if config.init_from is not None else None
+    recorded = (read_record(run) or {}).get("dense_statistics") if run is not None else None
+    if recorded:
+        normalizer = DenseNormalizer(tuple(recorded["columns"]), tuple(recorded["mean"]), tuple(recorded["std"]))
+        if list(normalizer.columns) != list(source.schema.dense_columns):
+            raise ValueError(f"{run / RECORD} records dense statistics of the columns {list(normalizer.columns)}, "
+                             f"but {config.data_dir} has {list(source.schema.dense_columns)}: the data must have "
+                             "the dense features the run was trained on")
+        return normalizer
+    return source.dense_normalizer()  # a new run (or one recorded before runs kept their statistics)
+
+
 def start_model(config: TrainConfig, source, rank: int, device: torch.device) -> Started:
     """Build and shard the model, load the store's rows, then restore the run's own checkpoint (a resume)
     or, at step 0, the ``--init-from`` checkpoint; its refusals come before the model is sharded. When
     training follows, rank 0 records the store and the start in run_config.json."""
-    normalizer = source.dense_normalizer() if config.standardize_dense else None
+    checkpointer = Checkpointer(config.checkpoint_dir, run_config=config)  # records the model flags too
+    own = checkpointer.latest()
+    normalizer = dense_statistics(config, source, own is not None)
     model, batcher, store = build_model(config.model, source.schema, device=torch.device("meta"),
                                         dense_normalizer=normalizer)
-    checkpointer = Checkpointer(config.checkpoint_dir, run_config=config)  # records the model flags too
     text_store = store if store is not None else _text_store(config)
-    own = checkpointer.latest()
     if own is not None:  # a resume (or bahe-evaluate): the run's store lineage; --init-from does not apply
         check_run_store(config.checkpoint_dir.parent, text_store)
     init = init_from.prepare(config, text_store, rank=rank) if own is None else None  # refusals: before step 1
@@ -176,7 +196,8 @@ def start_model(config: TrainConfig, source, rank: int, device: torch.device) ->
         _say_where_it_starts(config, start, checkpointer, init, own, text_store)
     if start < config.steps:  # training: record the store and the start now (and beside each checkpoint)
         checkpointer.record_extra = {"store": store_record(text_store) if text_store is not None else None,
-                                     "initialized_from": initialized}
+                                     "initialized_from": initialized,
+                                     "dense_statistics": dataclasses.asdict(normalizer) if normalizer else None}
         checkpointer.on_rank0(lambda: write_record(config.checkpoint_dir.parent, config, checkpointer.record_extra),
                               f"write {config.checkpoint_dir.parent / RECORD}")
     return Started(dmp, batcher, optimizer, schedulers, groups, checkpointer, start, initialized)

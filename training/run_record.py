@@ -54,11 +54,19 @@ def model_flags(config) -> dict:
     return flags
 
 
+def stream_flags(config) -> dict:
+    """The flags that fix the training stream's order (a resume must keep them; a warm start need not)."""
+    return {"--data-lanes": getattr(config, "data_lanes", 1)}
+
+
 def record_of(config) -> dict:
     text = config.model.text
-    return {"model": model_flags(config), "defaults": {"--store": text.store if text else None,
+    return {"model": model_flags(config), "stream": stream_flags(config), "defaults": {"--store": text.store if text else None,
                                                        "--llm": text.llm if text else None,
-                                                       "--batch-size": config.batch_size}}
+                                                       "--batch-size": config.batch_size,
+                                                       # where it trained (bahe-predict's default train split);
+                                                       # not a default of bahe-evaluate or of a warm start
+                                                       "--data-dir": str(config.data_dir)}}
 
 
 def write_record(run: Path, config, extra: dict | None = None) -> None:
@@ -92,10 +100,10 @@ def _show(value) -> str:
     return "the default" if value is None else repr(value)
 
 
-def differences(recorded: dict, now: dict) -> list[str]:
-    """'--pooling: run has 'mean', now 'last'' for every model flag that differs."""
+def differences(recorded: dict, now: dict, flags=MODEL_FLAGS) -> list[str]:
+    """'--pooling: run has 'mean', now 'last'' for every flag of ``flags`` (the model flags) that differs."""
     return [f"{flag}: run has {_show(recorded.get(flag))}, now {_show(now.get(flag))}"
-            for flag in MODEL_FLAGS if recorded.get(flag) != now.get(flag)]
+            for flag in flags if recorded.get(flag) != now.get(flag)]
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -109,9 +117,10 @@ def check_resume(config) -> None:
     recorded = read_record(run)
     if recorded is None or not has_checkpoint(run):
         return
-    found = differences(recorded["model"], model_flags(config))
+    found = differences(recorded["model"], model_flags(config)) + \
+        differences(recorded.get("stream", {"--data-lanes": 1}), stream_flags(config), ("--data-lanes",))
     if found:
-        raise RunConfigError(f"{run} holds a checkpoint trained with other model flags ({'; '.join(found)}); "
+        raise RunConfigError(f"{run} holds a checkpoint trained with other model or data-order flags ({'; '.join(found)}); "
                              "resume with the run's flags (see its run_config.json) or train into a new --out")
 
 

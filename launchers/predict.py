@@ -1,0 +1,98 @@
+"""`bahe-predict`: score sample files with a trained run's model, streaming, on any number of ranks.
+
+  bahe-predict --run runs/demo/bahe --data-dir runs/demo/data --data day1.parquet day2.parquet --out scores.parquet
+  torchrun --nproc_per_node 2 -m bahe.launchers.predict --run ... --data ... --out ...
+  (or through TorchX: python -m bahe.launchers.submit --profile local predict -- --run ... --data ... --out ...)
+
+Writes one row per input row, in input order (the files concatenated in the order given): user_id,
+item_id, timestamp and label of the input, the model's score (sigmoid probability, float32) and logit.
+The scores are the numbers bahe-evaluate computes for the same rows. The run's BEST checkpoint (selected on
+valid) is used by default, --which latest takes the last; the file's Parquet metadata (key bahe.predict)
+records the run, the checkpoint, its step and which. The model is rebuilt from the run's run_config.json;
+its feature schema and dense statistics come from the train split it was trained on (--data-dir).
+
+Memory stays bounded: rows are read a batch at a time and the output is written as it goes. Each rank
+scores a contiguous share of the rows into a part file beside --out (so --out's folder must be shared by
+all ranks); rank 0 joins the parts into --out, atomically. On an error nothing is left at or beside --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PRECISIONS = ("auto", "bf16", "fp32")  # bahe.model.deep_layers.PRECISIONS (checked by ScoringConfig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bahe-predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="the training run folder (its bahe-train --out)")
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="FILE",
+                   help="sample .parquet files to score (bahe-data's schema; extra columns are ignored)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the score file to write (.parquet) in an existing folder; an older file there is replaced")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="best: the checkpoint the run selected on valid (its BEST.json; the latest when it made no "
+                        "selection); latest: the last checkpoint")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="the run's training data folder (bahe-train --data-dir): its train.parquet gives the feature "
+                        "schema and the dense statistics the model was trained with (default: the one the run records)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per rank per forward call (default: the run's training batch size)")
+    p.add_argument("--store", default=None, help="the behaviour store (default: the run's); e.g. a refreshed copy")
+    p.add_argument("--llm", default=None, help="the LLM folder or alias (default: the run's)")
+    p.add_argument("--llm-precision", choices=PRECISIONS, default="auto",
+                   help="compute precision of the LLM layers: auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bahe.training.scoring_io import check_out
+
+    try:
+        check_out(args.out)  # before torch is imported: a wrong --out costs no start-up
+    except ValueError as err:
+        print(f"bahe-predict: error: {err}", file=sys.stderr)
+        return 2
+    from bahe.launchers.train import quiet_library_deprecations
+
+    quiet_library_deprecations()
+    from bahe.training.scoring import score_files
+
+    try:
+        summary = score_files(args.run, args.data, args.out, which=args.which, batch_size=args.batch_size,
+                              data_dir=args.data_dir, store=args.store, llm=args.llm, llm_precision=args.llm_precision,
+                              device=args.device, show_progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as err:  # bad input, a damaged run, a failed write: one line
+        if os.environ.get("BAHE_TRACEBACK"):
+            raise
+        print(f"bahe-predict: error: {err} (BAHE_TRACEBACK=1 shows where)", file=sys.stderr)
+        _leave_group()
+        return 2
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(f"bahe-predict: {summary['rows']:,} rows of {len(summary['files'])} file(s) -> {summary['out']} with "
+              f"{summary['run']} {summary['checkpoint']} ({summary['chosen']}), {summary['world_size']} rank(s), "
+              f"{summary['rows_per_s']:,.0f} rows/s")
+        print(json.dumps(summary))
+    _leave_group()
+    return 0
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Batch scoring of a trained run (``bahe-predict``): the run's model restored for inference, files scored.
+
+The model is rebuilt from the run's record (``run_config.json``: arm, tables, head, text flags, store,
+LLM), its feature schema and dense statistics from the train split it was trained on, sharded as the
+trainer shards it, the behaviour store loaded into its frozen table, and the weights of one checkpoint
+restored through the restricted loaders (``training/safe_load.py``) -- the model only, no optimiser, no
+trainer. ``which="best"`` takes the checkpoint the run selected on valid (``checkpoints/BEST.json``; the
+latest when it made no selection), ``"latest"`` the last one.
+
+Scores are the model's forward in eval mode under ``no_grad``, exactly what ``bahe-evaluate`` runs
+(``training/loop.py`` ``evaluate``): ``score = sigmoid(logit)`` in float32. The rows, their split over
+ranks and the output file: ``training/scoring_io.py``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import SampleSchema
+from bahe.embeddings.pretrained import DEFAULT_MODEL
+from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+from bahe.model.deep_layers import PRECISIONS
+from bahe.training.checkpoint import Checkpointer, load_into
+from bahe.training.run_record import RECORD, RunConfigError, check_run_store, read_record
+from bahe.training.scoring_io import (
+    ScoreFiles,
+    ScoreInput,
+    check_out,
+    forward_calls,
+    open_inputs,
+    padded_batches,
+    rank_share,
+    read_rows,
+    remove_stale_parts,
+)
+from bahe.training.selection import Selection, recorded_metric
+
+WHICH = ("best", "latest")
+
+
+class ScoringError(ValueError):
+    """Scoring failed on some rank (bad rows, a failed write); raised on every rank, one line."""
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Args:
+        run: the training run folder (bahe-train --out): checkpoints/ and run_config.json.
+        files: sample Parquet files to score, in output order.
+        out: the score file (Parquet) to write; its folder must exist.
+        which: ``best`` (the run's selection on valid; its latest when it made none) or ``latest``.
+        batch_size: rows per rank per forward call (None: the run's training batch size).
+        data_dir: the folder of the train.parquet the run was trained on: the model's feature schema and
+            dense statistics (None: the folder run_config.json records, if it records one).
+        store, llm: the behaviour store and the LLM folder (None: the run's).
+        llm_precision: compute precision of the LLM layers (``auto``: bf16 on CUDA, fp32 on CPU).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        show_progress: a progress bar on rank 0 (stderr).
+    """
+
+    run: Path
+    files: tuple[Path, ...]
+    out: Path
+    which: str = "best"
+    batch_size: int | None = None
+    data_dir: Path | None = None
+    store: str | None = None
+    llm: str | None = None
+    llm_precision: str = "auto"
+    device: str = "auto"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run", Path(self.run))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "files", tuple(Path(f) for f in self.files))
+        if not self.files:
+            raise ValueError("ScoringConfig.files is empty: give at least one sample .parquet file (--data FILE ...)")
+        if self.which not in WHICH:
+            raise ValueError(f"ScoringConfig.which={self.which!r}: choose best or latest (--which)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"ScoringConfig.batch_size={self.batch_size}: give rows per forward call >= 1 (--batch-size)")
+        if self.llm_precision not in PRECISIONS:
+            raise ValueError(f"ScoringConfig.llm_precision={self.llm_precision!r}: choose one of {PRECISIONS}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"ScoringConfig.device={self.device!r}: choose auto, cpu or cuda")
+
+
+def select_checkpoint(run: Path, which: str) -> tuple[Path, str]:
+    """(checkpoint folder, why it was chosen). Raises FileNotFoundError for a run without a checkpoint."""
+    directory = Path(run) / "checkpoints"
+    latest = Checkpointer(directory).latest()  # a damaged LATEST raises its own one line
+    if latest is None:
+        raise FileNotFoundError(f"{run} holds no checkpoint (no checkpoints/LATEST): pass a training run's folder "
+                                "(its bahe-train --out) that has finished at least one checkpoint")
+    if which == "latest":
+        return latest, "latest"
+    metric = recorded_metric(directory)
+    step = Selection.load(directory, metric, 0).step if metric else None
+    if step is None:
+        return latest, "best: the run made no selection on valid (no BEST.json), so its latest"
+    best = directory / f"step-{step:07d}"
+    if not best.is_dir():
+        raise FileNotFoundError(f"{directory / 'BEST.json'} names step-{step:07d}, which is not in {directory}: "
+                                "restore that folder, or score the latest checkpoint (--which latest)")
+    return best, f"best by valid {metric}"
+
+
+def run_model_config(run: Path, *, store: str | None, llm: str | None, llm_precision: str
+                     ) -> tuple[BaheModelConfig, bool, int, dict]:
+    """(model config, standardize dense, the run's batch size, the record) from ``run/run_config.json``."""
+    record = read_record(run)
+    if record is None:
+        raise FileNotFoundError(f"{Path(run) / RECORD} is missing: the checkpoint's architecture is unknown; pass a "
+                                "run folder written by bahe-train")
+    flags, defaults = record["model"], record.get("defaults", {})
+    try:
+        text = None
+        if flags["--arm"] != "dlrm":
+            store = store or defaults.get("--store")
+            if not store:
+                raise RunConfigError(f"{Path(run) / RECORD} records no behaviour store: pass --store")
+            text = TextConfig(store=str(store), llm=str(llm or defaults.get("--llm") or DEFAULT_MODEL), k=flags["--k"],
+                              deep_layers=flags["--deep-layers"], pooling=flags["--pooling"],
+                              attention=flags["--attention"], max_behaviours=flags["--max-behaviours"],
+                              arm=flags["--arm"], max_user_tokens=flags["--max-user-tokens"],
+                              llm_precision=llm_precision)
+        rows = dict(pair.split("=", 1) for pair in flags["--table-rows-for"])
+        tables = TablesConfig(embedding_dim=flags["--embedding-dim"], default_rows=flags["--table-rows"],
+                              rows={name: int(value) for name, value in rows.items()},
+                              drop=tuple(flags["--drop-id-features"]))
+        model = BaheModelConfig(tables=tables, arch=ArchConfig(tuple(flags["--dense-arch"]), tuple(flags["--over-arch"])),
+                                text=text)
+        return model, not flags["--no-dense-standardize"], int(defaults.get("--batch-size") or 128), record
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, RunConfigError):
+            raise
+        raise RunConfigError(f"{Path(run) / RECORD} is not a complete run record ({type(err).__name__}: {err}); "
+                             "restore it from the run") from None
+
+
+def training_split(run: Path, data_dir: Path | None, record: dict) -> Path:
+    """The train.parquet the run was trained on (its schema and dense statistics)."""
+    data_dir = data_dir or record.get("defaults", {}).get("--data-dir")
+    if data_dir is None:
+        raise ValueError(f"pass --data-dir: the folder of the train.parquet {run} was trained on (the model's feature "
+                         f"schema and dense statistics come from it; {RECORD} does not record it)")
+    train = Path(data_dir) / "train.parquet"
+    if not train.is_file():
+        raise FileNotFoundError(f"{train} is missing: --data-dir must be the folder the run was trained on "
+                                "(bahe-train --data-dir), holding its train.parquet")
+    return train
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What the cheap checks found (no model built yet): the checkpoint, the run's model and data, the inputs."""
+
+    run: Path
+    checkpoint: Path
+    chosen: str
+    model: BaheModelConfig
+    standardize_dense: bool
+    run_batch_size: int
+    train: Path
+    schema: SampleSchema
+    inputs: list[ScoreInput]
+
+    @property
+    def arm(self) -> str:
+        return self.model.text.arm if self.model.text else "dlrm"
+
+
+def plan_scoring(config: ScoringConfig) -> ScoringPlan:
+    """Every check that needs no model: the checkpoint, the record, the train split, each input file against
+    the run's schema, the output folder. Deterministic, so every rank raises the same one line."""
+    checkpoint, chosen = select_checkpoint(config.run, config.which)
+    model, standardize, run_batch, record = run_model_config(config.run, store=config.store, llm=config.llm,
+                                                             llm_precision=config.llm_precision)
+    train = training_split(config.run, config.data_dir, record)
+    schema = SampleReader(train).schema
+    inputs = open_inputs(config.files, schema)
+    check_out(config.out)
+    return ScoringPlan(config.run, checkpoint, chosen, model, standardize, run_batch, train, schema, inputs)
+
+
+def recorded_dense_statistics(plan: ScoringPlan):
+    """The dense statistics the run recorded (training/loop.py ``dense_statistics``); refitted on its train split
+    for a run recorded before runs kept them."""
+    from bahe.model.dense_features import DenseNormalizer
+
+    recorded = (read_record(plan.run) or {}).get("dense_statistics")
+    if recorded:
+        return DenseNormalizer(tuple(recorded["columns"]), tuple(recorded["mean"]), tuple(recorded["std"]))
+    return DenseNormalizer.fit(SampleReader(plan.train))
+
+
+def build_scoring_model(plan: ScoringPlan, device: torch.device):
+    """(the run's model in eval mode, sharded as the trainer shards it, its batcher, the checkpoint's step)."""
+    from bahe.model.bahe import BAHETrain
+    from bahe.model.behaviour_lookup import load_store_rows
+    from bahe.model.factory import build_model
+    from bahe.model.sharding import shard_model
+    from bahe.training.config import OptimConfig
+    from bahe.training.optimizers import attach_sparse_optimizer
+
+    normalizer = recorded_dense_statistics(plan) if plan.standardize_dense else None  # those the weights learned on
+    model, batcher, store = build_model(plan.model, plan.schema, device=torch.device("meta"), dense_normalizer=normalizer)
+    attach_sparse_optimizer(model, OptimConfig())  # as in training: the same sharding plan and state-dict layout
+    dmp = shard_model(BAHETrain(model), device, batch_size=plan.run_batch_size)
+    if store is not None:
+        check_run_store(plan.run, store)  # a store that does not hold the run's rows unchanged is refused
+        load_store_rows(dmp, store)
+    progress = {"step": torch.tensor(0)}
+    load_into(plan.checkpoint, dmp, progress=progress)  # the model only (restricted loaders); no optimiser state
+    dmp.eval()
+    return dmp, batcher, int(progress["step"])
+
+
+def _agree(error: str | None, rank: int, world: int, device: torch.device) -> None:
+    """Raise ScoringError on every rank if any rank has an ``error`` (one small all-reduce per call)."""
+    if world > 1:
+        flag = torch.tensor([0 if error is None else 1], device=device)
+        dist.all_reduce(flag)
+        if int(flag) == 0:
+            return
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        where, error = next((r, e) for r, e in enumerate(errors) if e is not None)
+        error = error if where == rank else f"rank {where}: {error}"
+    if error is not None:
+        raise ScoringError(error)
+
+
+def _token(rank: int, world: int, out: Path) -> str:
+    """The job's part-file name, chosen on rank 0 (which first removes what a killed job left)."""
+    box = [secrets.token_hex(4) if rank == 0 else None]
+    if rank == 0:
+        remove_stale_parts(out)
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def score_files(run, files, out, *, which: str = "best", batch_size: int | None = None, data_dir=None,
+                store: str | None = None, llm: str | None = None, llm_precision: str = "auto", device: str = "auto",
+                show_progress: bool = True) -> dict:
+    """Score sample files with a trained run; every rank of the process group calls it (see the module doc).
+
+    Returns the summary (on every rank): rows, out, checkpoint, step, which, world_size, rows_per_s, ...
+    Raises ValueError / FileNotFoundError (one line) for bad input; nothing is left at or beside ``out``.
+    """
+    from bahe.training.loop import peak_memory_mb, setup_distributed
+    from tqdm import tqdm
+
+    config = ScoringConfig(run=run, files=tuple(files), out=out, which=which, batch_size=batch_size,
+                           data_dir=data_dir, store=store, llm=llm, llm_precision=llm_precision, device=device,
+                           show_progress=show_progress)
+    rank, world, dev = setup_distributed(config.device)
+    began = time.perf_counter()
+    plan = plan_scoring(config)
+    dmp, batcher, step = build_scoring_model(plan, dev)
+    schema, inputs = plan.schema, plan.inputs
+    batch = config.batch_size or plan.run_batch_size
+    total = sum(source.rows for source in inputs)
+    calls = forward_calls(total, world, batch)
+    start, stop = rank_share(total, rank, world)
+    ids = tuple(batcher.id_features)
+    parts = ScoreFiles(config.out, _token(rank, world, config.out), rank, world)
+    summary = {"run": str(config.run), "checkpoint": plan.checkpoint.name, "step": step, "which": config.which,
+               "chosen": plan.chosen, "arm": plan.arm, "files": [str(f) for f in config.files], "rows": total,
+               "world_size": world, "batch_size": batch}
+    scoring_began = time.perf_counter()
+    try:
+        filler = next(read_rows(inputs, 0, 1, schema, ids, 1)) if total else None
+        stream = padded_batches(read_rows(inputs, start, stop, schema, ids, batch), batch, calls, filler)
+        bar = tqdm(total=calls, unit="batch", desc=f"score {world} rank(s)", file=sys.stderr,
+                   disable=not config.show_progress or rank != 0)
+        with torch.no_grad(), bar:
+            for _ in range(calls):
+                error = None
+                try:
+                    table, real = next(stream)
+                    features = batcher(table).to(dev)
+                except Exception as err:  # a bad row (DataError names file, row, field), a read error, ...
+                    error = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+                _agree(error, rank, world, dev)
+                _, (_, logits, _) = dmp(features)
+                if real:
+                    parts.write(table.slice(0, real), logits[:real].float().cpu().numpy())
+                bar.update(1)
+        error = None
+        try:
+            parts.close_part()
+        except OSError as err:
+            error = f"cannot write {parts.part} ({err.strerror or err}): free space or choose another --out folder"
+        _agree(error, rank, world, dev)
+        error = None
+        if rank == 0:
+            try:
+                parts.assemble(summary)
+            except OSError as err:
+                error = f"cannot write {config.out} ({err.strerror or err}): free space or choose another --out"
+        _agree(error, rank, world, dev)
+    except BaseException:
+        parts.discard(everything=rank == 0)
+        raise
+    seconds = time.perf_counter() - scoring_began
+    summary.update(out=str(config.out), seconds=round(time.perf_counter() - began, 3),
+                   rows_per_s=round(total / max(seconds, 1e-9), 1), peak_memory_mb=round(peak_memory_mb(dev), 1),
+                   batcher_counters=_summed_counters(batcher, world))
+    return summary
+
+
+def _summed_counters(batcher, world: int) -> dict[str, int]:
+    """The batchers' counters summed over ranks (unknown texts, ids folded into a table, ...); padding rows
+    are counted too."""
+    counters = getattr(batcher, "counters", None)
+    mine = counters.as_dict() if counters is not None else {}
+    if world == 1:
+        return mine
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return {key: sum(c.get(key, 0) for c in every) for key in mine}
