@@ -1,4 +1,4 @@
-"""TorchX components of the BAHE pipeline: ``encode``, ``train`` and ``evaluate``.
+"""TorchX components of the BAHE pipeline: ``encode``, ``train``, ``evaluate`` and ``predict``.
 
 Each component is a typed function that returns a :class:`torchx.specs.AppDef` built on TorchX's
 ``dist.ddp``: one role of ``nodes x processes-per-node`` ranks started by ``torchrun``. The
@@ -12,6 +12,10 @@ Lists are comma-separated (``--data a,b``), maps are ``K=V,K2=V2`` (``--env FOO=
 argument after ``--`` goes unchanged to the program (``script_args``). ``python -m bahe.launchers.submit``
 fills the launch arguments (``j``, ``image``, ``cpu``, ``gpu``, ``memMB``, ``env``, ...) from a profile
 of ``torchx.yaml``; ``torchx run`` takes them from ``.torchxconfig`` or the command line.
+
+Multi-node: ``--j 2x1`` starts 2 torchrun agents of 1 rank each that rendezvous (c10d) on the first
+node's ``rdzv_port``; under ``local_cwd`` both run on this machine and meet on ``localhost`` (give a free
+``--rdzv_port`` when two such jobs share it). The planner then sees 2 hosts (docs/launching.md).
 
 This file imports nothing from the project, so that ``torchx run`` can load it by path.
 """
@@ -28,6 +32,7 @@ from torchx.components import dist
 ENCODE_MODULE = "bahe.embeddings.cli"
 TRAIN_MODULE = "bahe.launchers.train"
 EVALUATE_MODULE = "bahe.launchers.evaluate"
+PREDICT_MODULE = "bahe.launchers.predict"
 ARMS = ("bahe", "token_level", "dlrm")
 DEFAULT_IMAGE = "bahe-torchrec:latest"
 # Environment every rank gets unless ``env`` says otherwise: one OpenMP thread per rank (ranks share
@@ -215,5 +220,63 @@ def evaluate(
     args = [*_option("--data-dir", data_dir), *_option("--store", store), *_option("--checkpoint", checkpoint),
             *_option("--out", out), *script_args]
     return _launch("evaluate", EVALUATE_MODULE, args, name=name, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB,
+                   env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
+                   debug=debug)
+
+
+def predict(
+    *script_args: str,
+    run: str,
+    data: List[str],
+    out: str,
+    which: str = "best",
+    data_dir: Optional[str] = None,
+    quiet: bool = True,
+    name: str = "bahe/predict",
+    j: str = "1x2",
+    image: str = DEFAULT_IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    rdzv_backend: str = "c10d",
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
+) -> specs.AppDef:
+    """Score sample files with a trained run on every rank (``python -m bahe.launchers.predict``).
+
+    Each rank scores a contiguous share of the rows; rank 0 joins the shares into ``out`` (its folder must
+    be one every rank sees).
+
+    Args:
+        script_args: further bahe-predict flags, after ``--`` (e.g. ``-- --batch-size 1024 --store /stores/today``)
+        run: the training run folder (bahe-train --out), as the ranks see it
+        data: sample .parquet files to score, comma-separated, in output order
+        out: the score file (.parquet) to write, in an existing folder shared by the ranks
+        which: best (the checkpoint the run selected on valid) or latest
+        data_dir: the run's training data folder (its train.parquet: feature schema, dense statistics)
+        quiet: hide the progress bar (logs of remote jobs stay readable)
+        name: job name, ``{experiment}/{run}``
+        j: {nnodes}x{nproc_per_node}: nodes times ranks per node (one rank per GPU on GPU nodes)
+        image: container image (Docker, Kubernetes) or directory (Slurm); local_cwd ignores it
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        env: environment of every rank, K=V,K2=V2; overrides OMP_NUM_THREADS=1, TOKENIZERS_PARALLELISM=false
+        max_retries: scheduler retries of the whole job
+        rdzv_port: rendezvous port on the first node (multi-node only)
+        rdzv_backend: torchrun rendezvous backend (multi-node only)
+        mounts: volumes, type=bind|volume,src=...,dst=...[,readonly] (container schedulers)
+        debug: turn on torch's distributed debug flags
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"predict: --which must be best or latest, got {which!r}")
+    if not data:
+        raise ValueError("predict: --data needs at least one .parquet file")
+    args = ["--run", run, "--data", *data, "--out", out, "--which", which, *_option("--data-dir", data_dir),
+            *(["--quiet"] if quiet else []), *script_args]
+    return _launch("predict", PREDICT_MODULE, args, name=name, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB,
                    env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,
                    debug=debug)

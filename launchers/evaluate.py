@@ -12,6 +12,7 @@ metrics.json and TensorBoard logs are left as they are).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -34,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     for action in parser._actions:  # --out is optional here: the metrics default to the run folder
         if action.dest == "out":
             action.required = False
+        if action.dest in ("init_from", "init_optimizer", "data_lanes"):  # training only
+            action.help = argparse.SUPPRESS
     args = parser.parse_args(argv)
+    if args.init_from is not None or args.init_optimizer:
+        parser.error("--init-from / --init-optimizer start a training run (bahe-train); bahe-evaluate scores the "
+                     "--checkpoint run as it is")
     run = args.checkpoint
     from bahe.training.checkpoint import Checkpointer
     from bahe.training.run_record import apply_record, check_resume

@@ -41,14 +41,17 @@ from torchx.schedulers import get_scheduler_factories
 from torchx.specs.builders import materialize_appdef
 
 DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "torchx.yaml"
-COMPONENTS = {"encode": components.encode, "train": components.train, "evaluate": components.evaluate}
+COMPONENTS = {"encode": components.encode, "train": components.train, "evaluate": components.evaluate,
+              "predict": components.predict}
 # Run options this project requires beyond what TorchX itself marks required: a Slurm job without a
 # partition lands wherever the cluster's default sends it, a Volcano job needs its queue.
 REQUIRED_SCHEDULER_ARGS = {"slurm": ("partition",), "kubernetes": ("queue",), "kubernetes_mcad": ("queue",)}
 # Schedulers that run a container image: the image must name one, not a directory.
 CONTAINER_SCHEDULERS = {"local_docker", "kubernetes", "kubernetes_mcad", "aws_batch", "aws_sagemaker", "gcp_batch"}
-# Schedulers that run from this checkout: the running interpreter's bin folder (torchrun) joins PATH.
-CHECKOUT_SCHEDULERS = {"local_cwd"}
+# Schedulers that run from this checkout (Slurm: a checkout on a file system every node shares): the running
+# interpreter's bin folder (torchrun) goes first on the ranks' PATH, so the venv need not be activated (for
+# Slurm, launchers/submit.py also sets it in the environment that sbatch hands the job).
+CHECKOUT_SCHEDULERS = {"local_cwd", "slurm"}
 REQUIRED_KEYS = ("scheduler", "accelerator", "nodes", "nproc_per_node", "resources", "image")
 OPTIONAL_KEYS = ("description", "scheduler_args", "env", "mounts", "max_retries", "rdzv_port")
 ACCELERATORS = ("cpu", "gpu")
@@ -263,7 +266,8 @@ def build_app(profile: Profile, component: str, args: Sequence[str] = ()) -> spe
     app = materialize_appdef(COMPONENTS[component], list(args), profile.component_defaults())
     if profile.scheduler in CHECKOUT_SCHEDULERS:
         for role in app.roles:  # `torchrun` of the interpreter that launches, even if its venv is not activated
-            role.env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), role.env.get("PATH")) if p)
+            rest = role.env.get("PATH") or os.environ.get("PATH")  # a whole PATH: the venv's bin, then the rest
+            role.env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), rest) if p)
     return app
 
 

@@ -1,4 +1,4 @@
-"""Launch a BAHE component (encode, train, evaluate) with a named profile of torchx.yaml.
+"""Launch a BAHE component (encode, train, evaluate, predict) with a named profile of torchx.yaml.
 
   python -m bahe.launchers.submit --list
   python -m bahe.launchers.submit --profile local encode -- --store runs/store --data a.parquet,b.parquet
@@ -17,6 +17,7 @@ the AppDef and the scheduler's request without contacting any cluster.
 from __future__ import annotations
 
 import argparse
+import os
 import pprint
 import sys
 import threading
@@ -24,7 +25,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from bahe.launchers.profiles import COMPONENTS, DEFAULT_PROFILES, ProfileError, load_profiles, render
+from bahe.launchers.profiles import (
+    CHECKOUT_SCHEDULERS,
+    COMPONENTS,
+    DEFAULT_PROFILES,
+    ProfileError,
+    load_profiles,
+    render,
+)
 from torchx import specs
 from torchx.runner import Runner, get_runner
 
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_profiles(profiles))
             return 0
         if args.component is None:
-            parser.error("a component is required (encode, train or evaluate)")
+            parser.error(f"a component is required ({', '.join(sorted(COMPONENTS))})")
         if args.profile not in profiles:
             raise ProfileError(f"no profile {args.profile!r} in {args.profiles} (profiles: {', '.join(profiles)})")
         profile = profiles[args.profile]
@@ -137,8 +145,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"=== SCHEDULER REQUEST ({profile.scheduler}) ===\n{info}")
                 return 0
             wait = args.wait or profile.scheduler.startswith("local")
-            return submit(runner, app, profile.scheduler, cfg, wait=wait,
-                          stream=None if args.no_logs else sys.stdout)
+            saved_path = os.environ.get("PATH")
+            if profile.scheduler in CHECKOUT_SCHEDULERS:
+                # sbatch hands its own environment to the job, and srun's --export=ALL,PATH=... does not replace
+                # a PATH that is already set (Slurm 22.05): the ranks' PATH must be this process's too.
+                os.environ["PATH"] = app.roles[0].env["PATH"]
+            try:
+                return submit(runner, app, profile.scheduler, cfg, wait=wait,
+                              stream=None if args.no_logs else sys.stdout)
+            finally:
+                if saved_path is not None:
+                    os.environ["PATH"] = saved_path
     except (ProfileError, ValueError, specs.InvalidRunConfigException) as err:
         print(f"bahe.launchers.submit: error: {err}", file=sys.stderr)
         return 2
