@@ -62,16 +62,19 @@ class Day:
         write_text_atomic(self.state_file, json.dumps(self.state, indent=2))
 
     # -- running a program: here (torchrun for several ranks) or as a TorchX job of a profile ------------------
-    def launch(self, step: str, module: str, component: str, args: list[str], component_args: list[str]) -> None:
-        """Run ``python -m module args`` (or the TorchX ``component``); its output goes to logs/STEP.log."""
+    def command(self, module: str, component: str, args: list[str], component_args: list[str]) -> list[str]:
+        """``python -m module args`` (torchrun for several ranks), or the TorchX ``component`` of --profile."""
         if self.args.profile:
-            command = [sys.executable, "-m", "bahe.launchers.submit", "--profile", self.args.profile, "--wait",
-                       component, "--", *component_args]
-        elif self.args.nproc > 1:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                       str(self.args.nproc), "-m", module, *args]
-        else:
-            command = [sys.executable, "-m", module, *args]
+            return [sys.executable, "-m", "bahe.launchers.submit", "--profile", self.args.profile, "--wait",
+                    component, "--", *component_args]
+        if self.args.nproc > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(self.args.nproc), "-m", module, *args]
+        return [sys.executable, "-m", module, *args]
+
+    def launch(self, step: str, module: str, component: str, args: list[str], component_args: list[str]) -> None:
+        """Run :meth:`command`; its output goes to logs/STEP.log."""
+        command = self.command(module, component, args, component_args)
         logs = self.run / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{step}.log"
@@ -105,9 +108,7 @@ class Day:
         before = latest_version(self.home.store) if self.home.store.is_dir() else None
         rows_before = BehaviourStore.open(self.home.store).rows_count if before else 0
         encoder = _encoder_flags(self.home.store, self.args)
-        self.launch("refresh", "bahe.embeddings.cli", "encode",
-                    ["build", "--store", str(self.home.store), "--data", *map(str, files), *encoder, "--quiet"],
-                    ["--store", str(self.home.store), "--data", ",".join(map(str, files)), "--", *encoder])
+        self.launch("refresh", "bahe.embeddings.cli", "encode", *encode_args(self.home.store, files, encoder))
         store = BehaviourStore.open(self.home.store)
         new = store.version != before
         stats = store.manifest.get("stats", {}) if new else {}
@@ -117,24 +118,37 @@ class Day:
                 "encode_seconds": stats.get("encode_seconds", 0.0), "new_occurrence_share": share}
 
     def train(self, init_from: str | None) -> dict:
-        args = ["--data-dir", str(self.data), "--out", str(self.run / "train"), "--store", str(self.home.store),
-                *(["--init-from", init_from] if init_from else []), *self.args.train_flags]
-        component = ["--data_dir", str(self.data), "--out", str(self.run / "train"), "--store", str(self.home.store),
-                     "--", *args[6:]]
-        self.launch("train", "bahe.launchers.train", "train", args, component)
+        self.launch("train", "bahe.launchers.train", "train",
+                    *train_args(self.data, self.run / "train", self.home.store, init_from, self.args.train_flags))
         metrics = json.loads((self.run / "train" / "metrics.json").read_text())
         return {"init_from": init_from, "selected_step": metrics.get("selected_step"), "steps": metrics["steps"],
                 "valid": metrics["valid"], "test": metrics["test"]}
 
     def evaluate_previous(self, previous_run: Path) -> dict:
         out = self.run / "yesterday"
-        args = ["--checkpoint", str(previous_run), "--data-dir", str(self.data), "--store", str(self.home.store),
-                "--out", str(out)]
-        self.launch("evaluate", "bahe.launchers.evaluate", "evaluate", args,
-                    ["--checkpoint", str(previous_run), "--data_dir", str(self.data), "--store", str(self.home.store),
-                     "--out", str(out)])
+        self.launch("evaluate", "bahe.launchers.evaluate", "evaluate",
+                    *evaluate_args(previous_run, self.data, self.home.store, out))
         result = json.loads((out / "evaluation.json").read_text())
         return {"run": str(previous_run), "valid": result["valid"], "test": result["test"]}
+
+
+# Each step's program arguments, twice: for ``python -m MODULE`` and for the TorchX component of the same
+# name (launchers/components.py) -- tests/test_daily.py checks the two parse to the same options.
+def encode_args(store: Path, files: list[Path], encoder: list[str]) -> tuple[list[str], list[str]]:
+    return (["build", "--store", str(store), "--data", *map(str, files), *encoder, "--quiet"],
+            ["--store", str(store), "--data", ",".join(map(str, files)), "--", *encoder])
+
+
+def train_args(data: Path, out: Path, store: Path, init_from: str | None, flags: list[str]
+               ) -> tuple[list[str], list[str]]:
+    rest = [*(["--init-from", init_from] if init_from else []), *flags]
+    return (["--data-dir", str(data), "--out", str(out), "--store", str(store), *rest],
+            ["--data_dir", str(data), "--out", str(out), "--store", str(store), "--", *rest])
+
+
+def evaluate_args(run: Path, data: Path, store: Path, out: Path) -> tuple[list[str], list[str]]:
+    return (["--checkpoint", str(run), "--data-dir", str(data), "--store", str(store), "--out", str(out)],
+            ["--checkpoint", str(run), "--data_dir", str(data), "--store", str(store), "--out", str(out)])
 
 
 def _maybe_killed(step: str) -> None:

@@ -174,3 +174,35 @@ def test_rollback_makes_the_previous_published_day_current(world):
     assert bad.returncode == 1 and "never published" in bad.stderr
     assert current(home) == "slice-01"
     assert BehaviourStore.open(home / "store").rows_count > 0
+
+
+@pytest.mark.parametrize("step", ["encode", "train", "evaluate"])
+def test_a_step_run_as_a_torchx_component_gets_the_options_it_gets_run_here(step, tmp_path):
+    """--profile runs refresh / train / evaluate as TorchX components: the program each component starts must
+    parse to exactly the options the local command gives it (the component's own defaults aside)."""
+    import shlex
+
+    from bahe.embeddings.cli import build_parser as encode_parser
+    from bahe.launchers import daily as driver
+    from bahe.launchers.profiles import DEFAULT_PROFILES, load_profiles, render
+    from bahe.launchers.train import build_parser as train_parser
+
+    store, data, out = tmp_path / "store", tmp_path / "day", tmp_path / "run"
+    local, component = {
+        "encode": lambda: driver.encode_args(store, [data / "train.parquet", data / "valid.parquet"],
+                                             ["--model", "smollm2-135m", "--k", "4", "--pooling", "mean"]),
+        "train": lambda: driver.train_args(data, out, store, str(tmp_path / "prev"), ["--epochs", "1", "--seed", "2"]),
+        "evaluate": lambda: driver.evaluate_args(tmp_path / "prev", data, store, out / "yesterday"),
+    }[step]()
+    app, _cfg = render(load_profiles(DEFAULT_PROFILES)["local"], step, component)
+    started = shlex.split(app.roles[0].args[-1])
+    module_args = started[started.index("-m") + 2:]
+    parser = encode_parser() if step == "encode" else train_parser()
+    if step == "evaluate":
+        parser.add_argument("--checkpoint")  # the one option bahe-evaluate adds to bahe-train's
+    as_component, as_here = vars(parser.parse_args(module_args)), vars(parser.parse_args(local))
+    component_defaults = {"encode": {"device": "auto"}, "train": {"arm": "bahe"}, "evaluate": {}}[step]
+    assert {k: v for k, v in as_component.items() if k not in component_defaults} == \
+        {k: v for k, v in as_here.items() if k not in component_defaults}
+    for key, value in component_defaults.items():
+        assert as_component[key] == value

@@ -209,8 +209,10 @@ def _train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     source = open_source(config, rank)
     preflight(config, source, world)  # every split, texts vs store: before the model or any file
-    config = _with_epochs(config, source, world, rank)
+    config, warning = _with_epochs(config, source, world)
     started = start_model(config, source, rank, device)
+    if warning and rank == 0 and started.start < config.steps:  # not when there is nothing left to train
+        print(warning, file=sys.stderr, flush=True)
     dmp, batcher, optimizer, schedulers, groups = (started.dmp, started.batcher, started.optimizer,
                                                    started.schedulers, started.groups)
     checkpointer, start, initialized = started.checkpointer, started.start, started.initialized
@@ -304,7 +306,9 @@ def _text_store(config: TrainConfig):
 def _say_where_it_starts(config: TrainConfig, start: int, checkpointer: Checkpointer, init, own, store) -> None:
     """Rank 0: one line on a resume or a warm start (or an --init-from that a resume overrides)."""
     last = config.stop_at or config.steps
-    if start:
+    if start and start >= config.steps:  # bahe-evaluate, or a finished run run again
+        print(f"restored checkpoint step-{start:07d} in {config.checkpoint_dir}: nothing left to train", flush=True)
+    elif start:
         print(f"resumed from checkpoint step-{start:07d} in {config.checkpoint_dir}: {checkpointer.rows_seen:,} "
               f"training rows already seen; this run trains steps {start + 1}..{last}", flush=True)
     if own is not None and config.init_from is not None:
@@ -317,21 +321,18 @@ def _say_where_it_starts(config: TrainConfig, start: int, checkpointer: Checkpoi
               f"1..{last} from data position 0", flush=True)
 
 
-def _with_epochs(config: TrainConfig, source, world: int, rank: int) -> TrainConfig:
-    """``config`` with ``steps`` from ``epochs`` (Parquet data); warns on rank 0 when the run passes over
-    its training split more than once with nothing to select on."""
+def _with_epochs(config: TrainConfig, source, world: int) -> tuple[TrainConfig, str | None]:
+    """``config`` with ``steps`` from ``epochs`` (Parquet data), and the warning for a run that passes over
+    its training split more than once with nothing to select on (None if it does not)."""
     train_path = getattr(source, "paths", {}).get("train")
     if train_path is None:  # the random dataset: no epochs
-        return config
+        return config, None
     from bahe.ctr_data.parquet_io import SampleReader
 
     rows = SampleReader(train_path).num_rows
     if config.epochs is not None:
         config = dataclasses.replace(config, steps=epochs_to_steps(config.epochs, rows, config.batch_size, world))
-    warning = passes_warning(config.steps, rows, config.batch_size, world, config.eval_every)
-    if warning and rank == 0:
-        print(warning, file=sys.stderr, flush=True)
-    return config
+    return config, passes_warning(config.steps, rows, config.batch_size, world, config.eval_every)
 
 
 def _arm(config: TrainConfig) -> str:
