@@ -1,6 +1,6 @@
 """`bahe-predict`: score sample files with a trained run's model, streaming, on any number of ranks.
 
-  bahe-predict --run runs/demo/bahe --data-dir runs/demo/data --data day1.parquet day2.parquet --out scores.parquet
+  bahe-predict --run runs/demo/bahe --data day1.parquet day2.parquet --out scores.parquet
   torchrun --nproc_per_node 2 -m bahe.launchers.predict --run ... --data ... --out ...
   (or through TorchX: python -m bahe.launchers.submit --profile local predict -- --run ... --data ... --out ...)
 
@@ -8,8 +8,9 @@ Writes one row per input row, in input order (the files concatenated in the orde
 item_id, timestamp and label of the input, the model's score (sigmoid probability, float32) and logit.
 The scores are the numbers bahe-evaluate computes for the same rows. The run's BEST checkpoint (selected on
 valid) is used by default, --which latest takes the last; the file's Parquet metadata (key bahe.predict)
-records the run, the checkpoint, its step and which. The model is rebuilt from the run's run_config.json;
-its feature schema and dense statistics come from the train split it was trained on (--data-dir).
+records the run, the checkpoint, its step and which. The model is rebuilt from the run's run_config.json,
+which also records the dense statistics the weights were trained with and the training data folder (its
+train split gives the feature schema; --data-dir when it has moved).
 
 Memory stays bounded: rows are read a batch at a time and the output is written as it goes. Each rank
 scores a contiguous share of the rows into a part file beside --out (so --out's folder must be shared by

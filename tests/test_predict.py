@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -261,6 +262,11 @@ def test_bad_inputs_stop_with_one_line_and_leave_nothing(setup, tmp_path, capsys
     negative = write_like(tmp_path / "negative.parquet", test, user_id=user_ids[:35] + [-1] + user_ids[36:])
     empty_run = tmp_path / "no-checkpoint"
     (empty_run / "checkpoints").mkdir(parents=True)
+    older_run = tmp_path / "older-run"  # recorded before runs kept their training data folder
+    shutil.copytree(run, older_run)
+    record = json.loads((older_run / "run_config.json").read_text())
+    del record["defaults"]["--data-dir"]
+    (older_run / "run_config.json").write_text(json.dumps(record))
     (tmp_path / "a-file").write_text("")
     cases = [
         ([test, tmp_path / "missing.parquet"], run, {}, "file " + str(tmp_path / "missing.parquet")
@@ -269,7 +275,7 @@ def test_bad_inputs_stop_with_one_line_and_leave_nothing(setup, tmp_path, capsys
         ([tmp_path / "retyped.parquet"], run, {}, "field 'item_id': found type string, expected int64"),
         ([negative], run, {}, f"file {negative}, row 35, field 'user_id': ids must be >= 0"),
         ([test], empty_run, {}, "holds no checkpoint (no checkpoints/LATEST)"),
-        ([test], run, {"--data-dir": None}, "pass --data-dir: the folder of the train.parquet"),
+        ([test], older_run, {"--data-dir": None}, "pass --data-dir: the folder of the train.parquet"),
         ([test], run, {"--data-dir": tmp_path}, f"{tmp_path / 'train.parquet'} is missing"),
         ([test], run, {"--out": tmp_path / "nowhere" / "s.parquet"}, f"its folder {tmp_path / 'nowhere'} does not"),
         ([test], run, {"--out": tmp_path / "a-file" / "s.parquet"}, f"{tmp_path / 'a-file'} is not a folder"),
