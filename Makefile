@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: env demo test lint clean cluster cluster-down
+.PHONY: env demo daily-demo test lint clean cluster cluster-down
 
 env: $(STAMP)
 
@@ -34,6 +34,11 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m bahe.launchers.demo --out $(DEMO_DIR)
+
+# The daily loop on MovieLens-100K: a warm-up, then one 14-day period updated by `bahe-daily` (store refresh +
+# warm start) beside a retrain from scratch, each tested on the next period (docs/daily.md); ~15 min on 2 CPU cores.
+daily-demo: $(STAMP)
+	$(PY) -m bench.daily_bench --seeds 0 --max-slices 1 --work runs/daily_demo --out runs/daily_demo/daily.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
