@@ -44,6 +44,7 @@ from bahe.training.daily_state import DailyError, DailyHome, check_day_name
 STEPS = ("refresh", "train", "evaluate", "publish", "report")
 FAULT_ENV = "BAHE_DAILY_KILL_AT"  # tests: SIGKILL this driver at the start of that step
 GUARD_REFUSED = 3
+ENCODE_CHUNK_TEXTS = 4096  # bahe-encode's texts per chunk, its unit of work across ranks
 
 
 class Day:
@@ -62,19 +63,22 @@ class Day:
         write_text_atomic(self.state_file, json.dumps(self.state, indent=2))
 
     # -- running a program: here (torchrun for several ranks) or as a TorchX job of a profile ------------------
-    def command(self, module: str, component: str, args: list[str], component_args: list[str]) -> list[str]:
+    def command(self, module: str, component: str, args: list[str], component_args: list[str],
+                nproc: int | None = None) -> list[str]:
         """``python -m module args`` (torchrun for several ranks), or the TorchX ``component`` of --profile."""
+        nproc = self.args.nproc if nproc is None else nproc
         if self.args.profile:
             return [sys.executable, "-m", "bahe.launchers.submit", "--profile", self.args.profile, "--wait",
                     component, "--", *component_args]
-        if self.args.nproc > 1:
+        if nproc > 1:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                    str(self.args.nproc), "-m", module, *args]
+                    str(nproc), "-m", module, *args]
         return [sys.executable, "-m", module, *args]
 
-    def launch(self, step: str, module: str, component: str, args: list[str], component_args: list[str]) -> None:
-        """Run :meth:`command`; its output goes to logs/STEP.log."""
-        command = self.command(module, component, args, component_args)
+    def launch(self, step: str, module: str, component: str, args: list[str], component_args: list[str],
+               nproc: int | None = None) -> None:
+        """Run :meth:`command` (``nproc`` local ranks instead of --nproc); its output goes to logs/STEP.log."""
+        command = self.command(module, component, args, component_args, nproc)
         logs = self.run / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{step}.log"
@@ -93,7 +97,12 @@ class Day:
         _maybe_killed(step)
         print(f"day {self.day}: {step} ...", flush=True)
         start = time.perf_counter()
-        result = work() or {}
+        try:
+            result = work() or {}
+        except DailyError:
+            raise
+        except (OSError, ValueError) as err:  # bad data, a full disk: named by the step it stopped
+            raise DailyError(f"{step} failed ({err})") from err
         result["seconds"] = round(time.perf_counter() - start, 2)
         self.state.setdefault("done", {})[step] = result
         self.save()
@@ -103,16 +112,25 @@ class Day:
     # -- the steps -------------------------------------------------------------------------------------------
     def refresh(self) -> dict:
         from bahe.embeddings.store import BehaviourStore, latest_version
+        from bahe.embeddings.vocabulary import count_texts
 
         files = [self.data / "train.parquet", self.data / "valid.parquet"]
         before = latest_version(self.home.store) if self.home.store.is_dir() else None
-        rows_before = BehaviourStore.open(self.home.store).rows_count if before else 0
-        encoder = _encoder_flags(self.home.store, self.args)
-        self.launch("refresh", "bahe.embeddings.cli", "encode", *encode_args(self.home.store, files, encoder))
+        known = BehaviourStore.open(self.home.store).vocabulary if before else None
+        rows_before = len(known) if known is not None else 0
+        counts = count_texts(files)  # the day's texts (a bad file stops here, named)
+        unseen = [text for text in counts if known is None or text not in known]
+        if unseen:  # nothing new: no encoder to start. A few new texts: one process (a chunk is the unit of work)
+            encoder = _encoder_flags(self.home.store, self.args)
+            ranks = self.args.nproc if len(unseen) > ENCODE_CHUNK_TEXTS else 1
+            self.launch("refresh", "bahe.embeddings.cli", "encode", *encode_args(self.home.store, files, encoder),
+                        nproc=ranks)
         store = BehaviourStore.open(self.home.store)
         new = store.version != before
         stats = store.manifest.get("stats", {}) if new else {}
-        share = _new_occurrence_share(store, rows_before, files)
+        fresh = set(store.vocabulary.texts[rows_before:])
+        total = sum(counts.values())
+        share = round(sum(c for text, c in counts.items() if text in fresh) / total, 4) if total else 0.0
         return {"version": store.version, "previous_version": before, "rows": store.rows_count,
                 "new_texts": store.rows_count - rows_before, "tokens": stats.get("tokens", 0),
                 "encode_seconds": stats.get("encode_seconds", 0.0), "new_occurrence_share": share}
@@ -178,16 +196,6 @@ def _encoder_flags(store_root: Path, args: argparse.Namespace) -> list[str]:
                  "--batch-tokens", str(encoder["batch_tokens"])]
         return flags + ([] if encoder["fixed_shapes"] else ["--dynamic-shapes"])
     return ["--model", args.llm, "--k", str(args.k)]
-
-
-def _new_occurrence_share(store, rows_before: int, files: list[Path]) -> float:
-    """Share of the day's text occurrences (behaviours and item texts) whose text the refresh encoded."""
-    from bahe.embeddings.vocabulary import count_texts
-
-    counts = count_texts(files)
-    new = set(store.vocabulary.texts[rows_before:])
-    total = sum(counts.values())
-    return round(sum(c for text, c in counts.items() if text in new) / total, 4) if total else 0.0
 
 
 def run_day(args: argparse.Namespace) -> int:
