@@ -77,12 +77,22 @@ class BAHE(nn.Module):
         Returns:
             B x 1 logits (pre-sigmoid), as DLRM.
         """
-        embedded_dense = self.dense_arch(dense_features)  # B x D
-        embedded_sparse = self.sparse_arch(sparse_features)  # B x F x D
+        text_features = None
         if self.text_arch is not None:
             if behaviour_features is None:
                 raise ValueError("this BAHE model has a text arch: pass behaviour_features (BaheBatch.behaviour_features)")
-            embedded_sparse = torch.cat([embedded_sparse, self.text_arch(behaviour_features)], dim=1)  # B x F' x D
+            text_features = self.text_arch(behaviour_features)  # B x (N + 1) x D
+        return self.forward_from_text_features(dense_features, sparse_features, text_features)
+
+    def forward_from_text_features(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor,
+                                   text_features: torch.Tensor | None) -> torch.Tensor:
+        """The interaction part of :meth:`forward`, from text features computed elsewhere (e.g. served from a
+        cache, bahe.serving): dense_features B x dense_in_features, the ID features' KJT, text_features
+        B x (N + 1) x D (N user sequence features, then the item text's) or None. Returns B x 1 logits."""
+        embedded_dense = self.dense_arch(dense_features)  # B x D
+        embedded_sparse = self.sparse_arch(sparse_features)  # B x F x D
+        if text_features is not None:
+            embedded_sparse = torch.cat([embedded_sparse, text_features], dim=1)  # B x F' x D
         return self.over_arch(self.inter_arch(dense_features=embedded_dense, sparse_features=embedded_sparse))
 
 

@@ -69,8 +69,31 @@ class BehaviourTextArch(nn.Module):
         looked_up = self.lookup(behaviour_features)
         vectors = torch.stack([looked_up[k][0] for k in self.sequence_keys], dim=1)  # B x N x M x H
         lengths = torch.stack([looked_up[k][1] for k in self.sequence_keys], dim=1)  # B x N
-        pooled = self.aggregator(vectors.flatten(0, 1), lengths.flatten())  # (B*N) x H, one shared pass
-        user = self.user_projection(self.user_norm(pooled.view(-1, len(self.sequence_keys), self.aggregator.hidden_size)))
-        item_vectors, item_lengths = looked_up[ITEM_TEXT_KEY]  # B x 1 x H, B
-        item = self.item_projection(self.item_norm(self.aggregator(item_vectors, item_lengths)))  # B x D
+        user = self.user_text_features(vectors, lengths)  # B x N x D
+        item = self.item_text_features(*looked_up[ITEM_TEXT_KEY])  # B x D
         return torch.cat([user, item.unsqueeze(1)], dim=1)
+
+    def user_text_features(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The user side alone, from looked-up behaviour vectors (what a serving cache stores per user).
+
+        Args:
+            vectors: B x N x M x H behaviour vectors, right-padded, the N sequence types in ``sequence_keys`` order.
+            lengths: B x N real behaviours per sequence.
+
+        Returns:
+            B x N x D: the deep layers over the B*N sequences in one shared pass, pooled, normed, projected.
+        """
+        pooled = self.aggregator(vectors.flatten(0, 1), lengths.flatten())  # (B*N) x H, one shared pass
+        return self.user_projection(self.user_norm(pooled.view(-1, len(self.sequence_keys), self.aggregator.hidden_size)))
+
+    def item_text_features(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The item side alone (what a serving cache stores per item text).
+
+        Args:
+            vectors: B x 1 x H item-text vectors.
+            lengths: B, 1 for a text, 0 for an empty one.
+
+        Returns:
+            B x D.
+        """
+        return self.item_projection(self.item_norm(self.aggregator(vectors, lengths)))
