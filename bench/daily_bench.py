@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# A warm-started update continues a trained model: a third of the from-scratch learning rates, chosen on the
+# VALID rows of one period (seed 0, period 2: valid AUC 0.6427 against 0.6364 with the from-scratch rates and
+# 0.6380 with --init-optimizer); the retrain keeps the from-scratch rates.
+UPDATE_FLAGS = ["--dense-lr", "1e-3", "--llm-lr", "3e-4", "--sparse-lr", "0.015"]
 
 
 def train_flags(epochs: float) -> list[str]:
@@ -69,11 +73,16 @@ def run_seed(work: Path, days: Path, slices: list[str], seed: int, args: argpars
     home, cells = work / f"seed-{seed}", []
     flags = [*train_flags(args.epochs), "--seed", str(seed)]
     for p, day in enumerate(slices):
+        day_flags = flags + (UPDATE_FLAGS if p else [])  # the warm-up trains from scratch like the retrain
         wall = _run([sys.executable, "-m", "bahe.launchers.daily", "run", "--home", str(home), "--day", day,
-                     "--data", str(days / day), "--nproc", str(args.nproc), "--", *flags], home / "logs" / f"{day}.log")
+                     "--data", str(days / day), "--nproc", str(args.nproc), "--", *day_flags],
+                    home / "logs" / f"{day}.log")
         report = json.loads((home / "reports" / f"{day}.json").read_text())
         done = json.loads((home / "runs" / day / "day.json").read_text())["done"]
+        published = report["status"] == "published"
         cell = {"seed": seed, "period": p, "day": day, "status": report["status"],
+                # what serves after the day: today's model, or yesterday's when the guard kept today's
+                "served": report["new"] if published or not report.get("yesterday") else report["yesterday"],
                 "daily": {"valid": report["new"]["valid"], "test": report["new"]["test"],
                           "update_seconds": round(done["refresh"]["seconds"] + done["train"]["seconds"], 1),
                           "chain_seconds": round(wall, 1), "new_texts": report["refresh"]["new_texts"],
@@ -116,6 +125,9 @@ def summarize(cells: list[dict]) -> dict:
         ratio = [c["daily"]["update_seconds"] / c["retrain"]["seconds"] for c in here]
         rows.append({"period": p, "day": here[0]["day"], "seeds": len(here),
                      "daily_test_auc": statistics.mean(c["daily"]["test"]["auc"] for c in here),
+                     "served_test_auc": statistics.mean(c["served"]["test"]["auc"] for c in here),
+                     "served_difference": statistics.mean(c["served"]["test"]["auc"] - c["retrain"]["test"]["auc"]
+                                                          for c in here),
                      "retrain_test_auc": statistics.mean(c["retrain"]["test"]["auc"] for c in here),
                      "auc_difference": statistics.mean(diff), "auc_difference_min": min(diff),
                      "update_seconds": statistics.mean(c["daily"]["update_seconds"] for c in here),
@@ -126,16 +138,19 @@ def summarize(cells: list[dict]) -> dict:
                      "published": sum(c["status"] == "published" for c in here)})
     last = rows[-1] if rows else None
     targets = last and {"time_ratio_at_most_0.2": last["time_ratio"] <= 0.2,
-                        "auc_within_0.002_or_better": last["auc_difference"] >= -0.002}
+                        "auc_within_0.002_or_better": last["auc_difference"] >= -0.002,
+                        "served_auc_within_0.002_or_better": last["served_difference"] >= -0.002}
     return {"periods": rows, "last": last, "targets_met": targets}
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| period (test = next) | daily AUC | retrain AUC | daily - retrain | update s | retrain s | ratio | "
-             "new texts (share of occurrences) | published |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| period (test = next) | daily AUC | retrain AUC | daily - retrain | served - retrain | update s | "
+             "retrain s | ratio | new texts (share of occurrences) | published |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["periods"]:
         lines.append(f"| {r['day']} | {r['daily_test_auc']:.4f} | {r['retrain_test_auc']:.4f} | "
-                     f"{r['auc_difference']:+.4f} (min {r['auc_difference_min']:+.4f}) | {r['update_seconds']:.0f} | "
+                     f"{r['auc_difference']:+.4f} (min {r['auc_difference_min']:+.4f}) | "
+                     f"{r['served_difference']:+.4f} | {r['update_seconds']:.0f} | "
                      f"{r['retrain_seconds']:.0f} | {r['time_ratio']:.2f} | {r['new_texts']:.0f} "
                      f"({r['new_occurrence_share']:.2%}) | {r['published']}/{r['seeds']} |")
     return "\n".join(lines)
@@ -182,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [cell for seed in args.seeds for cell in run_seed(args.work, days, slices, seed, args)]
     summary = summarize(cells)
     result = {"command": "python -m bench.daily_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")} | {"flags": train_flags(args.epochs)},
+              "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")}
+              | {"flags": train_flags(args.epochs), "update_flags": UPDATE_FLAGS},
               "summary": summary, "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
