@@ -205,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(summary)
     args.out.with_suffix(".table.md").write_text(table + "\n")
     plot(summary, cells, args.out.with_suffix(".png"))
+    page = args.out.parent / "daily.md"
+    if page.is_file() and "<!-- daily-bench -->" in page.read_text():  # the docs page shows the latest figures
+        text = page.read_text()
+        head, rest = text.split("<!-- daily-bench -->", 1)
+        tail = rest.split("<!-- /daily-bench -->", 1)[1]
+        block = (f"\n`{result['command']}` ({len(args.seeds)} seeds; every cell in [daily.json](daily.json)):\n\n"
+                 f"{table}\n\n![AUC and cost per period]({args.out.with_suffix('.png').name})\n")
+        page.write_text(head + "<!-- daily-bench -->" + block + "<!-- /daily-bench -->" + tail)
     print(table)
     print(json.dumps(summary["targets_met"]))
     return 0

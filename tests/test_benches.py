@@ -136,3 +136,29 @@ def test_quality_bench_trains_each_arm_per_seed_and_writes_json_markdown_and_plo
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert run_folder_files(work) == trained
     assert json.loads(out.read_text())["runs"] == report["runs"]
+
+
+def test_daily_summary_compares_each_period_with_its_retrain_and_judges_the_last():
+    """The daily bench's per-period means, the served model (yesterday's when the guard kept today's) and
+    the targets at the last period, against numbers worked out by hand."""
+    from bench.daily_bench import markdown, summarize
+
+    def cell(seed, period, daily, retrain, update_s, retrain_s, status="published", yesterday=None):
+        served = {"test": {"auc": daily}} if status == "published" else {"test": {"auc": yesterday}}
+        return {"seed": seed, "period": period, "day": f"slice-{period:02d}", "status": status, "served": served,
+                "daily": {"test": {"auc": daily}, "update_seconds": update_s, "new_texts": 10,
+                          "new_occurrence_share": 0.01},
+                "retrain": {"test": {"auc": retrain}, "seconds": retrain_s}}
+
+    cells = [{"seed": 0, "period": 0, "day": "slice-00", "status": "published", "daily": {}},
+             cell(0, 1, 0.70, 0.71, 10, 100), cell(1, 1, 0.72, 0.71, 30, 100),
+             cell(0, 2, 0.700, 0.701, 10, 200), cell(1, 2, 0.690, 0.701, 30, 200, "kept", yesterday=0.702)]
+    summary = summarize(cells)
+    first, last = summary["periods"]
+    assert first["auc_difference"] == pytest.approx(0.0) and first["time_ratio"] == pytest.approx(0.2)
+    assert last["auc_difference"] == pytest.approx(-0.006) and last["auc_difference_min"] == pytest.approx(-0.011)
+    assert last["served_difference"] == pytest.approx((-0.001 + 0.001) / 2) and last["time_ratio"] == pytest.approx(0.1)
+    assert summary["targets_met"] == {"time_ratio_at_most_0.2": True, "auc_within_0.002_or_better": False,
+                                      "served_auc_within_0.002_or_better": True}
+    assert "| slice-02 | 0.6950 | 0.7010 | -0.0060 (min -0.0110) | +0.0000 | 20 | 200 | 0.10 |" in markdown(summary)
+    assert last["published"] == 1
