@@ -4,6 +4,7 @@ theirs."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ctr_data", "embeddings", "model", "training", "launchers")
+# The folders pyproject.toml installs under bahe.* (its [tool.setuptools.package-dir]): read, not repeated
+PACKAGES = tuple(folder for _name, folder in re.findall(r'^"bahe\.(\w+)" = "(\w+)"$', (
+    Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(), re.MULTILINE))
 
 USER_CODE = """
 import model, training

@@ -128,7 +128,8 @@ def test_a_stopped_run_resumes_to_the_same_result(setup, full_run):
     out = root / "stopped"
     first = train(pipeline, data, out, "--steps", "40", "--eval-every", "20", "--stop-at", "20")
     assert {k: v for k, v in first.items() if k != "_log"} == {"steps": 20, "stopped_at": 20,
-                                                               "resumed_from_step": 0, "steps_run": 20}
+                                                               "resumed_from_step": 0, "steps_run": 20,
+                                                               "initialized_from": None}
     resumed = train(pipeline, data, out, "--steps", "40", "--eval-every", "20")
     assert_resumed_from(resumed, 20, steps=40)
     expected, _ = full_run
