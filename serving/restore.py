@@ -34,7 +34,7 @@ class RestoredRun:
         batcher: the run's batcher (sample rows -> the model's inputs), dense statistics included.
         store: the behaviour store loaded into the model's frozen table.
         schema: the run's sample schema (from its train split).
-        normalizer: the train split's dense statistics (None: the run trained without standardising).
+        normalizer: the dense statistics the run's weights were trained with (None: without standardising).
         config: the run's model config.
         run, checkpoint, chosen, step: the run folder, the checkpoint folder, why it was chosen, its step.
     """
@@ -82,7 +82,7 @@ def restore_run(run: Path, *, which: str = "best", data_dir: Path | None = None,
     from bahe.model.factory import build_model
     from bahe.training.checkpoint import load_into
     from bahe.training.run_record import check_run_store
-    from bahe.training.scoring import run_model_config, select_checkpoint, training_split
+    from bahe.training.scoring import run_dense_statistics, run_model_config, select_checkpoint, training_split
 
     run = Path(run)
     checkpoint, chosen = select_checkpoint(run, which)
@@ -93,7 +93,7 @@ def restore_run(run: Path, *, which: str = "best", data_dir: Path | None = None,
                          "a DLRM-only run serves as it is (torchrec's inference path)")
     train = training_split(run, data_dir, record)
     schema = SampleReader(train).schema
-    normalizer = DenseNormalizer.fit(SampleReader(train)) if standardize else None  # as the trainer fits them
+    normalizer = run_dense_statistics(run, train) if standardize else None  # those the weights learned on
     model, batcher, behaviour_store = build_model(config, schema, device="cpu", dense_normalizer=normalizer)
     check_run_store(run, behaviour_store)  # a store that does not hold the run's rows unchanged is refused
     load_store_rows(model, behaviour_store)

@@ -49,6 +49,22 @@ def restored(run: Path, data: Path, **options):
     return restore_run(run, data_dir=data, **options)
 
 
+def test_a_restored_run_feeds_its_recorded_dense_statistics_not_a_refit(setup, tmp_path):
+    """A warm-started run records the --init-from run's dense statistics, not its own train split's: the
+    serving side must standardise with the recorded ones, as the trainer and bahe-predict do."""
+    import json
+
+    pipeline, data, run, _ = setup
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    record = json.loads((copy / "run_config.json").read_text())
+    record["dense_statistics"]["mean"] = [m + 1.0 for m in record["dense_statistics"]["mean"]]
+    (copy / "run_config.json").write_text(json.dumps(record))
+    normalizer = restored(copy, data).normalizer
+    assert list(normalizer.mean) == record["dense_statistics"]["mean"]
+    assert list(normalizer.std) == record["dense_statistics"]["std"]
+
+
 def test_features_are_the_models_own_for_every_store_text_and_user_as_of_the_cut_off(setup, tmp_path):
     pipeline, data, run, _ = setup
     files = [data / f"{s}.parquet" for s in ("train", "valid", "test")]

@@ -82,7 +82,7 @@ def _needed_rows(reader: SampleReader, segments: Iterator[tuple[int, np.ndarray]
             yield reader.read_row_group(index, rows[keep])
 
 
-def _exact(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+def recut(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
     """Re-cut a stream of tables into tables of exactly ``size`` rows (a last shorter one at the end)."""
     pending: list[pa.Table] = []
     count = 0
@@ -109,7 +109,7 @@ def _training_batches(reader: SampleReader, batch_size: int, rank: int, world: i
         if window[0] < window[1]:
             segments = _lane_segments(reader, seed, shuffle, lane, lanes)
             rows = _needed_rows(reader, segments, skip_rows // lanes, unit, window)
-            streams.append(_exact(rows, window[1] - window[0]))
+            streams.append(recut(rows, window[1] - window[0]))
     while True:
         parts = [next(stream) for stream in streams]
         yield parts[0] if len(parts) == 1 else pa.concat_tables(parts)

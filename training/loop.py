@@ -31,7 +31,14 @@ from bahe.training.health import check_loss
 from bahe.training.metrics import CtrMetrics
 from bahe.training.optimizers import attach_sparse_optimizer, build_optimizer
 from bahe.training.preflight import preflight
-from bahe.training.run_record import RECORD, check_run_store, read_record, store_record, write_record
+from bahe.training.run_record import (
+    RECORD,
+    check_run_store,
+    read_record,
+    recorded_dense_statistics,
+    store_record,
+    write_record,
+)
 from bahe.training.selection import Selection, epochs_to_steps, passes_warning
 from bahe.training.sources import ParquetData, RandomData, criteo_data
 from torch.utils.tensorboard import SummaryWriter
@@ -158,9 +165,8 @@ def dense_statistics(config: TrainConfig, source, resuming: bool) -> DenseNormal
         return None
     run = config.checkpoint_dir.parent if resuming else init_from.resolve(config.init_from).run \
         if config.init_from is not None else None
-    recorded = (read_record(run) or {}).get("dense_statistics") if run is not None else None
-    if recorded:
-        normalizer = DenseNormalizer(tuple(recorded["columns"]), tuple(recorded["mean"]), tuple(recorded["std"]))
+    normalizer = recorded_dense_statistics(run) if run is not None else None
+    if normalizer is not None:
         if list(normalizer.columns) != list(source.schema.dense_columns):
             raise ValueError(f"{run / RECORD} records dense statistics of the columns {list(normalizer.columns)}, "
                              f"but {config.data_dir} has {list(source.schema.dense_columns)}: the data must have "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from bahe.embeddings.store import BehaviourStore, write_text_atomic
+from bahe.model.dense_features import DenseNormalizer
 
 RECORD = "run_config.json"  # in the run folder, beside checkpoints/
 # flag -> the argparse destination that holds it (the flags that make the model: shape and computation)
@@ -104,6 +105,15 @@ def differences(recorded: dict, now: dict, flags=MODEL_FLAGS) -> list[str]:
     """'--pooling: run has 'mean', now 'last'' for every flag of ``flags`` (the model flags) that differs."""
     return [f"{flag}: run has {_show(recorded.get(flag))}, now {_show(now.get(flag))}"
             for flag in flags if recorded.get(flag) != now.get(flag)]
+
+
+def recorded_dense_statistics(run: Path) -> DenseNormalizer | None:
+    """The dense z-score statistics a run's weights were trained with (training/loop.py records them in
+    run_config.json); None for a run recorded before runs kept them."""
+    recorded = (read_record(run) or {}).get("dense_statistics")
+    if not recorded:
+        return None
+    return DenseNormalizer(tuple(recorded["columns"]), tuple(recorded["mean"]), tuple(recorded["std"]))
 
 
 def has_checkpoint(run: Path) -> bool:

@@ -28,7 +28,7 @@ from bahe.embeddings.pretrained import DEFAULT_MODEL
 from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
 from bahe.model.deep_layers import PRECISIONS
 from bahe.training.checkpoint import Checkpointer, load_into
-from bahe.training.run_record import RECORD, RunConfigError, check_run_store, read_record
+from bahe.training.run_record import RECORD, RunConfigError, check_run_store, read_record, recorded_dense_statistics
 from bahe.training.scoring_io import (
     ScoreFiles,
     ScoreInput,
@@ -191,15 +191,12 @@ def plan_scoring(config: ScoringConfig) -> ScoringPlan:
     return ScoringPlan(config.run, checkpoint, chosen, model, standardize, run_batch, train, schema, inputs)
 
 
-def recorded_dense_statistics(plan: ScoringPlan):
-    """The dense statistics the run recorded (training/loop.py ``dense_statistics``); refitted on its train split
-    for a run recorded before runs kept them."""
+def run_dense_statistics(run: Path, train: Path):
+    """The dense statistics ``run``'s weights were trained with: those it recorded, else (a run recorded
+    before runs kept them) refitted on its train split as the trainer fitted them."""
     from bahe.model.dense_features import DenseNormalizer
 
-    recorded = (read_record(plan.run) or {}).get("dense_statistics")
-    if recorded:
-        return DenseNormalizer(tuple(recorded["columns"]), tuple(recorded["mean"]), tuple(recorded["std"]))
-    return DenseNormalizer.fit(SampleReader(plan.train))
+    return recorded_dense_statistics(run) or DenseNormalizer.fit(SampleReader(train))
 
 
 def build_scoring_model(plan: ScoringPlan, device: torch.device):
@@ -211,7 +208,7 @@ def build_scoring_model(plan: ScoringPlan, device: torch.device):
     from bahe.training.config import OptimConfig
     from bahe.training.optimizers import attach_sparse_optimizer
 
-    normalizer = recorded_dense_statistics(plan) if plan.standardize_dense else None  # those the weights learned on
+    normalizer = run_dense_statistics(plan.run, plan.train) if plan.standardize_dense else None  # those the weights learned on
     model, batcher, store = build_model(plan.model, plan.schema, device=torch.device("meta"), dense_normalizer=normalizer)
     attach_sparse_optimizer(model, OptimConfig())  # as in training: the same sharding plan and state-dict layout
     dmp = shard_model(BAHETrain(model), device, batch_size=plan.run_batch_size)

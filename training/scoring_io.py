@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from bahe.ctr_data.parquet_io import SampleReader, validate_batch
 from bahe.ctr_data.schema import ITEM_ID, LABEL, TIMESTAMP, USER_ID, DataError, SampleSchema
 from bahe.ctr_data.validation import same_type
+from bahe.training.data import recut
 
 PREDICT_METADATA_KEY = b"bahe.predict"
 # the input's id columns and label, then the model's outputs
@@ -110,22 +111,6 @@ def read_rows(inputs: Sequence[ScoreInput], start: int, stop: int, schema: Sampl
             position += batch.num_rows
             if position >= hi:
                 break
-
-
-def recut(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
-    """Re-cut a stream of tables into tables of exactly ``size`` rows (a last shorter one at the end)."""
-    pending: list[pa.Table] = []
-    count = 0
-    for table in tables:
-        pending.append(table)
-        count += table.num_rows
-        while count >= size:
-            joined = pa.concat_tables(pending)
-            yield joined.slice(0, size)
-            pending = [joined.slice(size)]
-            count = pending[0].num_rows
-    if count:
-        yield pa.concat_tables(pending)
 
 
 def padded_batches(tables: Iterator[pa.Table], batch_size: int, calls: int, filler: pa.Table | None
