@@ -17,6 +17,7 @@
    of 1, 64 and 512 test rows drawn at random; every call times one arm, and the arms alternate call by
    call (in a fresh random order each turn), so load from other processes falls on all of them; (c)
    alternates with (a) in turns of its own (its large activations would evict the light arms' weights).
+   (bl) is (b)'s modules through (a)'s lean interaction code: (a)/(bl) is the cost of the text features alone.
    p50 / p99 of per-call latency and throughput (rows / mean latency). (b)'s logits are not a trained model's: only its cost
    counts.
 """
@@ -40,6 +41,7 @@ from bench.machine import machine, versions  # noqa: E402
 
 ARMS = {"a": "cached BAHE predictor (exported, fp32 tables)", "g": "gather the request's cached features",
         "a8": "cached BAHE predictor (exported, int8 tables)", "b": "torchrec DLRM (exported, fp32 tables)",
+        "bl": "torchrec DLRM's modules through (a)'s lean interaction (exported, fp32 tables)",
         "c": "full BAHE forward, no caches (eager)", "a_beside_c": "(a) timed alternating with (c)"}
 
 
@@ -82,8 +84,9 @@ def ensure_export(args):
     return ExportVersion.open(args.export), restore_run(args.run, data_dir=args.data_dir), summary
 
 
-def dlrm_arm(restored):
-    """torchrec's DLRM with the run's ID tables and dense arch, over-arch sizes as the run's, exported as (a)."""
+def dlrm_arm(restored, lean: bool = False):
+    """torchrec's DLRM with the run's ID tables and dense arch, over-arch sizes as the run's, exported as (a);
+    ``lean``: its modules through (a)'s interaction code (serving/predictor.py ``lean_interaction_logits``)."""
     from bahe.serving.predictor import dlrm_predictor, predictor_bytes, script
     from torchrec import EmbeddingBagCollection
     from torchrec.models.dlrm import DLRM
@@ -95,7 +98,7 @@ def dlrm_arm(restored):
                 list(arch.over_arch_layer_sizes))
     dlrm.sparse_arch.load_state_dict(model.sparse_arch.state_dict())
     dlrm.dense_arch.load_state_dict(model.dense_arch.state_dict())
-    data = predictor_bytes(script(dlrm_predictor(dlrm.eval(), restored.batcher, restored.normalizer)), {})
+    data = predictor_bytes(script(dlrm_predictor(dlrm.eval(), restored.batcher, restored.normalizer, lean=lean)), {})
     import fbgemm_gpu  # noqa: F401
 
     return torch.jit.load(io.BytesIO(data))
@@ -167,7 +170,7 @@ def timed_arms(restored, predictors, cache) -> dict:
         return restored.model(b.dense_features, b.sparse_features, b.behaviour_features)
 
     return {"a": cached(predictors["a"]), "g": gather, "a8": cached(predictors["a8"]),
-            "b": lambda r: predictors["b"](*r["inputs"]), "c": full}
+            "b": lambda r: predictors["b"](*r["inputs"]), "bl": lambda r: predictors["bl"](*r["inputs"]), "c": full}
 
 
 def _stats(samples: list[float], size: int) -> dict:
@@ -210,6 +213,7 @@ def latency(arms: dict, requests: dict[int, list[dict]], rounds: int, calls: dic
     for size, per_arm in times.items():
         row = {name: _stats(samples, size) for name, samples in per_arm.items()}
         row["a_over_b_p50"] = row["a"]["p50_ms"] / row["b"]["p50_ms"]
+        row["a_over_lean_b_p50"] = row["a"]["p50_ms"] / row["bl"]["p50_ms"]
         row["a_over_b_p99"] = row["a"]["p99_ms"] / row["b"]["p99_ms"]
         row["a_over_b_throughput"] = row["b"]["rows_per_s"] / row["a"]["rows_per_s"]
         row["a_plus_gather_over_b_p50"] = (row["a"]["p50_ms"] + row["g"]["p50_ms"]) / row["b"]["p50_ms"]
@@ -244,15 +248,18 @@ def markdown(result: dict) -> str:
             r = row[arm]
             lines.append(f"| {size} | ({arm}) {label} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['rows_per_s']:,.0f} | "
                          f"{r['calls']} |")
-    lines += ["", "| batch | (a)/(b) p50 | (a)/(b) p99 | (b)/(a) throughput | ((a)+(g))/(b) p50 | (c)/(a) p50 | "
-              "(a)/(c) throughput |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| batch | (a)/(b) p50 | (a)/(b) p99 | (b)/(a) throughput | (a)/(bl) p50 | ((a)+(g))/(b) p50 | "
+              "(c)/(a) p50 | (a)/(c) throughput |", "|---|---|---|---|---|---|---|---|"]
     for size, row in result["latency"].items():
         lines.append(f"| {size} | {row['a_over_b_p50']:.2f}x | {row['a_over_b_p99']:.2f}x | {row['a_over_b_throughput']:.2f}x "
+                     f"| {row['a_over_lean_b_p50']:.2f}x "
                      f"| {row['a_plus_gather_over_b_p50']:.2f}x | {row['c_over_a_p50']:.1f}x | {row['c_over_a_throughput']:.1f}x |")
     lines += ["", "Target: (a) <= 1.2x (b) at every batch size. (a) is the exported predictor given the request's "
               "cached text features, as (b) is given its ID features; (g) is gathering those features from the export "
               "held in memory (user id -> row by binary search, store id -> row), a feature-store lookup timed on its "
-              "own. (a) and (b) include the dense transform and id hashing inside the exported graph; (c) gets its "
+              "own; (bl) is torchrec's DLRM modules run through (a)'s leaner interaction code (one concatenation, one "
+              "index_select, identical logits), so (a)/(bl) is the cost of BAHE's N + 1 extra features alone. "
+              "(a) and (b) include the dense transform and id hashing inside the exported graph; (c) gets its "
               "inputs already batched by the run's batcher. In one process: the light arms (a), (g), (a8), (b) alternate "
               "call by call in a fresh random order each turn; (c) alternates with (a) in turns of its own, and (c)/(a) "
               "uses those (a) calls. The machine is shared: at batch 512, where a call takes milliseconds and is often "
@@ -272,7 +279,8 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     version, restored, summary = ensure_export(args)
     predictors = {"a": load_predictor(version.path / "predictor.pt")[0],
-                  "a8": load_predictor(version.path / "predictor_int8.pt")[0], "b": dlrm_arm(restored)}
+                  "a8": load_predictor(version.path / "predictor_int8.pt")[0], "b": dlrm_arm(restored),
+                  "bl": dlrm_arm(restored, lean=True)}
     test = SampleReader(args.data_dir / "test.parquet").read_all()
     result = {"command": "python " + shlex.join(["bench/serving_bench.py", *(argv or sys.argv[1:])]),
               "machine": machine(), "versions": versions(), "threads": args.threads, "run": str(args.run),

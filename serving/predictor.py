@@ -82,8 +82,34 @@ class RequestFeatures(nn.Module):
         return x, kjt
 
 
+def upper_triangle(model: nn.Module) -> torch.Tensor:
+    """The flat indices (into a row-major (F + 1) x (F + 1) matrix) of the pairs torchrec's InteractionArch
+    reads, in its order."""
+    rows, cols = model.inter_arch.triu_indices
+    return rows * (model.inter_arch.F + 1) + cols
+
+
+def lean_interaction_logits(model: nn.Module, pairs_at: torch.Tensor, x: torch.Tensor, kjt: KeyedJaggedTensor,
+                            extra: list[torch.Tensor]) -> torch.Tensor:
+    """A DLRM head's logits (B x 1) -- the numbers of torchrec's ``DLRM`` / :class:`BAHE` modules ``model`` --
+    with less copying: dense arch, ID tables, then ONE concatenation of [dense, F ID, extra...] (each extra
+    B x E x D), one batched matmul, the upper triangle read with one ``index_select`` (``pairs_at``), the over
+    arch. torchrec's path splits the tables' output per feature and concatenates it back, concatenates twice
+    more and reads the triangle with a two-index gather: at batch 512 on one CPU thread those steps cost about
+    a fifth of a call (docs/serving.md)."""
+    embedded_dense = model.dense_arch(x)  # B x D
+    # the tables' pooled rows, B x (F * D), already in SparseArch's feature order (its configs' feature names,
+    # which the KeyedTensor keeps): SparseArch's split-and-concatenate back is the identity
+    sparse_arch = model.sparse_arch
+    id_embeddings = sparse_arch.embedding_bag_collection(kjt).values().view(-1, sparse_arch.F, sparse_arch.D)
+    combined = torch.cat([embedded_dense.unsqueeze(1), id_embeddings] + extra, dim=1)  # B x (1 + F + E) x D
+    pairs = torch.bmm(combined, combined.transpose(1, 2)).flatten(1).index_select(1, pairs_at)
+    return model.over_arch(torch.cat([embedded_dense, pairs], dim=1))
+
+
 class CachedBahePredictor(nn.Module):
-    """BAHE's interaction part over cached text features (see the module docstring for the inputs).
+    """BAHE's interaction part over cached text features (see the module docstring for the inputs): the numbers
+    of :meth:`BAHE.forward_from_text_features`, computed by :func:`lean_interaction_logits`.
 
     Example::
 
@@ -94,6 +120,7 @@ class CachedBahePredictor(nn.Module):
         super().__init__()
         self.features, self.model = features, model
         self.num_sequences, self.embedding_dim = num_sequences, embedding_dim
+        self.register_buffer("upper_triangle", upper_triangle(model), persistent=False)
 
     def forward(self, dense: torch.Tensor, id_values: torch.Tensor, id_lengths: torch.Tensor,
                 user_text: torch.Tensor, item_text: torch.Tensor) -> torch.Tensor:
@@ -106,20 +133,24 @@ class CachedBahePredictor(nn.Module):
         torch._assert(item_text.dim() == 2, "item_text must be B x D (items.parquet feature)")
         torch._assert(item_text.size(0) == dense.size(0), "item_text must have one row per request (B x D)")
         torch._assert(item_text.size(1) == self.embedding_dim, "item_text must be B x D: D floats")
-        text = torch.cat([user_text, item_text.unsqueeze(1)], dim=1)  # B x (N + 1) x D
-        return self.model.forward_from_text_features(x, kjt, text).squeeze(-1)
+        logits = lean_interaction_logits(self.model, self.upper_triangle, x, kjt, [user_text, item_text.unsqueeze(1)])
+        return logits.squeeze(-1)
 
 
 class DlrmPredictor(nn.Module):
     """torchrec's DLRM behind the same request transforms: ``(dense, id_values, id_lengths) -> B logits``
-    (the serving bench's DLRM arm)."""
+    (the serving bench's DLRM arm): its own forward, or with ``lean`` the same modules through
+    :func:`lean_interaction_logits` (the serving bench's like-for-like arm)."""
 
-    def __init__(self, features: RequestFeatures, dlrm: nn.Module):
+    def __init__(self, features: RequestFeatures, dlrm: nn.Module, lean: bool = False):
         super().__init__()
-        self.features, self.dlrm = features, dlrm
+        self.features, self.dlrm, self.lean = features, dlrm, lean
+        self.register_buffer("upper_triangle", upper_triangle(dlrm), persistent=False)
 
     def forward(self, dense: torch.Tensor, id_values: torch.Tensor, id_lengths: torch.Tensor) -> torch.Tensor:
         x, kjt = self.features(dense, id_values, id_lengths)
+        if self.lean:
+            return lean_interaction_logits(self.dlrm, self.upper_triangle, x, kjt, []).squeeze(-1)
         return self.dlrm(x, kjt).squeeze(-1)
 
 
@@ -157,9 +188,10 @@ def cached_predictor(model: BAHE, batcher: SampleBatcher, normalizer: DenseNorma
 
 
 def dlrm_predictor(dlrm: nn.Module, batcher: SampleBatcher, normalizer: DenseNormalizer | None, *,
-                   tables: str = "fp32") -> DlrmPredictor:
+                   tables: str = "fp32", lean: bool = False) -> DlrmPredictor:
     """An eager :class:`DlrmPredictor` around torchrec's ``DLRM`` (quantized the same way; ``dlrm`` is copied)."""
-    return quantize_tables(DlrmPredictor(request_features(batcher, normalizer), copy.deepcopy(dlrm)).eval(), tables)
+    predictor = DlrmPredictor(request_features(batcher, normalizer), copy.deepcopy(dlrm), lean=lean)
+    return quantize_tables(predictor.eval(), tables)
 
 
 def script(predictor: nn.Module) -> torch.jit.ScriptModule:

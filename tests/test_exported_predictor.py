@@ -131,3 +131,23 @@ def test_malformed_requests_stop_with_a_message_naming_the_input(served):
     for message, change in bad.items():
         with pytest.raises(torch.jit.Error, match=message):
             predictor(**{**inputs, **change})
+
+
+def test_lean_interaction_gives_torchrecs_dlrm_logits(served):
+    """The predictor's lean interaction (one concatenation, one index_select; serving/predictor.py) computes what
+    torchrec's own DLRM forward computes, bit for bit, on the same modules: the serving bench's like-for-like
+    DLRM arm and the cached predictor rest on it."""
+    from bahe.serving.predictor import dlrm_predictor, script
+    from torchrec import EmbeddingBagCollection
+    from torchrec.models.dlrm import DLRM
+
+    model, batcher, normalizer, inputs, _, _ = served
+    torch.manual_seed(1)
+    ebc = EmbeddingBagCollection(tables=model.sparse_arch.embedding_bag_collection.embedding_bag_configs())
+    dlrm = DLRM(ebc, inputs["dense"].size(1), [16, ebc.embedding_bag_configs()[0].embedding_dim], [16, 1]).eval()
+    args = (inputs["dense"], inputs["id_values"], inputs["id_lengths"])
+    with torch.no_grad():
+        stock = script(dlrm_predictor(dlrm, batcher, normalizer))(*args)
+        lean = script(dlrm_predictor(dlrm, batcher, normalizer, lean=True))(*args)
+    assert stock.shape == (400,) and stock.std() > 0
+    assert torch.equal(lean, stock)
