@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 # A warm-started update continues a trained model: a third of the from-scratch learning rates, chosen on the
 # VALID rows of one period (seed 0, period 2: valid AUC 0.6427 against 0.6364 with the from-scratch rates and
@@ -143,6 +145,72 @@ def summarize(cells: list[dict]) -> dict:
     return {"periods": rows, "last": last, "targets_met": targets}
 
 
+def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank-sum formula (ties share their mean rank): the number torchmetrics' AUROC gives."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # 1-based mean rank of each tie group
+    positives = labels.astype(bool)
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def paired_bootstrap(scores: dict[str, list[np.ndarray]], labels: np.ndarray, resamples: int = 2000,
+                     seed: int = 0) -> dict:
+    """How sure the last period's AUC difference is: test rows resampled with replacement (the same resample for
+    every seed and both models), the mean over seeds of AUC(a) - AUC(b) per resample -> its 5th/95th percentiles.
+
+    ``scores``: {"a": [per-seed scores], "b": [...]} on the same test rows, ``labels`` their labels."""
+    rng = np.random.default_rng(seed)
+    n, diffs = len(labels), []
+    for _ in range(resamples):
+        rows = rng.integers(0, n, n)
+        diffs.append(np.mean([rank_auc(a[rows], labels[rows]) - rank_auc(b[rows], labels[rows])
+                              for a, b in zip(scores["a"], scores["b"])]))
+    point = float(np.mean([rank_auc(a, labels) - rank_auc(b, labels) for a, b in zip(scores["a"], scores["b"])]))
+    low, high = np.percentile(diffs, [5, 95])
+    return {"difference": point, "ci90": [float(low), float(high)], "resamples": resamples, "rows": int(n),
+            "seeds": len(scores["a"])}
+
+
+def score_file(run: Path, data: Path, out: Path) -> np.ndarray:
+    """The run's test scores (``bahe-predict``, best checkpoint), cached in ``out``."""
+    import pyarrow.parquet as pq
+
+    if not out.is_file():
+        _run([sys.executable, "-m", "bahe.launchers.predict", "--run", str(run), "--data", str(data / "test.parquet"),
+              "--out", str(out)], out.with_suffix(".log"))
+    return pq.read_table(out, columns=["logit"]).column("logit").to_numpy()
+
+
+def last_period_uncertainty(work: Path, days: Path, cells: list[dict]) -> dict:
+    """Paired bootstrap of update - retrain and served - retrain on the last period's test rows, over the seeds."""
+    import pyarrow.parquet as pq
+
+    last = max(c["period"] for c in cells)
+    here = sorted((c for c in cells if c["period"] == last), key=lambda c: c["seed"])
+    day = here[0]["day"]
+    labels = pq.read_table(days / day / "test.parquet", columns=["label"]).column("label").to_numpy()
+    scores: dict[str, list[np.ndarray]] = {"daily": [], "retrain": [], "served": []}
+    for c in here:
+        home = work / f"seed-{c['seed']}"
+        cache = work / "scores" / f"seed-{c['seed']}"
+        cache.mkdir(parents=True, exist_ok=True)
+        scores["daily"].append(score_file(home / "runs" / day / "train", days / day, cache / f"{day}-daily.parquet"))
+        scores["retrain"].append(score_file(home / "retrain" / day, days / day, cache / f"{day}-retrain.parquet"))
+        if c["status"] == "published":
+            scores["served"].append(scores["daily"][-1])
+        else:  # the guard kept yesterday's model serving
+            previous = json.loads((home / "runs" / day / "day.json").read_text())["previous"]
+            scores["served"].append(score_file(home / previous["run"], days / day, cache / f"{day}-served.parquet"))
+    return {"day": day,
+            "daily_minus_retrain": paired_bootstrap({"a": scores["daily"], "b": scores["retrain"]}, labels),
+            "served_minus_retrain": paired_bootstrap({"a": scores["served"], "b": scores["retrain"]}, labels)}
+
+
 def markdown(summary: dict) -> str:
     lines = ["| period (test = next) | daily AUC | retrain AUC | daily - retrain | served - retrain | update s | "
              "retrain s | ratio | new texts (share of occurrences) | published |",
@@ -154,6 +222,14 @@ def markdown(summary: dict) -> str:
                      f"{r['retrain_seconds']:.0f} | {r['time_ratio']:.2f} | {r['new_texts']:.0f} "
                      f"({r['new_occurrence_share']:.2%}) | {r['published']}/{r['seeds']} |")
     return "\n".join(lines)
+
+
+def uncertainty_line(u: dict) -> str:
+    d, s = u["daily_minus_retrain"], u["served_minus_retrain"]
+    return (f"Paired bootstrap on {u['day']}'s test rows ({d['rows']:,} rows resampled {d['resamples']} times, the "
+            f"same rows for every seed and model; mean over {d['seeds']} seeds): update - retrain {d['difference']:+.4f}, "
+            f"90% interval [{d['ci90'][0]:+.4f}, {d['ci90'][1]:+.4f}]; served - retrain {s['difference']:+.4f}, "
+            f"[{s['ci90'][0]:+.4f}, {s['ci90'][1]:+.4f}].")
 
 
 def plot(summary: dict, cells: list[dict], path: Path) -> None:
@@ -196,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     days, slices = prepare(args.work, args)
     cells = [cell for seed in args.seeds for cell in run_seed(args.work, days, slices, seed, args)]
     summary = summarize(cells)
+    summary["uncertainty"] = last_period_uncertainty(args.work, days, cells)
     result = {"command": "python -m bench.daily_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")}
               | {"flags": train_flags(args.epochs), "update_flags": UPDATE_FLAGS},
@@ -211,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         head, rest = text.split("<!-- daily-bench -->", 1)
         tail = rest.split("<!-- /daily-bench -->", 1)[1]
         block = (f"\n`{result['command']}` ({len(args.seeds)} seeds; every cell in [daily.json](daily.json)):\n\n"
-                 f"{table}\n\n![AUC and cost per period]({args.out.with_suffix('.png').name})\n")
+                 f"{table}\n\n{uncertainty_line(summary['uncertainty'])}\n\n"
+                 f"![AUC and cost per period]({args.out.with_suffix('.png').name})\n")
         page.write_text(head + "<!-- daily-bench -->" + block + "<!-- /daily-bench -->" + tail)
     print(table)
+    print(uncertainty_line(summary["uncertainty"]))
     print(json.dumps(summary["targets_met"]))
     return 0
 

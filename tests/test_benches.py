@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +164,25 @@ def test_daily_summary_compares_each_period_with_its_retrain_and_judges_the_last
                                       "served_auc_within_0.002_or_better": True}
     assert "| slice-02 | 0.6950 | 0.7010 | -0.0060 (min -0.0110) | +0.0000 | 20 | 200 | 0.10 |" in markdown(summary)
     assert last["published"] == 1
+
+
+def test_daily_bench_auc_and_paired_bootstrap_against_references():
+    """The daily bench's rank AUC equals torchmetrics' AUROC (ties included); the paired bootstrap of an AUC
+    difference is zero for a model against itself, brackets the point difference, and leans the right way for a
+    model that is better on the rows."""
+    from bench.daily_bench import paired_bootstrap, rank_auc
+    from torchmetrics.functional.classification import binary_auroc
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 3000)
+    noisy = labels + rng.normal(0, 1.5, 3000)
+    tied = np.round(noisy, 1)  # many ties
+    for scores in (noisy, tied):
+        assert rank_auc(scores, labels) == pytest.approx(
+            float(binary_auroc(torch.from_numpy(scores), torch.from_numpy(labels))), abs=1e-6)
+    same = paired_bootstrap({"a": [noisy], "b": [noisy]}, labels, resamples=50)
+    assert same["difference"] == 0 and same["ci90"] == [0.0, 0.0]
+    better = labels + rng.normal(0, 1.0, 3000)
+    result = paired_bootstrap({"a": [better, better], "b": [noisy, tied]}, labels, resamples=200)
+    assert result["ci90"][0] < result["difference"] < result["ci90"][1]
+    assert result["ci90"][0] > 0 and result["seeds"] == 2 and result["rows"] == 3000
