@@ -1,6 +1,7 @@
 """`bahe-predict`: score sample files with a trained run's model, streaming, on any number of ranks.
 
   bahe-predict --run runs/demo/bahe --data day1.parquet day2.parquet --out scores.parquet
+  bahe-predict --run runs/demo/bahe --features serving/demo --data day1.parquet --out scores.parquet
   torchrun --nproc_per_node 2 -m bahe.launchers.predict --run ... --data ... --out ...
   (or through TorchX: python -m bahe.launchers.submit --profile local predict -- --run ... --data ... --out ...)
 
@@ -11,6 +12,13 @@ valid) is used by default, --which latest takes the last; the file's Parquet met
 records the run, the checkpoint, its step and which. The model is rebuilt from the run's run_config.json,
 which also records the dense statistics the weights were trained with and the training data folder (its
 train split gives the feature schema; --data-dir when it has moved).
+
+--features EXPORT takes the text features from a bahe-export folder (its LATEST version, or a version
+folder vNNNNNN) instead of running the LLM's deep layers: the item feature by the title's store id, the
+user features by user id (a user the export lacks: those of a user without behaviours), then the model's
+interaction part. The export must come from the checkpoint bahe-predict selects (its SHA-256) of a BAHE
+run; its checksums are verified. The metadata's text_features records the export version and the counts.
+A row scores as the full model scores it when it is its user's sample in the export (as_of).
 
 Memory stays bounded: rows are read a batch at a time and the output is written as it goes. Each rank
 scores a contiguous share of the rows into a part file beside --out (so --out's folder must be shared by
@@ -48,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", default=None, help="the LLM folder or alias (default: the run's)")
     p.add_argument("--llm-precision", choices=PRECISIONS, default="auto",
                    help="compute precision of the LLM layers: auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--features", type=Path, default=None, metavar="EXPORT",
+                   help="score with the cached text features of a bahe-export folder (its LATEST version) or of one "
+                        "version folder, instead of the LLM's deep layers; it must come from the checkpoint selected "
+                        "here (--which)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = score_files(args.run, args.data, args.out, which=args.which, batch_size=args.batch_size,
                               data_dir=args.data_dir, store=args.store, llm=args.llm, llm_precision=args.llm_precision,
-                              device=args.device, show_progress=not args.quiet)
+                              device=args.device, show_progress=not args.quiet, features=args.features)
     except (ValueError, FileNotFoundError) as err:  # bad input, a damaged run, a failed write: one line
         if os.environ.get("BAHE_TRACEBACK"):
             raise
@@ -82,10 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     if dist.get_rank() == 0:
         print(f"bahe-predict: {summary['rows']:,} rows of {len(summary['files'])} file(s) -> {summary['out']} with "
               f"{summary['run']} {summary['checkpoint']} ({summary['chosen']}), {summary['world_size']} rank(s), "
-              f"{summary['rows_per_s']:,.0f} rows/s")
+              f"{summary['rows_per_s']:,.0f} rows/s{_text_source(summary)}")
         print(json.dumps(summary))
     _leave_group()
     return 0
+
+
+def _text_source(summary: dict) -> str:
+    text = summary.get("text_features") or {}
+    if text.get("from") != "export":
+        return ""
+    return (f", text features of {text['export']} ({text['users_not_in_export']:,} row(s) of users it lacks, "
+            f"{text['titles_not_in_store']:,} title(s) not in its store)")
 
 
 def _leave_group() -> None:

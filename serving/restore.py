@@ -1,12 +1,11 @@
 """A trained run's BAHE model, restored unsharded in one process, for exporting its serving parts.
 
-The run's checkpoint, model config, feature schema and dense statistics are chosen exactly as
-``bahe-predict`` chooses them (training/scoring.py: :func:`select_checkpoint` -- the best by valid from
-``checkpoints/BEST.json``, else the latest --, :func:`run_model_config`, :func:`training_split`); the
-weights are read through the same restricted loader (training/checkpoint.py ``load_into``, which goes
-through training/safe_load.py). The difference: the model is built on the CPU without
-DistributedModelParallel (DCP reshards the run's sharded tables into plain tensors), so torchrec's
-inference path (``quantize_inference_model``) and TorchScript can take its modules as they are.
+The run is restored by bahe-predict's own code (training/scoring.py: :func:`plan_restore` -- the
+checkpoint, the best by valid from ``checkpoints/BEST.json`` else the latest, the model config, the train
+split and its schema -- and :func:`restore_model` -- the model, the dense statistics the weights learned
+on, the store's rows, the weights through the restricted loader). The one difference: the model is built
+on the CPU without DistributedModelParallel (DCP reshards the run's sharded tables into plain tensors), so
+torchrec's inference path (``quantize_inference_model``) and TorchScript can take its modules as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import SampleSchema
 from bahe.embeddings.store import BehaviourStore
 from bahe.model.bahe import BAHE
@@ -72,33 +70,18 @@ def checkpoint_digest(folder: Path) -> str:
 
 def restore_run(run: Path, *, which: str = "best", data_dir: Path | None = None, store: str | None = None,
                 llm: str | None = None, llm_precision: str = "fp32") -> RestoredRun:
-    """Restore ``run``'s checkpoint (``best`` or ``latest``, as bahe-predict) unsharded on the CPU.
+    """Restore ``run``'s checkpoint (``best`` or ``latest``, as bahe-predict) unsharded on the CPU, through
+    bahe-predict's own steps (training/scoring.py :func:`plan_restore`, :func:`restore_model`).
 
     Raises FileNotFoundError / ValueError (one line) for a run without a checkpoint or record, a missing
     train split, a store that does not hold the run's rows, or a damaged checkpoint.
     """
-    from bahe.model.bahe import BAHETrain
-    from bahe.model.behaviour_lookup import load_store_rows
-    from bahe.model.factory import build_model
-    from bahe.training.checkpoint import load_into
-    from bahe.training.run_record import check_run_store
-    from bahe.training.scoring import run_dense_statistics, run_model_config, select_checkpoint, training_split
+    from bahe.training.scoring import plan_restore, restore_model
 
-    run = Path(run)
-    checkpoint, chosen = select_checkpoint(run, which)
-    config, standardize, _, record = run_model_config(run, store=store, llm=llm, llm_precision=llm_precision)
-    if config.text is None or config.text.arm != "bahe":
-        arm = config.text.arm if config.text else "dlrm"
-        raise ValueError(f"{run} trained the {arm} arm: only a BAHE run (--arm bahe) has text features to cache; "
+    plan = plan_restore(run, which, data_dir=data_dir, store=store, llm=llm, llm_precision=llm_precision)
+    if plan.arm != "bahe":
+        raise ValueError(f"{run} trained the {plan.arm} arm: only a BAHE run (--arm bahe) has text features to cache; "
                          "a DLRM-only run serves as it is (torchrec's inference path)")
-    train = training_split(run, data_dir, record)
-    schema = SampleReader(train).schema
-    normalizer = run_dense_statistics(run, train) if standardize else None  # those the weights learned on
-    model, batcher, behaviour_store = build_model(config, schema, device="cpu", dense_normalizer=normalizer)
-    check_run_store(run, behaviour_store)  # a store that does not hold the run's rows unchanged is refused
-    load_store_rows(model, behaviour_store)
-    progress = {"step": torch.tensor(0)}
-    load_into(checkpoint, BAHETrain(model), progress=progress)  # restricted loaders; the model only
-    model.eval()
-    return RestoredRun(model, batcher, behaviour_store, schema, normalizer, config, run, checkpoint, chosen,
-                       int(progress["step"]))
+    restored = restore_model(plan, torch.device("cpu"), sharded=False)
+    return RestoredRun(restored.model, restored.batcher, restored.store, plan.schema, restored.normalizer, plan.model,
+                       plan.run, plan.checkpoint, plan.chosen, restored.step)

@@ -5,11 +5,13 @@ LLM), its feature schema and dense statistics from the train split it was traine
 trainer shards it, the behaviour store loaded into its frozen table, and the weights of one checkpoint
 restored through the restricted loaders (``training/safe_load.py``) -- the model only, no optimiser, no
 trainer. ``which="best"`` takes the checkpoint the run selected on valid (``checkpoints/BEST.json``; the
-latest when it made no selection), ``"latest"`` the last one.
+latest when it made no selection), ``"latest"`` the last one. bahe-export restores a run through the
+same two functions (:func:`plan_restore`, :func:`restore_model`), unsharded (serving/restore.py).
 
 Scores are the model's forward in eval mode under ``no_grad``, exactly what ``bahe-evaluate`` runs
 (``training/loop.py`` ``evaluate``): ``score = sigmoid(logit)`` in float32. The rows, their split over
-ranks and the output file: ``training/scoring_io.py``.
+ranks and the output file: ``training/scoring_io.py``. With ``features`` (``--features EXPORT``) the text
+features come from a bahe-export folder instead of the LLM's deep layers (serving/cached_scoring.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,12 @@ from bahe.training.scoring_io import (
 )
 from bahe.training.selection import Selection, recorded_metric
 
+if TYPE_CHECKING:
+    from bahe.embeddings.store import BehaviourStore
+    from bahe.model.bahe import BAHE
+    from bahe.model.batch import SampleBatcher
+    from bahe.model.dense_features import DenseNormalizer
+
 WHICH = ("best", "latest")
 
 
@@ -63,6 +72,8 @@ class ScoringConfig:
         llm_precision: compute precision of the LLM layers (``auto``: bf16 on CUDA, fp32 on CPU).
         device: ``auto``, ``cpu`` or ``cuda``.
         show_progress: a progress bar on rank 0 (stderr).
+        features: a bahe-export folder (its LATEST version) or version folder whose cached text features
+            replace the LLM's deep layers (serving/cached_scoring.py); None: the full model runs.
     """
 
     run: Path
@@ -76,9 +87,12 @@ class ScoringConfig:
     llm_precision: str = "auto"
     device: str = "auto"
     show_progress: bool = True
+    features: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
+        if self.features is not None:
+            object.__setattr__(self, "features", Path(self.features))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "files", tuple(Path(f) for f in self.files))
         if not self.files:
@@ -160,8 +174,10 @@ def training_split(run: Path, data_dir: Path | None, record: dict) -> Path:
 
 
 @dataclass(frozen=True)
-class ScoringPlan:
-    """What the cheap checks found (no model built yet): the checkpoint, the run's model and data, the inputs."""
+class RestorePlan:
+    """What restoring a run needs, found by cheap checks (no model built yet): the checkpoint and why it was
+    chosen, the model config, whether the run standardised its dense features, its batch size, the train split
+    it was trained on and that split's schema."""
 
     run: Path
     checkpoint: Path
@@ -171,24 +187,39 @@ class ScoringPlan:
     run_batch_size: int
     train: Path
     schema: SampleSchema
-    inputs: list[ScoreInput]
 
     @property
     def arm(self) -> str:
         return self.model.text.arm if self.model.text else "dlrm"
 
 
+@dataclass(frozen=True)
+class ScoringPlan(RestorePlan):
+    """A restore plan plus the checked input files."""
+
+    inputs: list[ScoreInput]
+
+
+def plan_restore(run: Path, which: str, *, data_dir: Path | None = None, store: str | None = None,
+                 llm: str | None = None, llm_precision: str = "auto") -> RestorePlan:
+    """How bahe-predict and bahe-export find what to restore: the run's checkpoint
+    (:func:`select_checkpoint`), its record (:func:`run_model_config`), its train split
+    (:func:`training_split`) and that split's schema. Deterministic, so every rank raises the same one line."""
+    run = Path(run)
+    checkpoint, chosen = select_checkpoint(run, which)
+    model, standardize, run_batch, record = run_model_config(run, store=store, llm=llm, llm_precision=llm_precision)
+    train = training_split(run, data_dir, record)
+    return RestorePlan(run, checkpoint, chosen, model, standardize, run_batch, train, SampleReader(train).schema)
+
+
 def plan_scoring(config: ScoringConfig) -> ScoringPlan:
-    """Every check that needs no model: the checkpoint, the record, the train split, each input file against
-    the run's schema, the output folder. Deterministic, so every rank raises the same one line."""
-    checkpoint, chosen = select_checkpoint(config.run, config.which)
-    model, standardize, run_batch, record = run_model_config(config.run, store=config.store, llm=config.llm,
-                                                             llm_precision=config.llm_precision)
-    train = training_split(config.run, config.data_dir, record)
-    schema = SampleReader(train).schema
-    inputs = open_inputs(config.files, schema)
+    """Every check that needs no model: the restore plan, each input file against the run's schema, the
+    output folder. Deterministic, so every rank raises the same one line."""
+    plan = plan_restore(config.run, config.which, data_dir=config.data_dir, store=config.store, llm=config.llm,
+                        llm_precision=config.llm_precision)
+    inputs = open_inputs(config.files, plan.schema)
     check_out(config.out)
-    return ScoringPlan(config.run, checkpoint, chosen, model, standardize, run_batch, train, schema, inputs)
+    return ScoringPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, inputs=inputs)
 
 
 def run_dense_statistics(run: Path, train: Path):
@@ -199,26 +230,63 @@ def run_dense_statistics(run: Path, train: Path):
     return recorded_dense_statistics(run) or DenseNormalizer.fit(SampleReader(train))
 
 
-def build_scoring_model(plan: ScoringPlan, device: torch.device):
-    """(the run's model in eval mode, sharded as the trainer shards it, its batcher, the checkpoint's step)."""
+@dataclass
+class RestoredModel:
+    """A run's model with its weights, in eval mode.
+
+    Attributes:
+        module: what runs a batch: ``DistributedModelParallel(BAHETrain(model))`` when sharded, else
+            ``BAHETrain(model)``; ``module(batch) -> (loss, (loss, B logits, labels))``.
+        model: the BAHE model inside it (its sharded tables when sharded), e.g. for
+            ``forward_from_text_features``.
+        batcher: sample rows -> the model's inputs, with the dense statistics the weights learned on.
+        store: the behaviour store of its text arch (None: the DLRM arm).
+        normalizer: those dense statistics (None: a run trained without standardising).
+        step: the checkpoint's step.
+    """
+
+    module: torch.nn.Module
+    model: BAHE
+    batcher: SampleBatcher
+    store: BehaviourStore | None
+    normalizer: DenseNormalizer | None
+    step: int
+
+
+def restore_model(plan: RestorePlan, device: torch.device, *, sharded: bool = True,
+                  store_rows: bool = True) -> RestoredModel:
+    """Build ``plan``'s model and load its checkpoint (the model only, through the restricted loaders; no
+    optimiser state).
+
+    Args:
+        sharded: shard it as the trainer shards it (DistributedModelParallel on ``device``; every rank calls
+            this) -- else one plain unsharded model built on ``device`` (DCP reshards the saved tables).
+        store_rows: load the behaviour store's rows into the frozen table (checked against the run's store
+            first). False only where the text arch never runs (scoring from cached text features).
+    """
     from bahe.model.bahe import BAHETrain
     from bahe.model.behaviour_lookup import load_store_rows
     from bahe.model.factory import build_model
-    from bahe.model.sharding import shard_model
-    from bahe.training.config import OptimConfig
-    from bahe.training.optimizers import attach_sparse_optimizer
 
     normalizer = run_dense_statistics(plan.run, plan.train) if plan.standardize_dense else None  # those the weights learned on
-    model, batcher, store = build_model(plan.model, plan.schema, device=torch.device("meta"), dense_normalizer=normalizer)
-    attach_sparse_optimizer(model, OptimConfig())  # as in training: the same sharding plan and state-dict layout
-    dmp = shard_model(BAHETrain(model), device, batch_size=plan.run_batch_size)
-    if store is not None:
+    build_on = torch.device("meta") if sharded else torch.device(device)
+    model, batcher, store = build_model(plan.model, plan.schema, device=build_on, dense_normalizer=normalizer)
+    module = BAHETrain(model)
+    if sharded:
+        from bahe.model.sharding import shard_model
+        from bahe.training.config import OptimConfig
+        from bahe.training.optimizers import attach_sparse_optimizer
+
+        attach_sparse_optimizer(model, OptimConfig())  # as in training: the same sharding plan and state-dict layout
+        module = shard_model(module, torch.device(device), batch_size=plan.run_batch_size)
+    if store is not None and store_rows:
         check_run_store(plan.run, store)  # a store that does not hold the run's rows unchanged is refused
-        load_store_rows(dmp, store)
+        load_store_rows(module, store)
     progress = {"step": torch.tensor(0)}
-    load_into(plan.checkpoint, dmp, progress=progress)  # the model only (restricted loaders); no optimiser state
-    dmp.eval()
-    return dmp, batcher, int(progress["step"])
+    load_into(plan.checkpoint, module, progress=progress)  # the model only (restricted loaders); no optimiser state
+    module.eval()
+    unwrapped = module.module.model if sharded else module.model
+    return RestoredModel(module, unwrapped, batcher, store, normalizer, int(progress["step"]))
 
 
 def _agree(error: str | None, rank: int, world: int, device: torch.device) -> None:
@@ -248,10 +316,12 @@ def _token(rank: int, world: int, out: Path) -> str:
 
 def score_files(run, files, out, *, which: str = "best", batch_size: int | None = None, data_dir=None,
                 store: str | None = None, llm: str | None = None, llm_precision: str = "auto", device: str = "auto",
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, features=None) -> dict:
     """Score sample files with a trained run; every rank of the process group calls it (see the module doc).
+    ``features``: a bahe-export folder whose cached text features replace the LLM's deep layers.
 
-    Returns the summary (on every rank): rows, out, checkpoint, step, which, world_size, rows_per_s, ...
+    Returns the summary (on every rank): rows, out, checkpoint, step, which, world_size, rows_per_s,
+    text_features (where they came from), ...
     Raises ValueError / FileNotFoundError (one line) for bad input; nothing is left at or beside ``out``.
     """
     from bahe.training.loop import peak_memory_mb, setup_distributed
@@ -259,11 +329,20 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
 
     config = ScoringConfig(run=run, files=tuple(files), out=out, which=which, batch_size=batch_size,
                            data_dir=data_dir, store=store, llm=llm, llm_precision=llm_precision, device=device,
-                           show_progress=show_progress)
+                           show_progress=show_progress, features=features)
     rank, world, dev = setup_distributed(config.device)
     began = time.perf_counter()
     plan = plan_scoring(config)
-    dmp, batcher, step = build_scoring_model(plan, dev)
+    cached = None
+    if config.features is not None:
+        from bahe.serving.cached_scoring import CachedTextFeatures, id_batcher
+
+        cached = CachedTextFeatures.for_run(config.features, plan)  # before the model: a wrong export costs no build
+    restored = restore_model(plan, dev, store_rows=cached is None)  # cached: the text arch never runs
+    batcher, step = restored.batcher, restored.step
+    if cached is not None:
+        cached.check_model(restored.model)
+        batcher = id_batcher(batcher)  # dense and ID features only: the texts are looked up in the export
     schema, inputs = plan.schema, plan.inputs
     batch = config.batch_size or plan.run_batch_size
     total = sum(source.rows for source in inputs)
@@ -273,12 +352,14 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
     parts = ScoreFiles(config.out, _token(rank, world, config.out), rank, world)
     summary = {"run": str(config.run), "checkpoint": plan.checkpoint.name, "step": step, "which": config.which,
                "chosen": plan.chosen, "arm": plan.arm, "files": [str(f) for f in config.files], "rows": total,
-               "world_size": world, "batch_size": batch}
+               "world_size": world, "batch_size": batch,
+               "text_features": None if plan.arm == "dlrm" else {"from": "model"}}
     scoring_began = time.perf_counter()
     try:
         filler = next(read_rows(inputs, 0, 1, schema, ids, 1)) if total else None
         stream = padded_batches(read_rows(inputs, start, stop, schema, ids, batch), batch, calls, filler)
-        bar = tqdm(total=calls, unit="batch", desc=f"score {world} rank(s)", file=sys.stderr,
+        desc = f"score {world} rank(s)" + (f", text features of {cached.export.version}" if cached is not None else "")
+        bar = tqdm(total=calls, unit="batch", desc=desc, file=sys.stderr,
                    disable=not config.show_progress or rank != 0)
         with torch.no_grad(), bar:
             for _ in range(calls):
@@ -286,13 +367,20 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
                 try:
                     table, real = next(stream)
                     features = batcher(table).to(dev)
+                    text = cached(table, real).to(dev) if cached is not None else None  # B x (N + 1) x D
                 except Exception as err:  # a bad row (DataError names file, row, field), a read error, ...
                     error = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
                 _agree(error, rank, world, dev)
-                _, (_, logits, _) = dmp(features)
+                if cached is None:
+                    _, (_, logits, _) = restored.module(features)
+                else:  # the interaction part only, as the exported predictor runs it
+                    logits = restored.model.forward_from_text_features(
+                        features.dense_features, features.sparse_features, text).squeeze(-1)
                 if real:
                     parts.write(table.slice(0, real), logits[:real].float().cpu().numpy())
                 bar.update(1)
+        if cached is not None:
+            summary["text_features"] = cached.record(_summed(cached.counts, world))
         error = None
         try:
             parts.close_part()
@@ -320,7 +408,11 @@ def _summed_counters(batcher, world: int) -> dict[str, int]:
     """The batchers' counters summed over ranks (unknown texts, ids folded into a table, ...); padding rows
     are counted too."""
     counters = getattr(batcher, "counters", None)
-    mine = counters.as_dict() if counters is not None else {}
+    return _summed(counters.as_dict() if counters is not None else {}, world)
+
+
+def _summed(mine: dict[str, int], world: int) -> dict[str, int]:
+    """Counters summed over ranks (every rank calls it)."""
     if world == 1:
         return mine
     every = [None] * world
