@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = [cell for seed in args.seeds for cell in run_seed(args.work, days, slices, seed, args)]
     summary = summarize(cells)
     summary["uncertainty"] = last_period_uncertainty(args.work, days, cells)
-    result = {"command": "python -m bench.daily_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": " ".join(["python -m bench.daily_bench", *(argv if argv is not None else sys.argv[1:])]),
               "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")}
               | {"flags": train_flags(args.epochs), "update_flags": UPDATE_FLAGS},
               "summary": summary, "cells": cells}
