@@ -11,6 +11,10 @@ Warm start (the daily update): yesterday's model continues on today's data and r
   bahe-train --init-from runs/day1 --store stores/ml --data-dir data/day2 --out runs/day2 --steps 200
 (model flags left out default to those of the --init-from run; --store to its store, whose LATEST is the
 refresh; step, data position and schedules start at 0).
+
+The downstream model of the paper's AUC_d (training/frozen_text.py): DLRM + a trained BAHE run's text
+features, its text arch loaded and frozen, everything else trained from the seed,
+  bahe-train --arm bahe --frozen-text-from runs/demo/bahe --store runs/demo/store --data-dir ... --out ...
 """
 
 from __future__ import annotations
@@ -70,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedules start at 0. Model flags left out default to that run's; different ones, or a "
                         "store whose shared rows differ, are refused. Not applied when --out holds its own "
                         "checkpoint (that resumes)")
+    g.add_argument("--frozen-text-from", type=Path, default=None, metavar="RUN_OR_CHECKPOINT",
+                   help="the downstream model of the paper's AUC_d (--arm bahe): the text arch (deep LLM layers, "
+                        "norms, projections) of a BAHE run's selected checkpoint (best by valid, else latest; or "
+                        "RUN/checkpoints/step-NNNNNNN), loaded and frozen (no gradients, eval mode), so the text "
+                        "features are the ones that run exports; ID tables, dense and over arch train from the "
+                        "seed. The text flags (k, deep layers, D, M, pooling, attention) and the store must be "
+                        "that run's (or a refresh of it); others are refused. Not with --init-from")
     g.add_argument("--init-optimizer", action="store_true",
                    help="with --init-from: also load its optimizer state (row-wise Adagrad of the ID tables, "
                         "AdamW moments; default: fresh)")
@@ -136,7 +147,8 @@ def config_from_args(args: argparse.Namespace):
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, stop_at=args.stop_at,
                        max_unknown_text_rate=args.max_unknown_rate,
                        shuffle=not args.no_shuffle, data_lanes=args.data_lanes, standardize_dense=not args.no_dense_standardize, seed=args.seed,
-                       init_from=args.init_from, init_optimizer=args.init_optimizer, device=args.device)
+                       init_from=args.init_from, init_optimizer=args.init_optimizer,
+                       frozen_text_from=args.frozen_text_from, device=args.device)
 
 
 def _steps(args: argparse.Namespace) -> int:
@@ -175,6 +187,22 @@ def _check_init_from(config) -> None:
         check_model(resolve(config.init_from), config)
 
 
+def _check_frozen_text(config) -> None:
+    """--frozen-text-from's checkpoint, text settings and store lineage (the trainer checks them again)."""
+    from bahe.training.run_record import has_checkpoint
+
+    if config.frozen_text_from is None or has_checkpoint(config.out_dir):
+        return
+    from bahe.ctr_data.parquet_io import SampleReader
+    from bahe.embeddings.store import BehaviourStore
+    from bahe.training import frozen_text
+
+    schema = SampleReader(config.data_dir / "train.parquet").schema
+    frozen_text.check(frozen_text.resolve(config.frozen_text_from), config,
+                      BehaviourStore.open(config.model.text.store),
+                      tuple(config.model.text.sequences or schema.sequences))
+
+
 def quiet_library_deprecations() -> None:
     """torch / torchrec deprecation notices (ShardedTensor, fx tracing, DDP arguments) are not the
     user's to act on; every other warning still shows."""
@@ -201,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         check_resume(config)  # a resume with other model flags than its checkpoint's is refused
         _check_init_from(config)  # the same refusals the trainer makes, before any process group or file
+        _check_frozen_text(config)
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-train: error: {err}", file=sys.stderr)
         return 2

@@ -87,6 +87,11 @@ class TrainConfig:
             resume wins). None: initialise from the seed.
         init_optimizer: with ``init_from``, also load its optimizer state (row-wise Adagrad of the ID
             tables, AdamW moments); the learning-rate schedules start fresh either way.
+        frozen_text_from: the downstream model of the paper's AUC_d (training/frozen_text.py): a previous
+            BAHE run folder (its selected checkpoint) or one of its checkpoints, whose text arch (deep LLM
+            layers, norms, projections) is loaded and frozen (no gradients, eval mode); the ID tables, dense
+            and over arch train from the seed. Its text settings and store lineage must be this run's.
+            BAHE arm only; not with ``init_from``. None: the text arch trains as usual.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
@@ -115,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     init_from: Path | None = None
     init_optimizer: bool = False
+    frozen_text_from: Path | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -123,6 +129,16 @@ class TrainConfig:
         object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir or self.out_dir / "checkpoints"))
         if self.init_from is not None:
             object.__setattr__(self, "init_from", Path(self.init_from))
+        if self.frozen_text_from is not None:
+            object.__setattr__(self, "frozen_text_from", Path(self.frozen_text_from))
+            if self.init_from is not None:
+                raise ValueError(f"give --frozen-text-from or --init-from, not both (--frozen-text-from "
+                                 f"{self.frozen_text_from}, --init-from {self.init_from}): --init-from starts every "
+                                 "weight from a run, --frozen-text-from only the text arch, frozen")
+            if self.model.text is None or self.model.text.arm != "bahe":
+                arm = "dlrm" if self.model.text is None else self.model.text.arm
+                raise ValueError(f"--frozen-text-from {self.frozen_text_from} freezes a BAHE text arch, and --arm "
+                                 f"{arm} builds none: give --arm bahe (with --store)")
         if self.init_optimizer and self.init_from is None:
             raise ValueError("TrainConfig.init_optimizer loads the optimizer state of the run given by init_from: "
                              "add --init-from RUN_OR_CHECKPOINT, or leave out --init-optimizer")

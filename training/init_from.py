@@ -59,10 +59,11 @@ class InitSource:
         return {"run": str(self.run), "checkpoint": str(self.checkpoint), "step": self.step, "optimizer": optimizer}
 
 
-def resolve(path: str | Path) -> InitSource:
-    """The checkpoint ``--init-from path`` names, with its run's record; InitFromError when there is none."""
+def resolve(path: str | Path, flag: str = "--init-from") -> InitSource:
+    """The checkpoint ``--init-from path`` names (``flag``: the option that named it, for the messages), with
+    its run's record; InitFromError when there is none."""
     path = Path(path)
-    given = f"--init-from {path}"
+    given = f"{flag} {path}"
     if not path.exists():
         raise InitFromError(f"{given} does not exist: {WHAT_TO_GIVE}")
     if CHECKPOINT_NAME.fullmatch(path.name) and (path / ".metadata").is_file():

@@ -23,7 +23,7 @@ from bahe.model.behaviour_lookup import load_store_rows
 from bahe.model.dense_features import DenseNormalizer
 from bahe.model.factory import build_model
 from bahe.model.sharding import shard_model
-from bahe.training import init_from
+from bahe.training import frozen_text, init_from
 from bahe.training.checkpoint import Checkpointer
 from bahe.training.config import TrainConfig
 from bahe.training.faults import inject_fault
@@ -188,6 +188,10 @@ def start_model(config: TrainConfig, source, rank: int, device: torch.device) ->
     if own is not None:  # a resume (or bahe-evaluate): the run's store lineage; --init-from does not apply
         check_run_store(config.checkpoint_dir.parent, text_store)
     init = init_from.prepare(config, text_store, rank=rank) if own is None else None  # refusals: before step 1
+    frozen = frozen_text.prepare(config, store, getattr(batcher, "sequence_names", ()),
+                                 resuming=own is not None, rank=rank)
+    if frozen is not None:  # before sharding: DDP and the optimizer groups leave the frozen weights out
+        frozen_text.freeze(model)
     attach_sparse_optimizer(model, config.optim)
     dmp = shard_model(BAHETrain(model), device, batch_size=config.batch_size)
     if store is not None:
@@ -196,14 +200,19 @@ def start_model(config: TrainConfig, source, rank: int, device: torch.device) ->
     start = checkpointer.restore(dmp, optimizer, schedulers)
     if init is not None:
         init_from.load(init, dmp, optimizer if config.init_optimizer else None)
+    if frozen is not None and frozen.source is not None:
+        frozen_text.load(frozen.source, dmp)
     initialized = init.as_record(config.init_optimizer) if init is not None else \
         (read_record(config.checkpoint_dir.parent) or {}).get("initialized_from") if start else None
     if rank == 0:
         _say_where_it_starts(config, start, checkpointer, init, own, text_store)
+        if frozen is not None and start < config.steps:
+            frozen_text.say_where_it_starts(frozen, start)
     if start < config.steps:  # training: record the store and the start now (and beside each checkpoint)
         checkpointer.record_extra = {"store": store_record(text_store) if text_store is not None else None,
                                      "initialized_from": initialized,
-                                     "dense_statistics": dataclasses.asdict(normalizer) if normalizer else None}
+                                     "dense_statistics": dataclasses.asdict(normalizer) if normalizer else None,
+                                     **({"frozen_text_from": frozen.record} if frozen is not None else {})}
         checkpointer.on_rank0(lambda: write_record(config.checkpoint_dir.parent, config, checkpointer.record_extra),
                               f"write {config.checkpoint_dir.parent / RECORD}")
     return Started(dmp, batcher, optimizer, schedulers, groups, checkpointer, start, initialized)
