@@ -13,6 +13,14 @@ training order; the data split is fixed.
   python -m bench.quality_bench                       # fp32 on CPU: the token-level arm alone ~4 h
   python -m bench.quality_bench --seeds 0 --steps 50 --out /tmp/q.json   # a quick look
   python -m bench.quality_bench --arms bahe --llm gemma3-270m --out docs/bench_quality_gemma.json  # another LLM
+  python -m bench.quality_bench --arms dlrm bahe --k 4 8 --pooling mean mean_skip_first --post-transform none whiten
+
+The encoding sweep (issue 17, item 3): every combination of --k, --deep-layers, --pooling and
+--post-transform is a cell. A cell's store is WORK/store[-<llm>][-k<K>][-<pooling>][-<post-transform>]
+(a part only where it is not the default: the demo's k, mean, none), e.g. store-k8-mean_skip_first-whiten,
+and its runs' folders carry the same parts (plus -d<D> for the deep layers): the token-level arm reads
+only k and the deep layers from a cell, the DLRM arm nothing, so their runs are shared between cells.
+A finished run is reused, never retrained.
 
 Writes docs/bench_quality.json (machine, versions, config, every run's metrics), a markdown table
 beside it and, when matplotlib is installed, a PNG of test AUC per arm.
@@ -21,6 +29,7 @@ beside it and, when matplotlib is installed, a PNG of test AUC per arm.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,13 +41,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("dlrm", "token_level", "bahe")
+DEFAULT_ENCODING = {"pooling": "mean", "post_transform": "none"}
 PRECISION_WORDS = {"auto": "fp32 (CPU)", "fp32": "fp32", "bf16": "bf16 autocast"}
 
 
-def prepare(work: Path, preset: dict, default_history: int, llm: str | None = None) -> tuple[Path, Path]:
+def store_suffix(k: int, pooling: str, post_transform: str, default_k: int) -> str:
+    """'-k8-mean_skip_first-whiten': the store's encoding choices that are not the defaults."""
+    parts = ([f"k{k}"] if k != default_k else []) + ([pooling] if pooling != DEFAULT_ENCODING["pooling"] else []) \
+        + ([post_transform] if post_transform != DEFAULT_ENCODING["post_transform"] else [])
+    return "".join(f"-{part}" for part in parts)
+
+
+def cell_suffix(arm: str, preset: dict, encoding: dict, defaults: dict) -> str:
+    """A run folder's part for a sweep cell, where not the default (``defaults``: the demo's k and deep
+    layers; mean; none): '-k8-d2-mean_skip_first-whiten' for BAHE; the token-level arm reads only k and the
+    deep layers from the cell (not the store's rows); the DLRM arm nothing."""
+    if arm == "dlrm":
+        return ""
+    parts = [f"k{preset['k']}"] if preset["k"] != defaults["k"] else []
+    parts += [f"d{preset['deep_layers']}"] if preset["deep_layers"] != defaults["deep_layers"] else []
+    if arm == "bahe":
+        parts += [encoding[key] for key in DEFAULT_ENCODING if encoding[key] != DEFAULT_ENCODING[key]]
+    return "".join(f"-{part}" for part in parts)
+
+
+def describe_cell(preset: dict, encoding: dict) -> str:
+    return (f"k = {preset['k']}, {preset['deep_layers']} deep layer(s), pooling {encoding['pooling']}, "
+            f"post-transform {encoding['post_transform']}")
+
+
+def prepare(work: Path, preset: dict, default_history: int, llm: str | None = None,
+            encoding: dict | None = None, default_k: int | None = None) -> tuple[Path, Path]:
     """MovieLens splits (``data``, or ``data-m<M>`` for another history cap M) and ONE k-layer
-    behaviour store of ``llm`` (``store``; ``store-<llm>`` for another than the default) for all of
-    them, made once and reused. A split with texts the store lacks
+    behaviour store of ``llm`` (``store``; ``store-<llm>`` for another than the default; then the
+    :func:`store_suffix` of its k, pooling and post-transform against ``default_k``, the demo's, and mean /
+    none) for all of them, made once and reused. A split with texts the store lacks
     refreshes it (only those are encoded); MovieLens histories are titles of rated movies, which are
     all item titles already, so another M normally adds none."""
     from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
@@ -47,26 +84,29 @@ def prepare(work: Path, preset: dict, default_history: int, llm: str | None = No
     from bahe.embeddings.pretrained import DEFAULT_MODEL
     from bahe.embeddings.store import BehaviourStore
     from bahe.embeddings.vocabulary import count_texts
+    from bahe.launchers.demo import PRESETS
 
-    m, llm = preset["max_history"], llm or DEFAULT_MODEL
+    m, llm, encoding = preset["max_history"], llm or DEFAULT_MODEL, {**DEFAULT_ENCODING, **(encoding or {})}
     data = work / ("data" if m == default_history else f"data-m{m}")
-    store = work / ("store" if llm == DEFAULT_MODEL else f"store-{Path(llm).name}")
+    suffix = store_suffix(preset["k"], encoding["pooling"], encoding["post_transform"],
+                          default_k or PRESETS["cpu"]["k"])
+    store = work / (("store" if llm == DEFAULT_MODEL else f"store-{Path(llm).name}") + suffix)
     if not (data / "test.parquet").is_file():
         write_movielens(MovieLensConfig(max_history=m), data)
     files = [data / f"{s}.parquet" for s in ("train", "valid", "test")]
     known = BehaviourStore.open(store).vocabulary if (store / "LATEST").is_file() else None
     if known is None or any(text not in known for text in count_texts(files)):
-        build_store(store, files, EncoderConfig(model=llm, k=preset["k"], device="cpu"), show_progress=False)
+        build_store(store, files, EncoderConfig(model=llm, k=preset["k"], device="cpu", **encoding), show_progress=False)
     return data, store
 
 
-def run_name(arm: str, seed: int, steps: int, precision: str, history: str = "", llm: str = "") -> str:
-    """The run folder. The DLRM arm reads no text, so its runs serve every precision, history cap M
-    and LLM; ``history`` is "" for the preset's M, else e.g. "-m20"; ``llm`` is "" for the default
-    LLM, else e.g. "-gemma3-270m"."""
+def run_name(arm: str, seed: int, steps: int, precision: str, history: str = "", llm: str = "", cell: str = "") -> str:
+    """The run folder. The DLRM arm reads no text, so its runs serve every precision, history cap M,
+    LLM and sweep cell; ``history`` is "" for the preset's M, else e.g. "-m20"; ``llm`` is "" for the
+    default LLM, else e.g. "-gemma3-270m"; ``cell`` the arm's :func:`cell_suffix` ("" for the defaults)."""
     if arm == "dlrm":
         return f"dlrm-seed{seed}-steps{steps}"
-    return f"{arm}-seed{seed}-steps{steps}{history}{llm}{'' if precision == 'auto' else '-' + precision}"
+    return f"{arm}-seed{seed}-steps{steps}{history}{llm}{cell}{'' if precision == 'auto' else '-' + precision}"
 
 
 def user_token_cap(max_history: int) -> int:
@@ -111,6 +151,9 @@ def summarise(runs: dict[str, list[dict]], floor: dict) -> dict:
 
     out = {arm: {key: stats([r["test"][key] for r in results]) for key in ("auc", "logloss")}
            for arm, results in runs.items()}
+    for arm, results in runs.items():  # valid AUC, where the runs report it: a winner is chosen on valid
+        if all("valid" in r for r in results):
+            out[arm]["valid_auc"] = stats([r["valid"]["auc"] for r in results])
     for arm, results in runs.items():  # wall time: the runs that trained from step 0 (a resumed one did less)
         fresh = [r for r in results if not r.get("resumed_from_step")] or results
         out[arm]["wall_seconds"] = stats([r.get("wall_seconds", float("nan")) for r in fresh])
@@ -120,10 +163,10 @@ def summarise(runs: dict[str, list[dict]], floor: dict) -> dict:
 
 
 def table(summary: dict, steps: int, seeds: list[int], precision: str = "auto", history: int = 5,
-          llm: str | None = None) -> str:
+          llm: str | None = None, cell: str = "") -> str:
     lines = [f"test split, {steps} steps x 2 ranks x the demo batch per arm, seeds {seeds} (mean +- std), "
              f"LLM layers in {PRECISION_WORDS[precision]}, M = {history} titles per sequence"
-             + (f", LLM {llm}" if llm else ""), "",
+             + (f", LLM {llm}" if llm else "") + (f", {cell}" if cell else ""), "",
              "| arm | test AUC | test log loss | train wall s |", "|---|---|---|---|"]
     for arm in ARMS:
         if arm in summary:
@@ -149,6 +192,34 @@ def table(summary: dict, steps: int, seeds: list[int], precision: str = "auto", 
             if arm in summary:
                 gap = bahe - summary[arm]["auc"]["mean"]
                 lines.append(f"  BAHE - {arm}: {gap:+.4f} ({'met' if gap >= margin else 'NOT met'}, needs {margin:+.3f})")
+    return "\n".join(lines)
+
+
+def sweep_table(cells: list[dict]) -> str:
+    """One line per sweep cell: each arm's test AUC (valid AUC), BAHE minus DLRM-only, and the cell best
+    on valid for BAHE (a winner is chosen on valid, never on test)."""
+    arms = [arm for arm in ARMS if any(arm in c["summary"] for c in cells)]
+    lines = ["| k | deep layers | pooling | post-transform | " + " | ".join(f"{a} test (valid) AUC" for a in arms)
+             + " | BAHE - DLRM test |", "|---|---|---|---|" + "---|" * (len(arms) + 1)]
+
+    def auc(summary: dict, arm: str) -> str:
+        if arm not in summary:
+            return "-"
+        valid = summary[arm].get("valid_auc")
+        return f"{summary[arm]['auc']['mean']:.4f}" + (f" ({valid['mean']:.4f})" if valid else "")
+
+    for c in cells:
+        s = c["summary"]
+        gap = f"{s['bahe']['auc']['mean'] - s['dlrm']['auc']['mean']:+.4f}" if "bahe" in s and "dlrm" in s else "-"
+        lines.append(f"| {c['k']} | {c['deep_layers']} | {c['pooling']} | {c['post_transform']} | "
+                     + " | ".join(auc(s, arm) for arm in arms) + f" | {gap} |")
+    judged = [c for c in cells if "valid_auc" in c["summary"].get("bahe", {})]
+    if judged:
+        best = max(judged, key=lambda c: c["summary"]["bahe"]["valid_auc"]["mean"])
+        lines += ["", f"best BAHE cell on valid: k = {best['k']}, {best['deep_layers']} deep layer(s), pooling "
+                      f"{best['pooling']}, post-transform {best['post_transform']} (valid AUC "
+                      f"{best['summary']['bahe']['valid_auc']['mean']:.4f}, test "
+                      f"{best['summary']['bahe']['auc']['mean']:.4f})"]
     return "\n".join(lines)
 
 
@@ -191,43 +262,72 @@ def main(argv: list[str] | None = None) -> int:
                    help="the text arms' LLM (an alias, e.g. gemma3-270m, or a local Hugging Face folder); its store "
                         "is WORK/store-<name> and its runs' folders end in -<name> (default: the encoder's "
                         "default, WORK/store)")
+    from bahe.embeddings.encoding import POOLINGS
+    from bahe.embeddings.post_transform import POST_TRANSFORMS
+
+    defaults = {key: PRESETS["cpu"][key] for key in ("k", "deep_layers")}
+    p.add_argument("--k", type=int, nargs="+", default=[defaults["k"]],
+                   help=f"the stores' shallow layers k to sweep (default {defaults['k']}, the demo's)")
+    p.add_argument("--deep-layers", type=int, nargs="+", default=[defaults["deep_layers"]],
+                   help=f"the text arms' deep layers to sweep (default {defaults['deep_layers']}, the demo's)")
+    p.add_argument("--pooling", nargs="+", choices=POOLINGS, default=[DEFAULT_ENCODING["pooling"]],
+                   help="the stores' token poolings to sweep (bahe-encode build --pooling; default mean)")
+    p.add_argument("--post-transform", nargs="+", choices=POST_TRANSFORMS, default=[DEFAULT_ENCODING["post_transform"]],
+                   help="the stores' frozen post-transforms to sweep (bahe-encode build --post-transform; default none)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_quality.json")
     args = p.parse_args(argv)
     from bahe.embeddings.pretrained import DEFAULT_MODEL
-
-    llm = None if args.llm in (None, DEFAULT_MODEL) else args.llm
-    default_history = PRESETS["cpu"]["max_history"]
-    preset = dict(PRESETS["cpu"], max_history=args.max_history or default_history)
-    history = "" if preset["max_history"] == default_history else f"-m{preset['max_history']}"
-    steps = args.steps or preset["steps"]
-    data, store = prepare(args.work, preset, default_history, llm)
     from bahe.training.baselines import non_learned_baseline
 
-    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
-    for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm
-        for arm in args.arms:
-            run = args.work / run_name(arm, seed, steps, args.llm_precision, history, f"-{Path(llm).name}" if llm else "")
-            result = train(arm, seed, steps, data, store, run, preset, args.llm_precision, llm)
-            runs[arm].append(result)
-            print(f"{arm:12s} seed {seed}: test AUC {result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f}",
-                  flush=True)
-    summary = summarise(runs, non_learned_baseline(data))
+    llm = None if args.llm in (None, DEFAULT_MODEL) else args.llm
+    llm_part = f"-{Path(llm).name}" if llm else ""
+    default_history = PRESETS["cpu"]["max_history"]
+    base = dict(PRESETS["cpu"], max_history=args.max_history or default_history)
+    history = "" if base["max_history"] == default_history else f"-m{base['max_history']}"
+    steps = args.steps or base["steps"]
+    cells, floor = [], None
+    for k, deep, pooling, post in itertools.product(args.k, args.deep_layers, args.pooling, args.post_transform):
+        start = time.perf_counter()
+        preset, encoding = dict(base, k=k, deep_layers=deep), {"pooling": pooling, "post_transform": post}
+        data, store = prepare(args.work, preset, default_history, llm, encoding, defaults["k"])
+        floor = floor or non_learned_baseline(data)
+        runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+        for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm
+            for arm in args.arms:
+                run = args.work / run_name(arm, seed, steps, args.llm_precision, history, llm_part,
+                                           cell_suffix(arm, preset, encoding, defaults))
+                result = train(arm, seed, steps, data, store, run, preset, args.llm_precision, llm)
+                runs[arm].append(result)
+                print(f"[{describe_cell(preset, encoding)}] {arm:12s} seed {seed}: test AUC "
+                      f"{result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f} ({run.name})", flush=True)
+        cells.append({"k": k, "deep_layers": deep, **encoding, "store": str(store), "preset": preset,
+                      "summary": summarise(runs, floor), "seconds": time.perf_counter() - start,
+                      "runs": {arm: [r["test"] for r in results] for arm, results in runs.items()},
+                      "valid": {arm: [r.get("valid") for r in results] for arm, results in runs.items()}})
 
     from bench.machine import machine, versions
 
+    first = cells[0]  # the report's summary and runs: the first cell (the only one without a sweep)
     report = {"machine": machine(), "versions": versions(),
-              "config": {"preset": preset, "steps": steps, "seeds": args.seeds, "ranks": 2,
-                         "token_level_max_user_tokens": user_token_cap(preset["max_history"]), "llm_precision": args.llm_precision,
-                         "llm": llm or DEFAULT_MODEL},
-              "summary": summary, "runs": {arm: [r["test"] for r in results] for arm, results in runs.items()}}
+              "config": {"preset": first["preset"], "steps": steps, "seeds": args.seeds, "ranks": 2,
+                         "token_level_max_user_tokens": user_token_cap(base["max_history"]),
+                         "llm_precision": args.llm_precision, "llm": llm or DEFAULT_MODEL,
+                         "sweep": {"k": args.k, "deep_layers": args.deep_layers, "pooling": args.pooling,
+                                   "post_transform": args.post_transform}},
+              "summary": first["summary"], "runs": first["runs"], "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    text = table(summary, steps, args.seeds, args.llm_precision, preset["max_history"], llm)
-    note = plot(summary, args.out.with_suffix(".png"))
+    only_defaults = len(cells) == 1 and cell_suffix("bahe", first["preset"], first, defaults) == ""
+    text = "\n\n".join(table(c["summary"], steps, args.seeds, args.llm_precision, base["max_history"], llm,
+                              "" if only_defaults else describe_cell(c["preset"], c)) for c in cells)
+    if len(cells) > 1:
+        text = f"{sweep_table(cells)}\n\n{text}"
+    note = plot(first["summary"], args.out.with_suffix(".png")) if len(cells) == 1 else \
+        "a sweep: no PNG (the table above compares the cells)"
     command = " ".join(["python -m bench.quality_bench", *(argv if argv is not None else sys.argv[1:])])
+    picture = f"![test AUC per arm]({args.out.with_suffix('.png').name})\n" if len(cells) == 1 else ""
     args.out.with_suffix(".md").write_text(f"# Quality on MovieLens-100K\n\nProduced by `{command}`"
-                                           f" ({platform.platform()}, {os.cpu_count()} CPUs).\n\n{text}\n\n"
-                                           f"![test AUC per arm]({args.out.with_suffix('.png').name})\n")
+                                           f" ({platform.platform()}, {os.cpu_count()} CPUs).\n\n{text}\n\n{picture}")
     print(text)
     if note:
         print(note)

@@ -5,15 +5,18 @@
 same store is refused at once, naming the first (PID, host, start time), and touches nothing.
 
 1. counts every normalised text of the sample files (sequences and item texts);
-2. opens the LATEST version as the parent (if any), refuses a parent built by another model, k,
-   pooling, dtype or token settings, and extends its vocabulary: old ids stay, new texts append;
+2. opens the LATEST version as the parent (if any), refuses a parent encoded any other way (model, k,
+   pooling, post-transform, tokenizer, dtype or token settings: bahe.embeddings.encoding; one line naming
+   both sides), and extends its vocabulary: old ids stay, new texts append;
 3. splits the new texts into chunks of ``chunk_texts`` ids; rank r of a torchrun launch encodes
    chunks r, r + world, ...; each finished chunk is saved under ``<root>/.work/<version>/`` by an
    atomic rename, so a killed run resumes where it stopped and never re-encodes a finished chunk
    (the folder holds one plan's chunks: another plan's are parked beside it, never mixed in);
-4. rank 0 assembles the parent's rows (copied unchanged) and the chunks into a new version
-   directory, writes checksums and the manifest (with a digest of itself), renames the directory into place and only then
-   moves ``LATEST``. A crash at any point leaves the previous version intact and current.
+4. rank 0 assembles the parent's rows (copied unchanged) and the chunks, post-transformed with the
+   store's frozen statistics (fitted on the first build's texts, copied unchanged by every refresh:
+   bahe.embeddings.post_transform), into a new version directory, writes checksums and the manifest
+   (with a digest of itself), renames the directory into place and only then moves ``LATEST``. A
+   crash at any point leaves the previous version intact and current.
 
 A write that fails (a full disk, an unwritable folder) raises :class:`StoreWriteError` naming the file,
 the reason and the version that stays current; the half-written file is removed, the finished chunks
@@ -25,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import errno
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -38,8 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from bahe.embeddings.build_io import reason, save_npy_atomic, write_vectors, writing
 from bahe.embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
+from bahe.embeddings.encoding import POST_TRANSFORM_FIELDS, differences, encoder_identity, tokenizer_facts
 from bahe.embeddings.folder_lock import rank0_folder_lock
+from bahe.embeddings.post_transform import POST_TRANSFORM_FILE, PostTransform
 from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
 from bahe.embeddings.store import (
     FORMAT,
@@ -56,7 +60,6 @@ from bahe.embeddings.store import (
     latest_version,
     manifest_digest,
     version_name,
-    write_bytes_atomic,
     write_text_atomic,
 )
 from bahe.embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
@@ -64,7 +67,6 @@ from tqdm import tqdm
 
 WORK = ".work"
 STORE_BUSY = "store {folder} is being built by {holder}; wait for it or use another store"
-_ENCODER_FIELDS_THAT_CHANGE_VECTORS = ("k", "pooling", "dtype", "max_tokens", "batch_tokens", "fixed_shapes")
 
 
 @dataclass
@@ -105,43 +107,39 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _encoder_identity(config: EncoderConfig) -> dict:
-    return {"k": config.k, "pooling": config.pooling, "dtype": config.dtype, "max_tokens": config.max_tokens,
-            "batch_tokens": config.batch_tokens, "fixed_shapes": config.fixed_shapes}
-
-
 def _check_parent(parent: BehaviourStore, identity: dict, sha: str) -> None:
-    parent.check(Expected(model_sha256=sha, k=identity["k"], pooling=identity["pooling"]))
-    differs = [f"{key}: parent {parent.manifest['encoder'][key]!r}, now {identity[key]!r}"
-               for key in _ENCODER_FIELDS_THAT_CHANGE_VECTORS if parent.manifest["encoder"][key] != identity[key]]
+    """Refuse to refresh ``parent`` with any other encoding choice (the post-transform's statistics are the
+    parent's own, reused: not compared here)."""
+    parent.check(Expected(model_sha256=sha, k=identity["k"]))
+    differs = [f"{key}: parent {old!r}, now {new!r}"
+               for key, old, new in differences(parent.manifest["encoder"], identity, ignore=("post_transform_sha256",))]
     if differs:
-        raise StoreError(f"cannot refresh {parent.path} with other encoder settings ({'; '.join(differs)}): its "
-                         "vectors would not be comparable; use the parent's settings or build a new store elsewhere")
+        raise StoreError(f"cannot refresh {parent.path} with other encoding choices ({'; '.join(differs)}): its "
+                         "vectors would not be comparable; use the parent's choices or build a new store elsewhere")
 
 
-def _reason(err: OSError) -> str:
-    """'No space left on device (ENOSPC)': the OS's words and the errno's name."""
-    if err.errno is None or not err.strerror:
-        return str(err)
-    return f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"
+def _frozen_post_transform(parent: BehaviourStore | None, work: Path, n_chunks: int, config: EncoderConfig,
+                           dim: int, version: str) -> tuple[PostTransform | None, dict | None]:
+    """The store's post-transform and where it was fitted: the parent's frozen one (never refitted), or, on
+    the first build, one fitted on every new (= every distinct) text's raw vector in the chunks."""
+    if config.post_transform == "none":
+        return None, None
+    if parent is not None:
+        return parent.post_transform(), parent.manifest.get("post_transform_fit")
 
+    def raw_blocks():
+        return (np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False) for c in range(n_chunks))
 
-@contextlib.contextmanager
-def _writing(path: Path, verb: str = "write"):
-    """An OSError inside becomes a StoreWriteError naming ``path`` and the reason."""
     try:
-        yield
-    except OSError as err:
-        raise StoreWriteError(f"cannot {verb} {path}: {_reason(err)}") from err
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # np.save straight into a file writes with C stdio (ndarray.tofile) and does not notice a write
-    # that fails when the buffer is flushed: on a full disk it would leave a truncated chunk, and the
-    # chunk's .npy is its completion marker. Through Python's file object a failed write raises.
-    serialized = io.BytesIO()
-    np.save(serialized, array, allow_pickle=False)
-    write_bytes_atomic(path, serialized.getbuffer())
+        transform = PostTransform.fit(config.post_transform, raw_blocks, config.whiten_eps)
+    except ValueError as err:
+        raise StoreError(f"cannot fit the {config.post_transform} post-transform of the new store: {err}") from None
+    rows = sum(len(block) for block in raw_blocks())
+    if config.post_transform == "whiten" and rows <= dim:
+        print(f"bahe-encode: warning: whitening fitted on {rows} texts of {dim}-dim vectors: the covariance is "
+              f"rank-deficient, so later texts' components outside the fitted span are amplified up to "
+              f"1/sqrt(eps); fit on more texts than {dim}", file=sys.stderr)
+    return transform, {"version": version, "rows": rows}
 
 
 def _plan_digest(plan: dict) -> str:
@@ -165,21 +163,21 @@ def _prepare_work_dir(work: Path, plan: dict, rank: int) -> None:
         found = _read_plan(plan_path)
         if work.is_dir() and found != plan:
             if found is None:  # made, but its plan never written: no chunk can be in it
-                with _writing(work, "remove the unplanned build folder"):
+                with writing(work, "remove the unplanned build folder"):
                     shutil.rmtree(work)
             else:
                 parked = work.with_name(f"{work.name}-{_plan_digest(found)}")
-                with _writing(parked, "park the build of another plan in"):
+                with writing(parked, "park the build of another plan in"):
                     shutil.rmtree(parked, ignore_errors=True)
                     os.replace(work, parked)
         ours = work.with_name(f"{work.name}-{_plan_digest(plan)}")
         if not work.exists() and ours.is_dir():
-            with _writing(work, "resume the parked build in"):
+            with writing(work, "resume the parked build in"):
                 os.replace(ours, work)
-        with _writing(work, "create"):
+        with writing(work, "create"):
             work.mkdir(parents=True, exist_ok=True)
         if not plan_path.is_file():
-            with _writing(plan_path):
+            with writing(plan_path):
                 write_text_atomic(plan_path, json.dumps(plan, indent=2, sort_keys=True))
     _barrier()
 
@@ -217,10 +215,10 @@ def _encode_chunks(work: Path, texts: list[str], config: EncoderConfig, chunk_te
             vectors, chunk_stats = encoder.encode(chunk, progress=tick)
             # the .npy is the chunk's completion marker, so it is written last: a kill between the two
             # writes leaves a chunk that is simply encoded again
-            with _writing(work / f"chunk-{c:06d}.json"):
+            with writing(work / f"chunk-{c:06d}.json"):
                 write_text_atomic(work / f"chunk-{c:06d}.json", json.dumps(asdict(chunk_stats)))
-            with _writing(work / f"chunk-{c:06d}.npy"):
-                _save_atomic(work / f"chunk-{c:06d}.npy", vectors)
+            with writing(work / f"chunk-{c:06d}.npy"):
+                save_npy_atomic(work / f"chunk-{c:06d}.npy", vectors)
             stats.add(chunk_stats)
         bar.close()
     return stats, len(mine) - len(todo)
@@ -236,7 +234,7 @@ def _finished_chunk_stats(work: Path, n_chunks: int) -> EncodeStats:
 
 
 def _manifest(version: str, parent: str | None, config: EncoderConfig, model_dir: Path, sha: str, identity: dict,
-              rows: int, stats: EncodeStats) -> dict:
+              rows: int, stats: EncodeStats, fit: dict | None) -> dict:
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
@@ -249,63 +247,55 @@ def _manifest(version: str, parent: str | None, config: EncoderConfig, model_dir
         "encoder": identity, "dim": int(model_config.hidden_size), "rows": rows, "store_dtype": "float32",
         "stats": {"new_texts": stats.texts, "tokens": stats.tokens, "computed_tokens": stats.computed_tokens,
                   "truncated": stats.truncated, "encode_seconds": round(stats.seconds, 3)},
+        **({"post_transform_fit": fit} if fit else {}),  # where the frozen post-transform was fitted, on how many texts
     }
 
 
-def _vector_blocks(parent: BehaviourStore | None, work: Path, n_chunks: int, dim: int):
-    """The new version's rows in order: the parent's (or the zero <pad> and <unknown> rows), then each chunk's."""
+def _vector_blocks(parent: BehaviourStore | None, work: Path, n_chunks: int, dim: int,
+                   transform: PostTransform | None):
+    """The new version's rows in order: the parent's unchanged (or the zero <pad> and <unknown> rows), then
+    each chunk's, post-transformed by ``transform`` when there is one."""
     if parent is not None:
         for block in range(0, parent.rows_count, 65_536):  # stream the parent's rows, never all at once
             yield parent.rows(block, min(block + 65_536, parent.rows_count))
     else:
         yield np.zeros((len(RESERVED), dim), dtype=np.float32)
     for c in range(n_chunks):
-        yield np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False)
-
-
-def _write_vectors(path: Path, rows: int, dim: int, blocks) -> int:
-    """Write a rows x dim float32 .npy with plain sequential writes; returns the rows the blocks held.
-
-    Not a memory map: on a full disk, a store into a mapped sparse file kills the process with SIGBUS,
-    while a write() raises an OSError (ENOSPC) that can be reported."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-              "shape": (rows, dim)}
-    written = 0
-    with open(path, "wb") as handle:
-        np.lib.format.write_array_header_1_0(handle, header)
-        for block in blocks:
-            block = np.ascontiguousarray(block, dtype=np.float32)
-            if block.ndim != 2 or block.shape[1] != dim:
-                raise StoreError(f"a block of shape {block.shape} for {path}, which holds rows of {dim} floats: "
-                                 f"the chunks in {path.parent.parent} are malformed; delete that folder")
-            written += len(block)
-            if written <= rows:
-                handle.write(memoryview(block))
-        handle.flush()
-        os.fsync(handle.fileno())
-    return written
+        block = np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False)
+        yield block if transform is None else transform.apply(block)
 
 
 def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | None, vocab: BehaviourVocabulary,
-              n_chunks: int, dim: int, manifest: dict) -> None:
+              n_chunks: int, dim: int, manifest: dict, transform: PostTransform | None) -> None:
     staging = work / "assembled"
     try:
-        with _writing(staging, "create"):
+        with writing(staging, "create"):
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-        with _writing(staging / VECTORS):
-            written = _write_vectors(staging / VECTORS, len(vocab), dim, _vector_blocks(parent, work, n_chunks, dim))
+        with writing(staging / VECTORS):
+            written = write_vectors(staging / VECTORS, len(vocab), dim,
+                                     _vector_blocks(parent, work, n_chunks, dim, transform))
         if written != len(vocab):
             raise StoreError(f"assembled {written} rows for a vocabulary of {len(vocab)}: chunks are missing in {work}")
-        with _writing(staging / VOCAB):
+        with writing(staging / VOCAB):
             vocab.save(staging / VOCAB)
+        names = (VECTORS, VOCAB)
+        if transform is not None:  # the frozen statistics travel with every version, byte for byte
+            with writing(staging / POST_TRANSFORM_FILE):
+                save_npy_atomic(staging / POST_TRANSFORM_FILE, transform.to_array())
+            digest = file_sha256(staging / POST_TRANSFORM_FILE)
+            if parent is not None and digest != parent.encoding["post_transform_sha256"]:
+                raise StoreError(f"the post-transform written to {staging} is not byte for byte its parent's "
+                                 f"{parent.path / POST_TRANSFORM_FILE}: refusing to publish a refitted store")
+            manifest["encoder"]["post_transform_sha256"] = digest
+            names += (POST_TRANSFORM_FILE,)
         manifest["files"] = {name: {"sha256": file_sha256(staging / name), "bytes": (staging / name).stat().st_size}
-                             for name in (VECTORS, VOCAB)}
+                             for name in names}
         manifest[MANIFEST_DIGEST] = manifest_digest(manifest)  # covers every field, the checksums included
-        with _writing(staging / MANIFEST):
+        with writing(staging / MANIFEST):
             write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         final = root / version
-        with _writing(final, "publish"):
+        with writing(final, "publish"):
             os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # give back the space; the chunks stay for the rerun
@@ -318,7 +308,7 @@ def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | Non
         with contextlib.suppress(OSError):
             os.replace(final, staging)
             shutil.rmtree(staging, ignore_errors=True)
-        raise StoreWriteError(f"cannot write {root / LATEST}: {_reason(err)}") from err
+        raise StoreWriteError(f"cannot write {root / LATEST}: {reason(err)}") from err
     _drop_dead_work(root, version)  # the version is published: a leftover here is only wasted space
 
 
@@ -330,7 +320,7 @@ def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], 
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise StoreWriteError(f"{root} is a file, not a store folder: remove it or choose another store folder")
-    with _writing(root, "create the store folder"):
+    with writing(root, "create the store folder"):
         root.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
     with rank0_folder_lock(root, STORE_BUSY):  # one build per store, from planning to publishing
@@ -339,9 +329,12 @@ def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], 
 
 def _plan_encode_publish(root: Path, sample_files: list[str | os.PathLike], config: EncoderConfig, chunk_texts: int,
                          show_progress: bool, rank: int, world: int) -> BuildReport:
+    from transformers import AutoTokenizer
+
     model_dir = resolve_model_dir(config.model)
     sha = weights_sha256(model_dir)
-    identity = _encoder_identity(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
+    identity = encoder_identity(config, tokenizer_facts(model_dir, tokenizer))
     parent_name = latest_version(root)
     parent = BehaviourStore(root / parent_name) if parent_name else None
     if parent is not None:
@@ -358,7 +351,8 @@ def _plan_encode_publish(root: Path, sample_files: list[str | os.PathLike], conf
         work = root / WORK / version
         plan = {"parent": parent_name, "first_new_id": new_ids[0], "new_texts": len(new_texts),
                 "texts_sha256": hashlib.sha256("\n".join(new_texts).encode()).hexdigest(), "chunk_texts": chunk_texts,
-                "model_sha256": sha, "encoder": identity}
+                "model_sha256": sha,  # the chunks hold raw vectors: the post-transform is not part of their plan
+                "encoder": {key: value for key, value in identity.items() if key not in POST_TRANSFORM_FIELDS}}
         try:
             _prepare_work_dir(work, plan, rank)
             stats, resumed = _encode_chunks(work, new_texts, config, chunk_texts, rank, world,
@@ -367,15 +361,18 @@ def _plan_encode_publish(root: Path, sample_files: list[str | os.PathLike], conf
             n_chunks = -(-len(new_texts) // chunk_texts)
             if rank == 0:
                 stats = _finished_chunk_stats(work, n_chunks)  # this run's and earlier runs' chunks alike
-                manifest = _manifest(version, parent_name, config, model_dir, sha, identity, len(vocab), stats)
-                _assemble(root, work, version, parent, vocab, n_chunks, manifest["dim"], manifest)
+                dim = _hidden_size(model_dir, config)
+                transform, fit = _frozen_post_transform(parent, work, n_chunks, config, dim, version)
+                manifest = _manifest(version, parent_name, config, model_dir, sha, dict(identity), len(vocab), stats,
+                                     fit)
+                _assemble(root, work, version, parent, vocab, n_chunks, manifest["dim"], manifest, transform)
         except StoreWriteError as err:
             raise _build_failed(err, root, work, version, parent_name) from err.__cause__
         _barrier()
     else:
         version = parent_name  # nothing new: the LATEST version already covers the data
 
-    per_occurrence = _per_occurrence_tokens(counts, config, model_dir)
+    per_occurrence = _per_occurrence_tokens(counts, config, tokenizer)
     return BuildReport(version=version, parent=parent_name if new_texts else None, rows=len(vocab),
                        distinct_texts=len(counts), occurrences=sum(counts.values()), new_texts=len(new_texts),
                        resumed_chunks=resumed, tokens_encoded=stats.tokens, tokens_per_occurrence_encoder=per_occurrence,
@@ -391,11 +388,14 @@ def _build_failed(err: StoreWriteError, root: Path, work: Path, version: str, pa
                            f"same build again: it resumes from the {done} chunk(s) already encoded in {work}")
 
 
-def _per_occurrence_tokens(counts, config: EncoderConfig, model_dir: Path) -> int:
-    """Tokens an encoder that re-encodes every occurrence would process (truncation applied)."""
-    from transformers import AutoTokenizer
+def _hidden_size(model_dir: Path, config: EncoderConfig) -> int:
+    from transformers import AutoConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
+    return int(AutoConfig.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code).hidden_size)
+
+
+def _per_occurrence_tokens(counts, config: EncoderConfig, tokenizer) -> int:
+    """Tokens an encoder that re-encodes every occurrence would process (truncation applied)."""
     texts = list(counts)
     total = 0
     for start in range(0, len(texts), 8192):

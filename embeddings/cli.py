@@ -2,6 +2,7 @@
 
   bahe-encode build --store stores/ml --data data/ml/train.parquet data/ml/valid.parquet --k 6
   bahe-encode build --store stores/ml --data data/new_day.parquet   # refresh: encodes only new texts
+  bahe-encode build --store stores/ml-w --data ... --pooling mean_skip_first --post-transform whiten
   bahe-encode info stores/ml
   bahe-encode verify stores/ml
 
@@ -20,19 +21,34 @@ import sys
 from pathlib import Path
 
 from bahe.ctr_data.schema import DataError
+from bahe.embeddings.encoding import POOLINGS, describe_choices
+from bahe.embeddings.post_transform import POST_TRANSFORMS
 from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError
-from bahe.embeddings.store import BehaviourStore, StoreError
+from bahe.embeddings.store import BehaviourStore, StoreError, latest_version
 from bahe.embeddings.store_stats import TOP_CHANNELS, store_anisotropy
+
+# encoding choices a refresh takes from the store when their flag is not given (flag dest = config field = manifest field)
+INHERITED = ("pooling", "massive_factor", "post_transform", "whiten_eps")
+
+
+def _encoding_choices(args: argparse.Namespace) -> dict:
+    """The pooling and post-transform choices: the flags given, else the LATEST version's (a refresh), else
+    EncoderConfig's defaults (a new store); a choice the store does not use (its factor, its eps) is not
+    inherited."""
+    store = args.store if latest_version(args.store) else None
+    encoding = BehaviourStore.open(store).encoding if store else {}
+    return {field: getattr(args, field) if getattr(args, field) is not None else encoding[field]
+            for field in INHERITED if getattr(args, field) is not None or encoding.get(field) is not None}
 
 
 def _build(args: argparse.Namespace) -> int:
     from bahe.embeddings.build import build_store
     from bahe.embeddings.encoder import EncoderConfig
 
-    config = EncoderConfig(model=args.model, k=args.k, pooling=args.pooling, dtype=args.dtype, device=args.device,
+    config = EncoderConfig(model=args.model, k=args.k, dtype=args.dtype, device=args.device,
                            max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
-                           fixed_shapes=not args.dynamic_shapes,
-                           trust_remote_code=args.trust_remote_code)
+                           fixed_shapes=not args.dynamic_shapes, trust_remote_code=args.trust_remote_code,
+                           **_encoding_choices(args))
     report = build_store(args.store, args.data, config, chunk_texts=args.chunk_texts, show_progress=not args.quiet)
     import torch.distributed as dist
 
@@ -46,16 +62,21 @@ def _info(args: argparse.Namespace) -> int:
     manifest = dict(store.manifest)
     stats = store_anisotropy(store, args.sample) if getattr(args, "stats", False) else None
     if args.json:
-        print(json.dumps({**manifest, **({"stats": stats} if stats else {})}, indent=2))
+        print(json.dumps({**manifest, "encoding": store.encoding, **({"stats": stats} if stats else {})}, indent=2))
     else:
-        enc, model = manifest["encoder"], manifest["model"]
+        enc, model = store.encoding, manifest["model"]
+        added = enc["special_tokens"]
+        tokenizer = "tokenizer not recorded (a store written before it was)" if enc["tokenizer_sha256"] is None else (
+            f"tokenizer sha256 {enc['tokenizer_sha256'][:12]}..., adds {added['prefix'] or 'nothing'} before a text "
+            f"and {added['suffix'] or 'nothing'} after it (BOS prepended: {'yes' if enc['bos_prepended'] else 'no'})")
         print(f"{store.path}: {manifest['rows']:,} rows x {manifest['dim']} ({manifest['store_dtype']}), "
               f"parent {manifest['parent'] or 'none'}, created {manifest['created_utc']}\n"
               f"model {model['name']} ({model['architecture']}, {model['num_layers']} layers, sha256 "
-              f"{model['sha256'][:12]}...), k={enc['k']}, pooling {enc['pooling']}, dtype {enc['dtype']}, "
-              f"max_tokens {enc['max_tokens']}")
+              f"{model['sha256'][:12]}...), k={enc['k']}, {describe_choices(enc)}, dtype {enc['dtype']}, "
+              f"max_tokens {enc['max_tokens']}\n{tokenizer}")
         if stats:
-            print(f"anisotropy of {stats['rows']:,} sampled texts: mean cosine between texts "
+            print(f"anisotropy of {stats['rows']:,} sampled texts (rows as stored, post-transform "
+                  f"{enc['post_transform']}): mean cosine between texts "
                   f"{stats['mean_cosine']:.3f}, top-{TOP_CHANNELS} channels hold {stats['top_channel_energy']:.1%} "
                   f"of the energy, effective rank {stats['effective_rank']:.1f} of {manifest['dim']}")
     return 0
@@ -79,7 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"model alias (smollm2-135m, minilm-l6) or local Hugging Face folder (default {DEFAULT_MODEL})")
     build.add_argument("--k", type=int, default=6, help="shallow frozen layers that encode a text (default 6)")
-    build.add_argument("--pooling", choices=("mean", "last"), default="mean", help="token pooling (default mean)")
+    build.add_argument("--pooling", choices=POOLINGS, default=None,
+                       help="token pooling: mean, last, mean_skip_first (position 0, the attention sink, left out) or "
+                            "mean_skip_massive (tokens of norm > --massive-factor x the text's smallest left out); "
+                            "default: the store's own for a refresh, else mean")
+    build.add_argument("--massive-factor", type=float, default=None,
+                       help="mean_skip_massive's factor (default: the store's own, else 4)")
+    build.add_argument("--post-transform", choices=POST_TRANSFORMS, default=None,
+                       help="a transform of the rows fitted on the first build's texts and frozen: none, center "
+                            "(minus the mean) or whiten (ZCA); default: the store's own for a refresh, else none")
+    build.add_argument("--whiten-eps", type=float, default=None,
+                       help="whitening's regulariser, a fraction of the mean eigenvalue (default: the store's own, "
+                            "else 1e-4)")
     build.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     build.add_argument("--max-tokens", type=int, default=64, help="longer texts are truncated (default 64)")

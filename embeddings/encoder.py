@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from bahe.embeddings.encoding import POOLINGS
+from bahe.embeddings.post_transform import POST_TRANSFORMS
 from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError, load_shallow_layers, resolve_model_dir
 
-POOLINGS = ("mean", "last")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -33,7 +34,14 @@ class EncoderConfig:
     Args:
         model: a model alias (``smollm2-135m``, ``minilm-l6``) or a local Hugging Face directory.
         k: number of shallow (frozen) layers that encode a text; the rest are never computed.
-        pooling: ``mean`` over the text's tokens, or the ``last`` token's state.
+        pooling: how a text's token states become one vector (:func:`pool_tokens`): ``mean`` over its
+            tokens, the ``last`` token's state, ``mean_skip_first`` (position 0 left out) or
+            ``mean_skip_massive`` (tokens of a massive norm left out).
+        massive_factor: ``mean_skip_massive`` leaves out every token whose hidden-state norm exceeds this
+            many times the text's smallest token norm (>= 1, so the smallest is always kept).
+        post_transform: ``none``, ``center`` or ``whiten``: a transform of the store's rows fitted once on its
+            first build and frozen (embeddings/post_transform.py); the encoder itself ignores it.
+        whiten_eps: whitening's regulariser, a fraction of the covariance's mean eigenvalue.
         dtype: compute dtype, ``float32`` or ``bfloat16``; vectors are stored as float32.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
         max_tokens: longer texts are truncated to this many tokens (counted and reported).
@@ -49,6 +57,9 @@ class EncoderConfig:
     model: str = DEFAULT_MODEL
     k: int = 6
     pooling: str = "mean"
+    massive_factor: float = 4.0
+    post_transform: str = "none"
+    whiten_eps: float = 1e-4
     dtype: str = "float32"
     device: str = "auto"
     max_tokens: int = 64
@@ -61,6 +72,13 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.k must be >= 1 shallow layer, got {self.k}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"EncoderConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if not self.massive_factor >= 1.0:
+            raise ValueError(f"EncoderConfig.massive_factor must be >= 1 (the smallest-norm token is always kept), "
+                             f"got {self.massive_factor}")
+        if self.post_transform not in POST_TRANSFORMS:
+            raise ValueError(f"EncoderConfig.post_transform must be one of {POST_TRANSFORMS}, got {self.post_transform!r}")
+        if not self.whiten_eps > 0:
+            raise ValueError(f"EncoderConfig.whiten_eps must be > 0, got {self.whiten_eps}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EncoderConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.max_tokens < 1:
@@ -77,6 +95,32 @@ class EncoderConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelError(f"device {self.device!r} asked for, but CUDA is not available here; use cpu or auto")
         return torch.device(self.device)
+
+
+def pool_tokens(hidden: torch.Tensor, pooling: str, massive_factor: float = 4.0) -> torch.Tensor:
+    """One vector per text from its token states: rows x L x D -> rows x D (every row L real tokens).
+
+    * ``mean``: the mean over the L tokens;
+    * ``last``: the state of token L-1;
+    * ``mean_skip_first``: the mean over tokens 1..L-1 (a 1-token text keeps its token). Position 0 is
+      the attention sink: SmolLM2 adds no BOS, so it is the text's first word (hidden-state norm 640-920
+      against about 80, issue 17); Gemma's tokenizer prepends ``<bos>``, so there it is ``<bos>`` (the
+      sink, norm about 10x the others) and the first word is kept; a BERT-style tokenizer's ``[CLS]``;
+    * ``mean_skip_massive``: the mean over the tokens whose norm is at most ``massive_factor`` times the
+      text's smallest token norm (norms in float32; the smallest one is always kept).
+    """
+    if pooling == "mean":
+        return hidden.mean(dim=1)
+    if pooling == "last":
+        return hidden[:, -1]
+    if pooling == "mean_skip_first":
+        return hidden[:, 1:].mean(dim=1) if hidden.shape[1] > 1 else hidden[:, 0]
+    if pooling == "mean_skip_massive":
+        states = hidden.float()
+        norms = states.norm(dim=-1)  # rows x L
+        keep = (norms <= massive_factor * norms.min(dim=1, keepdim=True).values).float()
+        return (states * keep.unsqueeze(-1)).sum(dim=1) / keep.sum(dim=1, keepdim=True)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 @dataclass
@@ -165,7 +209,7 @@ class ShallowEncoder:
                     batch += [batch[0]] * (rows - len(batch))  # filler keeps the shape fixed
                 input_ids = torch.tensor(batch, dtype=torch.long, device=self.device)
                 hidden = self.model(input_ids=input_ids).last_hidden_state  # rows x L x D
-                pooled = hidden.mean(dim=1) if self.config.pooling == "mean" else hidden[:, -1]
+                pooled = pool_tokens(hidden, self.config.pooling, self.config.massive_factor)
                 out[chunk] = pooled[: len(chunk)].float().cpu().numpy()
                 stats.tokens += len(chunk) * length
                 stats.computed_tokens += len(batch) * length

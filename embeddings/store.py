@@ -5,10 +5,12 @@ Layout::
     <root>/
       LATEST                  name of the newest complete version (replaced atomically)
       v000001/
-        manifest.json         model identity and weights hash, k, pooling, dtype, dim, rows, parent, checksums,
-                              and manifest_sha256: a digest of all of that, checked at every open
+        manifest.json         model identity and weights hash, every encoding choice (k, pooling, post-transform,
+                              tokenizer hash, ...: bahe.embeddings.encoding), dtype, dim, rows, parent,
+                              checksums, and manifest_sha256: a digest of all of that, checked at every open
         vocab.parquet         id, text, count (bahe.embeddings.vocabulary)
-        vectors.npy           rows x dim float32; row i is the vector of vocabulary id i
+        vectors.npy           rows x dim float32; row i is the vector of vocabulary id i (post-transformed)
+        post_transform.npy    the frozen statistics of a center / whiten store (bahe.embeddings.post_transform)
       v000002/ ...            a refresh: the rows of its parent, unchanged, then the new texts
       .work/                  unfinished builds (bahe.embeddings.build); never read as a store
       .lock                   held by the build writing the store (bahe.embeddings.folder_lock)
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bahe.embeddings.encoding import normalised
+from bahe.embeddings.post_transform import POST_TRANSFORM_FILE, PostTransform
 from bahe.embeddings.vocabulary import BehaviourVocabulary
 
 FORMAT = "bahe-behaviour-store/1"
@@ -150,6 +154,7 @@ class Expected:
     k: int | None = None
     dim: int | None = None
     pooling: str | None = None
+    post_transform: str | None = None
 
 
 class BehaviourStore:
@@ -170,7 +175,7 @@ class BehaviourStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise StoreError(f"{self.path} is not a behaviour store version (no {MANIFEST}); build one with bahe-encode")
-        for name in ("", MANIFEST, VECTORS, VOCAB):  # the version folder and its files: no link out of the store
+        for name in ("", MANIFEST, VECTORS, VOCAB, POST_TRANSFORM_FILE):  # the folder and its files: no link out
             inside(self.path / name, self.path.parent)
         try:
             self.manifest = json.loads(manifest_path.read_text())
@@ -210,6 +215,29 @@ class BehaviourStore:
         return self.manifest["version"]
 
     @property
+    def encoding(self) -> dict:
+        """The manifest's encoder section with every choice present: a manifest written before a choice
+        existed reads as its default (pooling mean, post-transform none; bahe.embeddings.encoding)."""
+        return normalised(self.manifest["encoder"])
+
+    def post_transform(self) -> PostTransform | None:
+        """The frozen post-transform the rows were stored with (None for ``none``); its file must match the
+        digest in the manifest."""
+        encoding = self.encoding
+        if encoding["post_transform"] == "none":
+            return None
+        path = inside(self.path / POST_TRANSFORM_FILE, self.path.parent)
+        if not path.is_file() or file_sha256(path) != encoding["post_transform_sha256"]:
+            found = f"sha256 {file_sha256(path)[:12]}..." if path.is_file() else "missing"
+            raise StoreError(f"{path}: {found}, the manifest's post_transform_sha256 is "
+                             f"{str(encoding['post_transform_sha256'])[:12]}...: the store's frozen statistics are "
+                             "lost or changed; restore the file or rebuild the store with bahe-encode")
+        try:
+            return PostTransform.load(path, encoding["post_transform"], self.dim)
+        except ValueError as err:
+            raise StoreError(f"{err}; rebuild the store with bahe-encode") from None
+
+    @property
     def vocabulary(self) -> BehaviourVocabulary:
         if self._vocab is None:
             self._vocab = BehaviourVocabulary.load(self.path / VOCAB)
@@ -224,9 +252,10 @@ class BehaviourStore:
         return np.array(self._vectors[start:stop])
 
     def check(self, expected: Expected) -> None:
-        """Refuse a store built by another model, k, dim or pooling than the config names."""
-        encoder, model = self.manifest["encoder"], self.manifest["model"]
-        found = {"model_sha256": model["sha256"], "k": encoder["k"], "dim": self.dim, "pooling": encoder["pooling"]}
+        """Refuse a store built by another model, k, dim, pooling or post-transform than the config names."""
+        encoder, model = self.encoding, self.manifest["model"]
+        found = {"model_sha256": model["sha256"], "k": encoder["k"], "dim": self.dim, "pooling": encoder["pooling"],
+                 "post_transform": encoder["post_transform"]}
         wrong = [f"{key}: store has {found[key]!r}, config asks for {want!r}"
                  for key, want in vars(expected).items() if want is not None and found[key] != want]
         if wrong:

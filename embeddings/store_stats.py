@@ -10,6 +10,9 @@ channels, and the pool smears it into every vector. Three numbers say how bad it
   ``TOP_CHANNELS`` channels that hold the most of it;
 * ``effective_rank``: exp of the entropy of the normalised squared singular values of the (uncentred)
   sample matrix (1 = one direction; up to the dim).
+
+The statistics are of the rows as stored, that is after the store's frozen post-transform (centring
+or whitening, bahe.embeddings.post_transform), which is what the model reads.
 """
 
 from __future__ import annotations

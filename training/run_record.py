@@ -11,7 +11,9 @@ The record also names the behaviour store the run trained on (``store``: root, v
 and digests of its rows, :func:`store_record`) and where its weights started (``initialized_from``).
 A later start on a store checks that store's lineage (:func:`lineage_problem`): a refresh appends new
 texts as new rows and keeps every old row byte-identical, so the run's rows must be the new store's
-first rows, same encoder, same texts in the same order, same vectors.
+first rows, same encoder, same texts in the same order, same vectors. Every encoding choice counts
+(pooling, post-transform and its statistics, tokenizer: bahe.embeddings.encoding): a store encoded
+another way is another store, and a store (or record) older than a choice reads as its default.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from bahe.embeddings.encoding import describe_choices
+from bahe.embeddings.encoding import differences as encoding_differences
 from bahe.embeddings.store import BehaviourStore, write_text_atomic
 from bahe.model.dense_features import DenseNormalizer
 
@@ -177,11 +181,12 @@ def shared_rows_digest(store: BehaviourStore, rows: int) -> dict[str, str]:
 
 
 def store_identity(store: BehaviourStore) -> dict:
-    """The store's root, version, LLM, encoder settings and size (from its manifest; nothing read)."""
+    """The store's root, version, LLM, encoding choices (every one, defaults filled in for an older
+    manifest) and size (from its manifest; nothing read)."""
     manifest = store.manifest
     return {"root": str(store.path.parent), "version": store.version, "llm": manifest["model"]["name"],
             "llm_sha256": manifest["model"]["sha256"], "k": manifest["encoder"]["k"],
-            "encoder": manifest["encoder"], "dim": store.dim, "rows": store.rows_count}
+            "encoder": store.encoding, "dim": store.dim, "rows": store.rows_count}
 
 
 def store_record(store: BehaviourStore) -> dict:
@@ -191,8 +196,11 @@ def store_record(store: BehaviourStore) -> dict:
 
 
 def describe_store(record: dict) -> str:
-    """'stores/ml v000002 (llm smollm2-135m, k 6, 1,664 rows)'."""
-    return f"{record['root']} {record['version']} (llm {record['llm']}, k {record['k']}, {record['rows']:,} rows)"
+    """'stores/ml v000002 (llm smollm2-135m, k 6, 1,664 rows)', with the pooling and post-transform when
+    they are not the defaults ('..., k 6, pooling mean_skip_first, post-transform whiten (...), 1,664 rows')."""
+    choices = describe_choices(record.get("encoder", {}), defaults_too=False)
+    return (f"{record['root']} {record['version']} (llm {record['llm']}, k {record['k']}, "
+            f"{choices + ', ' if choices else ''}{record['rows']:,} rows)")
 
 
 def lineage_problem(recorded: dict, store: BehaviourStore) -> str | None:
@@ -204,8 +212,10 @@ def lineage_problem(recorded: dict, store: BehaviourStore) -> str | None:
                 f"{recorded['llm_sha256'][:12]}...)")
     if manifest["encoder"]["k"] != recorded["k"]:
         return f"it was encoded with another k ({manifest['encoder']['k']}, the run's {recorded['k']})"
-    settings = [f"{key} {value!r} (the run's {recorded['encoder'].get(key)!r})"
-                for key, value in manifest["encoder"].items() if recorded["encoder"].get(key) != value]
+    # both sides normalised: a record or manifest older than a choice reads as its default, and a tokenizer
+    # fact the run's record does not know is not compared
+    settings = [f"{key} {now!r} (the run's {then!r})"
+                for key, then, now in encoding_differences(recorded["encoder"], store.encoding)]
     if settings or store.dim != recorded["dim"]:
         return f"it was encoded with other settings ({'; '.join(settings) or f'dim {store.dim}'})"
     if store.rows_count < rows:

@@ -1,0 +1,61 @@
+"""Writing a store version's files so that a failure is reported, never half-hidden: an OSError becomes
+a :class:`StoreWriteError` naming the file and the reason (bahe.embeddings.build)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from bahe.embeddings.store import StoreError, StoreWriteError, write_bytes_atomic
+
+
+def reason(err: OSError) -> str:
+    """'No space left on device (ENOSPC)': the OS's words and the errno's name."""
+    if err.errno is None or not err.strerror:
+        return str(err)
+    return f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"
+
+
+@contextlib.contextmanager
+def writing(path: Path, verb: str = "write"):
+    """An OSError inside becomes a StoreWriteError naming ``path`` and the reason."""
+    try:
+        yield
+    except OSError as err:
+        raise StoreWriteError(f"cannot {verb} {path}: {reason(err)}") from err
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    # np.save straight into a file writes with C stdio (ndarray.tofile) and does not notice a write
+    # that fails when the buffer is flushed: on a full disk it would leave a truncated chunk, and the
+    # chunk's .npy is its completion marker. Through Python's file object a failed write raises.
+    serialized = io.BytesIO()
+    np.save(serialized, array, allow_pickle=False)
+    write_bytes_atomic(path, serialized.getbuffer())
+
+
+def write_vectors(path: Path, rows: int, dim: int, blocks) -> int:
+    """Write a rows x dim float32 .npy with plain sequential writes; returns the rows the blocks held.
+
+    Not a memory map: on a full disk, a store into a mapped sparse file kills the process with SIGBUS,
+    while a write() raises an OSError (ENOSPC) that can be reported."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (rows, dim)}
+    written = 0
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if block.ndim != 2 or block.shape[1] != dim:
+                raise StoreError(f"a block of shape {block.shape} for {path}, which holds rows of {dim} floats: "
+                                 f"the chunks in {path.parent.parent} are malformed; delete that folder")
+            written += len(block)
+            if written <= rows:
+                handle.write(memoryview(block))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return written
