@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     for action in parser._actions:  # --out is optional here: the metrics default to the run folder
         if action.dest == "out":
             action.required = False
-        if action.dest in ("init_from", "init_optimizer", "data_lanes"):  # training only
+        if action.dest in ("init_from", "init_optimizer", "frozen_text_from", "data_lanes"):  # training only
             action.help = argparse.SUPPRESS
     args = parser.parse_args(argv)
-    if args.init_from is not None or args.init_optimizer:
-        parser.error("--init-from / --init-optimizer start a training run (bahe-train); bahe-evaluate scores the "
-                     "--checkpoint run as it is")
+    if args.init_from is not None or args.init_optimizer or args.frozen_text_from is not None:
+        parser.error("--init-from / --init-optimizer / --frozen-text-from start a training run (bahe-train); "
+                     "bahe-evaluate scores the --checkpoint run as it is")
     run = args.checkpoint
     from bahe.training.checkpoint import Checkpointer
     from bahe.training.run_record import apply_record, check_resume

@@ -238,3 +238,14 @@ def test_the_downstream_bench_reuses_a_finished_run(tmp_path):
     before = sorted(p.name for p in run.iterdir())
     result = train_downstream(0, 3, tmp_path / "no-data", tmp_path / "no-store", tmp_path / "no-source", run, {})
     assert result == {"test": {"auc": 0.6}, "valid": {"auc": 0.61}} and sorted(p.name for p in run.iterdir()) == before
+
+
+def test_bahe_evaluate_refuses_training_only_start_flags(tmp_path, capsys):
+    """bahe-evaluate inherits bahe-train's parser: the flags that START a training run are refused, naming them."""
+    from bahe.launchers.evaluate import main
+
+    for flag in (["--frozen-text-from", str(tmp_path)], ["--init-from", str(tmp_path)]):
+        with pytest.raises(SystemExit) as stop:
+            main(["--checkpoint", str(tmp_path), "--data-dir", str(tmp_path), *flag])
+        assert stop.value.code == 2
+        assert "--frozen-text-from start a training run" in capsys.readouterr().err
