@@ -71,7 +71,7 @@ def ensure_export(args):
     from bahe.serving.export import ExportConfig, export
     from bahe.serving.export_store import ExportVersion, latest_version
     from bahe.serving.restore import checkpoint_digest, restore_run
-    from bahe.training.scoring import select_checkpoint
+    from bahe.training.restore import select_checkpoint
 
     files = tuple(args.data_dir / f"{s}.parquet" for s in ("train", "valid", "test"))
     if latest_version(args.export):

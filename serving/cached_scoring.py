@@ -71,7 +71,7 @@ class CachedTextFeatures:
 
     @classmethod
     def for_run(cls, path: Path, plan) -> CachedTextFeatures:
-        """Open ``path`` for ``plan`` (a :class:`~bahe.training.scoring.RestorePlan`): refused, in one line, for a
+        """Open ``path`` for ``plan`` (a :class:`~bahe.training.restore.RestorePlan`): refused, in one line, for a
         run that is not --arm bahe, a damaged export, or one computed from another checkpoint."""
         from bahe.serving.restore import checkpoint_digest
 

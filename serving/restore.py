@@ -1,6 +1,6 @@
 """A trained run's BAHE model, restored unsharded in one process, for exporting its serving parts.
 
-The run is restored by bahe-predict's own code (training/scoring.py: :func:`plan_restore` -- the
+The run is restored by bahe-predict's own code (training/restore.py: :func:`plan_restore` -- the
 checkpoint, the best by valid from ``checkpoints/BEST.json`` else the latest, the model config, the train
 split and its schema -- and :func:`restore_model` -- the model, the dense statistics the weights learned
 on, the store's rows, the weights through the restricted loader). The one difference: the model is built
@@ -71,12 +71,12 @@ def checkpoint_digest(folder: Path) -> str:
 def restore_run(run: Path, *, which: str = "best", data_dir: Path | None = None, store: str | None = None,
                 llm: str | None = None, llm_precision: str = "fp32") -> RestoredRun:
     """Restore ``run``'s checkpoint (``best`` or ``latest``, as bahe-predict) unsharded on the CPU, through
-    bahe-predict's own steps (training/scoring.py :func:`plan_restore`, :func:`restore_model`).
+    bahe-predict's own steps (training/restore.py :func:`plan_restore`, :func:`restore_model`).
 
     Raises FileNotFoundError / ValueError (one line) for a run without a checkpoint or record, a missing
     train split, a store that does not hold the run's rows, or a damaged checkpoint.
     """
-    from bahe.training.scoring import plan_restore, restore_model
+    from bahe.training.restore import plan_restore, restore_model
 
     plan = plan_restore(run, which, data_dir=data_dir, store=store, llm=llm, llm_precision=llm_precision)
     if plan.arm != "bahe":
