@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,24 +41,15 @@ def downstream_name(seed: int, steps: int) -> str:
 
 
 def train_downstream(seed: int, steps: int, data: Path, store: Path, source: Path, run: Path, preset: dict) -> dict:
-    """The downstream model of one seed: BAHE's command with the source run's text arch frozen (reused when
-    the run folder holds metrics.json; an unfinished one resumes from its checkpoint)."""
-    from bahe.launchers.demo import trainer_flags
+    """The downstream model of one seed: the quality bench's BAHE command with the source run's text arch
+    frozen (reused when the run folder holds metrics.json; an unfinished one resumes from its checkpoint)."""
+    from bench.quality_bench import train
 
-    if (run / "metrics.json").is_file():
-        return json.loads((run / "metrics.json").read_text())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "bahe.launchers.train", "--data-dir", str(data), "--store", str(store), "--out", str(run),
-           "--arm", "bahe", "--frozen-text-from", str(source), "--steps", str(steps), "--seed", str(seed),
-           "--checkpoint-every", "50", *trainer_flags(preset)]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"downstream seed {seed} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["wall_seconds"] = time.perf_counter() - start
-    metrics["frozen_text_from"] = json.loads((run / "run_config.json").read_text())["frozen_text_from"]
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    finished = (run / "metrics.json").is_file()
+    metrics = train("bahe", seed, steps, data, store, run, preset, extra_flags=("--frozen-text-from", str(source)))
+    if not finished:  # trained now: its metrics say where the frozen text arch came from
+        metrics["frozen_text_from"] = json.loads((run / "run_config.json").read_text())["frozen_text_from"]
+        (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -117,7 +117,9 @@ def user_token_cap(max_history: int) -> int:
 
 
 def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, preset: dict,
-          precision: str = "auto", llm: str | None = None) -> dict:
+          precision: str = "auto", llm: str | None = None, extra_flags: tuple[str, ...] = ()) -> dict:
+    """Train one run with the demo preset's flags (reused when ``run`` holds metrics.json; an unfinished one
+    resumes from its checkpoint); ``extra_flags`` go to bahe-train after the arm's own."""
     from bahe.launchers.demo import trainer_flags
 
     if (run / "metrics.json").is_file():  # a finished run is reused; an unfinished one resumes from its checkpoint
@@ -125,6 +127,7 @@ def train(arm: str, seed: int, steps: int, data: Path, store: Path, run: Path, p
     extra = ["--max-user-tokens", str(user_token_cap(preset["max_history"]))] if arm == "token_level" else []
     extra += ["--llm-precision", precision] if arm != "dlrm" else []
     extra += ["--llm", llm] if arm != "dlrm" and llm else []
+    extra += list(extra_flags)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--standalone",  # a free port each time: two benches on one machine never join each other's job
            "-m", "bahe.launchers.train", "--data-dir", str(data), "--store",
