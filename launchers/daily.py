@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default=None,
                      help="run encode / train / evaluate as TorchX jobs of this torchx.yaml profile instead")
     run.add_argument("--llm", default=DEFAULT_MODEL, help=f"the store's LLM at its first build (default {DEFAULT_MODEL})")
-    run.add_argument("--k", type=int, default=4, help="the store's shallow layers at its first build (default 4)")
+    run.add_argument("--k", type=int, default=8, help="the store's shallow layers at its first build (default 8, the demo's)")
     run.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: bahe-train flags, the same every day")
     status = sub.add_parser("status", help="print CURRENT and the published days")
     status.add_argument("--home", type=Path, required=True)

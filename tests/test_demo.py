@@ -114,3 +114,24 @@ def test_help_and_a_bad_preset():
     with pytest.raises(SystemExit) as exc:
         demo.main(["--preset", "huge"])
     assert exc.value.code == 2
+
+
+def test_an_earlier_demos_store_of_another_k_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A folder holding an earlier demo's store (encoded with another k, as before the cpu preset took k = 8)
+    is refused in one line naming both k's, before the data step or any job, and its files stay as they were;
+    a store of the preset's own k passes the check."""
+    from tests.model_fixtures import K, make_tiny_pipeline
+
+    out = tmp_path / "demo"
+    make_tiny_pipeline(out, samples=60)  # out/store: a real store, encoded with k = K
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    launched = []
+    monkeypatch.setattr(demo, "_launch", lambda *a: launched.append(a))
+    monkeypatch.setitem(demo.PRESETS, "cpu", dict(demo.PRESETS["cpu"], k=K + 6))
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--out", str(out)])
+    message = str(exc.value)
+    assert f"k = {K}" in message and f"k = {K + 6}" in message and str(out / "store") in message
+    assert launched == [] and not (out / "data").exists()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    demo.refuse_an_earlier_store(out, dict(demo.PRESETS["cpu"], k=K))  # the same k: no refusal

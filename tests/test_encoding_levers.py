@@ -322,9 +322,9 @@ def test_the_quality_bench_names_stores_and_runs_by_their_choices():
     lever = {"pooling": "mean_skip_first", "post_transform": "whiten"}
     assert store_suffix(8, "mean_skip_first", "whiten", 4) == "-k8-mean_skip_first-whiten"
     assert store_suffix(4, "mean", "none", 4) == ""
-    deep = dict(PRESETS["cpu"], k=8, deep_layers=2)
-    assert cell_suffix("bahe", deep, lever, defaults) == "-k8-d2-mean_skip_first-whiten"
-    assert cell_suffix("token_level", deep, lever, defaults) == "-k8-d2"  # reads no store rows
+    deep = dict(PRESETS["cpu"], k=15, deep_layers=2)
+    assert cell_suffix("bahe", deep, lever, defaults) == "-k15-d2-mean_skip_first-whiten"
+    assert cell_suffix("token_level", deep, lever, defaults) == "-k15-d2"  # reads no store rows
     assert cell_suffix("dlrm", deep, lever, defaults) == ""
     assert cell_suffix("bahe", PRESETS["cpu"], plain, defaults) == ""
     assert run_name("bahe", 0, 20, "auto", "", "", cell_suffix("bahe", PRESETS["cpu"], lever, defaults)) == \
