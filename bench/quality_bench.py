@@ -14,13 +14,16 @@ training order; the data split is fixed.
   python -m bench.quality_bench --seeds 0 --steps 50 --out /tmp/q.json   # a quick look
   python -m bench.quality_bench --arms bahe --llm gemma3-270m --out docs/bench_quality_gemma.json  # another LLM
   python -m bench.quality_bench --arms dlrm bahe --k 4 8 --pooling mean mean_skip_first --post-transform none whiten
+  python -m bench.quality_bench --arms dlrm bahe --user-projection shared per_type --user-aggregation pooled target_attention
 
 The encoding sweep (issue 17, item 3): every combination of --k, --deep-layers, --pooling and
 --post-transform is a cell. A cell's store is WORK/store[-<llm>][-k<K>][-<pooling>][-<post-transform>]
 (a part only where it is not the default: the demo's k, mean, none), e.g. store-k8-mean_skip_first-whiten,
 and its runs' folders carry the same parts (plus -d<D> for the deep layers): the token-level arm reads
 only k and the deep layers from a cell, the DLRM arm nothing, so their runs are shared between cells.
-A finished run is reused, never retrained.
+A finished run is reused, never retrained. The text arch's model levers (--user-projection,
+--user-aggregation: model/text_levers.py) are cells too; they change the BAHE arm only (its bahe-train
+flags, and its run folders' parts -pertype / -tattn where not the default), never a store.
 
 Writes docs/bench_quality.json (machine, versions, config, every run's metrics), a markdown table
 beside it and, when matplotlib is installed, a PNG of test AUC per arm.
@@ -42,6 +45,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("dlrm", "token_level", "bahe")
 DEFAULT_ENCODING = {"pooling": "mean", "post_transform": "none"}
+# the BAHE text arch's model levers (bahe-train --user-projection / --user-aggregation), their defaults and the
+# run-folder part of each other value
+DEFAULT_LEVERS = {"user_projection": "shared", "user_aggregation": "pooled"}
+LEVER_PARTS = {"per_type": "pertype", "target_attention": "tattn"}
 PRECISION_WORDS = {"auto": "fp32 (CPU)", "fp32": "fp32", "bf16": "bf16 autocast"}
 
 
@@ -52,22 +59,40 @@ def store_suffix(k: int, pooling: str, post_transform: str, default_k: int) -> s
     return "".join(f"-{part}" for part in parts)
 
 
-def cell_suffix(arm: str, preset: dict, encoding: dict, defaults: dict) -> str:
+def _levers(levers: dict | None) -> dict:
+    """``levers`` (any dict holding some of :data:`DEFAULT_LEVERS`' keys, e.g. a cell) with the defaults filled in."""
+    return {key: (levers or {}).get(key, default) for key, default in DEFAULT_LEVERS.items()}
+
+
+def cell_suffix(arm: str, preset: dict, encoding: dict, defaults: dict, levers: dict | None = None) -> str:
     """A run folder's part for a sweep cell, where not the default (``defaults``: the demo's k and deep
-    layers; mean; none): '-k8-d2-mean_skip_first-whiten' for BAHE; the token-level arm reads only k and the
-    deep layers from the cell (not the store's rows); the DLRM arm nothing."""
+    layers; mean; none; ``levers``: the text arch's, shared / pooled when None):
+    '-k8-d2-mean_skip_first-whiten-pertype-tattn' for BAHE; the token-level arm reads only k and the deep layers
+    from the cell (not the store's rows, not the levers); the DLRM arm nothing."""
     if arm == "dlrm":
         return ""
     parts = [f"k{preset['k']}"] if preset["k"] != defaults["k"] else []
     parts += [f"d{preset['deep_layers']}"] if preset["deep_layers"] != defaults["deep_layers"] else []
     if arm == "bahe":
         parts += [encoding[key] for key in DEFAULT_ENCODING if encoding[key] != DEFAULT_ENCODING[key]]
+        parts += [LEVER_PARTS[value] for key, value in _levers(levers).items() if value != DEFAULT_LEVERS[key]]
     return "".join(f"-{part}" for part in parts)
 
 
-def describe_cell(preset: dict, encoding: dict) -> str:
+def lever_flags(arm: str, levers: dict | None) -> tuple[str, ...]:
+    """The bahe-train flags of a cell's text-arch levers that are not the defaults (the BAHE arm only; none
+    for the defaults, so a default cell's command is the one the bench always ran)."""
+    if arm != "bahe":
+        return ()
+    return tuple(part for key, value in _levers(levers).items() if value != DEFAULT_LEVERS[key]
+                 for part in (f"--{key.replace('_', '-')}", value))
+
+
+def describe_cell(preset: dict, encoding: dict, levers: dict | None = None) -> str:
+    changed = [f"{key.replace('_', ' ')} {value}" for key, value in _levers(levers).items()
+               if value != DEFAULT_LEVERS[key]]
     return (f"k = {preset['k']}, {preset['deep_layers']} deep layer(s), pooling {encoding['pooling']}, "
-            f"post-transform {encoding['post_transform']}")
+            f"post-transform {encoding['post_transform']}" + "".join(f", {part}" for part in changed))
 
 
 def prepare(work: Path, preset: dict, default_history: int, llm: str | None = None,
@@ -202,8 +227,10 @@ def sweep_table(cells: list[dict]) -> str:
     """One line per sweep cell: each arm's test AUC (valid AUC), BAHE minus DLRM-only, and the cell best
     on valid for BAHE (a winner is chosen on valid, never on test)."""
     arms = [arm for arm in ARMS if any(arm in c["summary"] for c in cells)]
-    lines = ["| k | deep layers | pooling | post-transform | " + " | ".join(f"{a} test (valid) AUC" for a in arms)
-             + " | BAHE - DLRM test |", "|---|---|---|---|" + "---|" * (len(arms) + 1)]
+    levers = [key for key in DEFAULT_LEVERS if any(_levers(c)[key] != DEFAULT_LEVERS[key] for c in cells)]
+    lines = ["| k | deep layers | pooling | post-transform | " + "".join(f"{key.replace('_', ' ')} | " for key in levers)
+             + " | ".join(f"{a} test (valid) AUC" for a in arms)
+             + " | BAHE - DLRM test |", "|---|---|---|---|" + "---|" * (len(levers) + len(arms) + 1)]
 
     def auc(summary: dict, arm: str) -> str:
         if arm not in summary:
@@ -215,12 +242,12 @@ def sweep_table(cells: list[dict]) -> str:
         s = c["summary"]
         gap = f"{s['bahe']['auc']['mean'] - s['dlrm']['auc']['mean']:+.4f}" if "bahe" in s and "dlrm" in s else "-"
         lines.append(f"| {c['k']} | {c['deep_layers']} | {c['pooling']} | {c['post_transform']} | "
+                     + "".join(f"{_levers(c)[key]} | " for key in levers)
                      + " | ".join(auc(s, arm) for arm in arms) + f" | {gap} |")
     judged = [c for c in cells if "valid_auc" in c["summary"].get("bahe", {})]
     if judged:
         best = max(judged, key=lambda c: c["summary"]["bahe"]["valid_auc"]["mean"])
-        lines += ["", f"best BAHE cell on valid: k = {best['k']}, {best['deep_layers']} deep layer(s), pooling "
-                      f"{best['pooling']}, post-transform {best['post_transform']} (valid AUC "
+        lines += ["", f"best BAHE cell on valid: {describe_cell(best, best, best)} (valid AUC "
                       f"{best['summary']['bahe']['valid_auc']['mean']:.4f}, test "
                       f"{best['summary']['bahe']['auc']['mean']:.4f})"]
     return "\n".join(lines)
@@ -277,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="the stores' token poolings to sweep (bahe-encode build --pooling; default mean)")
     p.add_argument("--post-transform", nargs="+", choices=POST_TRANSFORMS, default=[DEFAULT_ENCODING["post_transform"]],
                    help="the stores' frozen post-transforms to sweep (bahe-encode build --post-transform; default none)")
+    from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
+
+    p.add_argument("--user-projection", nargs="+", choices=USER_PROJECTIONS, default=[DEFAULT_LEVERS["user_projection"]],
+                   help="the BAHE arm's user projections to sweep (bahe-train --user-projection; default shared; "
+                        "per_type runs end in -pertype)")
+    p.add_argument("--user-aggregation", nargs="+", choices=USER_AGGREGATIONS,
+                   default=[DEFAULT_LEVERS["user_aggregation"]],
+                   help="the BAHE arm's user aggregations to sweep (bahe-train --user-aggregation; default pooled; "
+                        "target_attention runs end in -tattn)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_quality.json")
     args = p.parse_args(argv)
     from bahe.embeddings.pretrained import DEFAULT_MODEL
@@ -289,21 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     history = "" if base["max_history"] == default_history else f"-m{base['max_history']}"
     steps = args.steps or base["steps"]
     cells, floor = [], None
-    for k, deep, pooling, post in itertools.product(args.k, args.deep_layers, args.pooling, args.post_transform):
+    for k, deep, pooling, post, projection, aggregation in itertools.product(
+            args.k, args.deep_layers, args.pooling, args.post_transform, args.user_projection, args.user_aggregation):
         start = time.perf_counter()
         preset, encoding = dict(base, k=k, deep_layers=deep), {"pooling": pooling, "post_transform": post}
+        levers = {"user_projection": projection, "user_aggregation": aggregation}
         data, store = prepare(args.work, preset, default_history, llm, encoding, defaults["k"])
         floor = floor or non_learned_baseline(data)
         runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
         for seed in args.seeds:  # arms interleaved per seed: a slow spell of the machine hits every arm
             for arm in args.arms:
                 run = args.work / run_name(arm, seed, steps, args.llm_precision, history, llm_part,
-                                           cell_suffix(arm, preset, encoding, defaults))
-                result = train(arm, seed, steps, data, store, run, preset, args.llm_precision, llm)
+                                           cell_suffix(arm, preset, encoding, defaults, levers))
+                result = train(arm, seed, steps, data, store, run, preset, args.llm_precision, llm,
+                               extra_flags=lever_flags(arm, levers))
                 runs[arm].append(result)
-                print(f"[{describe_cell(preset, encoding)}] {arm:12s} seed {seed}: test AUC "
+                print(f"[{describe_cell(preset, encoding, levers)}] {arm:12s} seed {seed}: test AUC "
                       f"{result['test']['auc']:.4f}, log loss {result['test']['logloss']:.4f} ({run.name})", flush=True)
-        cells.append({"k": k, "deep_layers": deep, **encoding, "store": str(store), "preset": preset,
+        cells.append({"k": k, "deep_layers": deep, **encoding, **levers, "store": str(store), "preset": preset,
                       "summary": summarise(runs, floor), "seconds": time.perf_counter() - start,
                       "runs": {arm: [r["test"] for r in results] for arm, results in runs.items()},
                       "valid": {arm: [r.get("valid") for r in results] for arm, results in runs.items()}})
@@ -316,13 +355,14 @@ def main(argv: list[str] | None = None) -> int:
                          "token_level_max_user_tokens": user_token_cap(base["max_history"]),
                          "llm_precision": args.llm_precision, "llm": llm or DEFAULT_MODEL,
                          "sweep": {"k": args.k, "deep_layers": args.deep_layers, "pooling": args.pooling,
-                                   "post_transform": args.post_transform}},
+                                   "post_transform": args.post_transform, "user_projection": args.user_projection,
+                                   "user_aggregation": args.user_aggregation}},
               "summary": first["summary"], "runs": first["runs"], "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    only_defaults = len(cells) == 1 and cell_suffix("bahe", first["preset"], first, defaults) == ""
+    only_defaults = len(cells) == 1 and cell_suffix("bahe", first["preset"], first, defaults, first) == ""
     text = "\n\n".join(table(c["summary"], steps, args.seeds, args.llm_precision, base["max_history"], llm,
-                              "" if only_defaults else describe_cell(c["preset"], c)) for c in cells)
+                              "" if only_defaults else describe_cell(c["preset"], c, c)) for c in cells)
     if len(cells) > 1:
         text = f"{sweep_table(cells)}\n\n{text}"
     note = plot(first["summary"], args.out.with_suffix(".png")) if len(cells) == 1 else \

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bahe.embeddings.pretrained import DEFAULT_MODEL
 from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
+from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-user-tokens", type=int, default=2048, help="token budget per user of the token-level arm")
     t.add_argument("--pooling", choices=POOLINGS, default="mean")
     t.add_argument("--attention", choices=ATTENTIONS, default="causal")
+    t.add_argument("--user-projection", choices=USER_PROJECTIONS, default="shared",
+                   help="the user side's H -> D projection (--arm bahe): shared (default) by the N behaviour sequence "
+                        "types, or per_type: each type its own")
+    t.add_argument("--user-aggregation", choices=USER_AGGREGATIONS, default="pooled",
+                   help="how a user's behaviour positions become one feature per type (--arm bahe): pooled (default: "
+                        "the deep layers' --pooling, then norm and projection) or target_attention (each position "
+                        "normed and projected, then attended with the item text feature as query, DIN-style); "
+                        "target_attention makes user features depend on the item, so bahe-export, bahe-predict "
+                        "--features and --frozen-text-from refuse the run")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--llm-precision", choices=PRECISIONS, default="auto",
                    help="compute precision of the LLM layers: auto = bf16 autocast on CUDA, fp32 on CPU; "
@@ -129,7 +139,8 @@ def config_from_args(args: argparse.Namespace):
         text = TextConfig(store=args.store, llm=args.llm, k=args.k, deep_layers=args.deep_layers,
                           pooling=args.pooling, attention=args.attention, max_behaviours=args.max_behaviours,
                           gradient_checkpointing=args.gradient_checkpointing, arm=args.arm,
-                          max_user_tokens=args.max_user_tokens, llm_precision=args.llm_precision)
+                          max_user_tokens=args.max_user_tokens, llm_precision=args.llm_precision,
+                          user_projection=args.user_projection, user_aggregation=args.user_aggregation)
     tables = TablesConfig(embedding_dim=args.embedding_dim, default_rows=args.table_rows,
                           rows=_feature_rows(args.table_rows_for), drop=tuple(args.drop_id_features))
     model = BaheModelConfig(tables=tables,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from bahe.embeddings.pretrained import DEFAULT_MODEL
 from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
+from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
 
 ARMS = ("bahe", "token_level")
 
@@ -104,6 +105,12 @@ class TextConfig:
         llm_precision: compute precision of the LLM layers in training and evaluation: ``auto``
             (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` (autocast on any device; fast on CPUs with
             AMX) or ``fp32``. Weights and optimiser state stay fp32 either way.
+        user_projection: ``shared`` (default: one H -> D projection for the N sequence types) or
+            ``per_type`` (each type its own; model/text_levers.py). ``--arm bahe`` only.
+        user_aggregation: ``pooled`` (default: the deep layers' mean / last pool) or ``target_attention``
+            (attention over a user's behaviour positions with the item text feature as query; user features
+            then depend on the item, so bahe-export, cached scoring and --frozen-text-from refuse the run).
+            ``--arm bahe`` only.
     """
 
     store: str
@@ -118,6 +125,8 @@ class TextConfig:
     arm: str = "bahe"
     max_user_tokens: int = 2048
     llm_precision: str = "auto"
+    user_projection: str = "shared"
+    user_aggregation: str = "pooled"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sequences", tuple(self.sequences))
@@ -137,6 +146,17 @@ class TextConfig:
             raise ValueError(f"TextConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.max_behaviours < 1:
             raise ValueError(f"TextConfig.max_behaviours must be >= 1, got {self.max_behaviours}")
+        if self.user_projection not in USER_PROJECTIONS:
+            raise ValueError(f"TextConfig.user_projection must be one of {USER_PROJECTIONS} (--user-projection), "
+                             f"got {self.user_projection!r}")
+        if self.user_aggregation not in USER_AGGREGATIONS:
+            raise ValueError(f"TextConfig.user_aggregation must be one of {USER_AGGREGATIONS} (--user-aggregation), "
+                             f"got {self.user_aggregation!r}")
+        changed = [f"--user-projection {self.user_projection}"] * (self.user_projection != "shared") + \
+            [f"--user-aggregation {self.user_aggregation}"] * (self.user_aggregation != "pooled")
+        if self.arm != "bahe" and changed:
+            raise ValueError(f"TextConfig: {' and '.join(changed)}: options of the BAHE text arch only (--arm bahe), "
+                             f"not --arm {self.arm}; drop them or train --arm bahe")
         if len(set(self.sequences)) != len(self.sequences):
             raise ValueError(f"TextConfig.sequences has duplicates: {self.sequences}")
 

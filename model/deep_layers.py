@@ -154,14 +154,32 @@ class DeepLayerAggregator(nn.Module):
             else:
                 self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def forward(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, vectors: torch.Tensor, lengths: torch.Tensor, pooled: bool = True) -> torch.Tensor:
         """
         Args:
             vectors: S x M x H behaviour vectors, right-padded (S = sequences, e.g. B*N).
             lengths: S real behaviours per sequence (0 = empty sequence).
+            pooled: False returns the per-position states instead of pooling them (what target attention
+                reads, model/text_levers.py; asked through the module call, so TorchRec's pipeline tracer
+                keeps this module a leaf).
 
         Returns:
-            S x H pooled states; an empty sequence pools to zeros.
+            S x H pooled states (:meth:`pool`; an empty sequence pools to zeros), or with ``pooled=False``
+            the S x M x H states of :meth:`states`.
+        """
+        hidden = self.states(vectors, lengths)
+        return self.pool(hidden, lengths) if pooled else hidden
+
+    def states(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The deep layers' last states per position.
+
+        Args:
+            vectors: S x M x H behaviour vectors, right-padded.
+            lengths: S real behaviours per sequence (0 = empty sequence).
+
+        Returns:
+            S x M x H float32 states. Only the real positions (m < length) mean anything: padding is masked
+            from every real position, so a padded position's vector never changes a real position's state.
         """
         seqs, width, _ = vectors.shape
         positions = torch.arange(width, device=vectors.device)
@@ -176,7 +194,13 @@ class DeepLayerAggregator(nn.Module):
             hidden = self.decoder(inputs_embeds=vectors, attention_mask=mask,
                                   position_ids=positions.unsqueeze(0).expand(seqs, width),
                                   use_cache=False).last_hidden_state  # S x M x H
-        hidden = hidden.float()
+        return hidden.float()
+
+    def pool(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """S x M x H states, S lengths -> S x H: the mean over the real positions or the last real one's
+        state (``pooling``); an empty sequence pools to zeros."""
+        seqs, width, _ = hidden.shape
+        real = torch.arange(width, device=hidden.device).unsqueeze(0) < lengths.unsqueeze(1)  # S x M
         weights = real.to(hidden.dtype)
         if self.pooling == "mean":
             return (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)

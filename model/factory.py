@@ -83,7 +83,8 @@ def build_text_arch(text: TextConfig, schema: SampleSchema, embedding_dim: int, 
                              {**dict.fromkeys(keys, text.max_behaviours), ITEM_TEXT_KEY: 1}, device=device)
     aggregator = DeepLayerAggregator(model_dir, k, text.deep_layers, pooling=text.pooling, attention=text.attention,
                                      gradient_checkpointing=text.gradient_checkpointing, precision=text.llm_precision)
-    return BehaviourTextArch(lookup, aggregator, keys, embedding_dim), store
+    return BehaviourTextArch(lookup, aggregator, keys, embedding_dim, user_projection=text.user_projection,
+                             user_aggregation=text.user_aggregation), store
 
 
 def _token_level(config: BaheModelConfig, schema: SampleSchema, sequences, table_sizes, model_dir, device,

@@ -78,6 +78,10 @@ class CachedTextFeatures:
         if plan.arm != "bahe":
             raise ValueError(f"--features {path}: {plan.run} trained the {plan.arm} arm; cached text features are "
                              "those of a BAHE run (--arm bahe): score this run without --features")
+        from bahe.model.text_levers import refuse_item_dependent
+
+        refuse_item_dependent(plan.model.text.user_aggregation, f"--features {path}: {plan.run}",
+                              "score this run without --features (the full model)")
         export = open_export(path)
         producer = export.manifest.get("producer", {})
         digest = checkpoint_digest(plan.checkpoint)

@@ -176,6 +176,10 @@ def cached_predictor(model: BAHE, batcher: SampleBatcher, normalizer: DenseNorma
     head are copied, the text arch is not), its ID tables through torchrec's inference quantization."""
     if model.text_arch is None or not hasattr(model.text_arch, "user_text_features"):
         raise ValueError("a cached-text predictor needs a BAHE model with its behaviour text arch (--arm bahe)")
+    from bahe.model.text_levers import refuse_item_dependent
+
+    refuse_item_dependent(getattr(model.text_arch, "user_aggregation", None), "a cached-text predictor",
+                          "serve the full model instead")
     text_arch = model.text_arch
     model.text_arch = None  # copy the tables and head only
     try:

@@ -82,6 +82,11 @@ def restore_run(run: Path, *, which: str = "best", data_dir: Path | None = None,
     if plan.arm != "bahe":
         raise ValueError(f"{run} trained the {plan.arm} arm: only a BAHE run (--arm bahe) has text features to cache; "
                          "a DLRM-only run serves as it is (torchrec's inference path)")
+    from bahe.model.text_levers import refuse_item_dependent
+
+    refuse_item_dependent(plan.model.text.user_aggregation, str(run),
+                          "its serving parts (cached text features, predictor) cannot be exported; score it with "
+                          "the full model (bahe-predict or bahe-evaluate, without --features)")
     restored = restore_model(plan, torch.device("cpu"), sharded=False)
     return RestoredRun(restored.model, restored.batcher, restored.store, plan.schema, restored.normalizer, plan.model,
                        plan.run, plan.checkpoint, plan.chosen, restored.step)

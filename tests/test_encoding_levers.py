@@ -330,3 +330,12 @@ def test_the_quality_bench_names_stores_and_runs_by_their_choices():
     assert run_name("bahe", 0, 20, "auto", "", "", cell_suffix("bahe", PRESETS["cpu"], lever, defaults)) == \
         "bahe-seed0-steps20-mean_skip_first-whiten"
     assert run_name("bahe", 0, 600, "bf16", "-m20", "-gemma3-270m", "-k8") == "bahe-seed0-steps600-m20-gemma3-270m-k8-bf16"
+    # the text arch's model levers (bahe-train --user-projection / --user-aggregation): the BAHE arm's runs only
+    both = {"user_projection": "per_type", "user_aggregation": "target_attention"}
+    assert cell_suffix("bahe", deep, lever, defaults, both) == "-k15-d2-mean_skip_first-whiten-pertype-tattn"
+    assert cell_suffix("bahe", PRESETS["cpu"], plain, defaults, {"user_aggregation": "target_attention"}) == "-tattn"
+    assert cell_suffix("bahe", PRESETS["cpu"], plain, defaults, {"user_projection": "per_type"}) == "-pertype"
+    assert cell_suffix("bahe", PRESETS["cpu"], plain, defaults, {"user_projection": "shared",
+                                                                 "user_aggregation": "pooled"}) == ""
+    assert cell_suffix("token_level", deep, lever, defaults, both) == "-k15-d2"
+    assert cell_suffix("dlrm", deep, lever, defaults, both) == ""

@@ -8,8 +8,10 @@ features, computed per training row from that row's OWN behaviours by RUN's text
 
 * :func:`resolve`: RUN's selected checkpoint (best by valid, else LATEST; or a checkpoint folder), as
   ``--init-from`` resolves it (training/init_from.py);
-* :func:`check`: refuse (one line naming both sides) a RUN whose text arch differs from this run's: the
-  LLM, k, deep layers, D, sequence types, M, pooling, attention; or whose store this run's store does not
+* :func:`check`: refuse (one line naming both sides) a RUN trained with ``--user-aggregation
+  target_attention`` (its user features depend on the item: there are no per-user features to take), or whose
+  text arch differs from this run's: the LLM, k, deep layers, D, sequence types, M, pooling, attention, user
+  projection and aggregation; or whose store this run's store does not
   hold unchanged as its first rows (the same store or a refresh of it);
 * :func:`freeze`: before sharding, every text-arch weight (deep LLM layers, norms, projections) stops
   requiring gradients, so no optimizer group holds it and DDP does not reduce it, and the text arch stays
@@ -34,7 +36,14 @@ from bahe.embeddings.store import BehaviourStore
 from bahe.training import init_from
 from bahe.training.checkpoint import FROZEN_MARKER, merge_into, without_frozen
 from bahe.training.init_from import InitSource
-from bahe.training.run_record import RECORD, describe_store, lineage_problem, read_record, store_identity
+from bahe.training.run_record import (
+    RECORD,
+    describe_store,
+    lineage_problem,
+    read_record,
+    recorded_flag,
+    store_identity,
+)
 from bahe.training.safe_load import load_checkpoint
 from torch import nn
 
@@ -84,7 +93,8 @@ def run_settings(config, store: BehaviourStore, sequences: tuple[str, ...]) -> d
     return {"LLM": _llm(manifest["model"]["name"], manifest["model"]["sha256"]), "k": k, "deep layers": deep,
             "D (--embedding-dim)": config.model.tables.embedding_dim, "sequences": list(sequences),
             "max behaviours (--max-behaviours)": text.max_behaviours, "pooling": text.pooling,
-            "attention": text.attention}
+            "attention": text.attention, "user projection (--user-projection)": text.user_projection,
+            "user aggregation (--user-aggregation)": text.user_aggregation}
 
 
 def source_settings(source: InitSource, llm_layers: int | None) -> dict:
@@ -98,7 +108,9 @@ def source_settings(source: InitSource, llm_layers: int | None) -> dict:
     return {"LLM": _llm(store["llm"], store["llm_sha256"]), "k": k, "deep layers": deep,
             "D (--embedding-dim)": model.get("--embedding-dim"), "sequences": _source_sequences(source),
             "max behaviours (--max-behaviours)": model.get("--max-behaviours"), "pooling": model.get("--pooling"),
-            "attention": model.get("--attention")}
+            "attention": model.get("--attention"),  # flags its record predates read as their defaults
+            "user projection (--user-projection)": recorded_flag(model, "--user-projection"),
+            "user aggregation (--user-aggregation)": recorded_flag(model, "--user-aggregation")}
 
 
 def _source_sequences(source: InitSource) -> list[str] | None:
@@ -118,6 +130,13 @@ def check(source: InitSource, config, store: BehaviourStore, sequences: tuple[st
     if arm != "bahe":
         raise FrozenTextError(f"{given} is a run of --arm {arm}, which has no BAHE text arch: give a run trained "
                               "with --arm bahe")
+    from bahe.model.text_levers import refuse_item_dependent
+
+    try:
+        refuse_item_dependent(recorded_flag(source.record["model"], "--user-aggregation"), given,
+                              "give a run trained with --user-aggregation pooled")
+    except ValueError as err:
+        raise FrozenTextError(str(err)) from None
     recorded = source.record.get("store")
     if recorded is None:
         raise FrozenTextError(f"{given}: {source.run / RECORD} records no behaviour store (the run is older than "

@@ -21,7 +21,14 @@ from bahe.ctr_data.schema import SampleSchema
 from bahe.embeddings.pretrained import DEFAULT_MODEL
 from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
 from bahe.training.checkpoint import Checkpointer, load_into
-from bahe.training.run_record import RECORD, RunConfigError, check_run_store, read_record, recorded_dense_statistics
+from bahe.training.run_record import (
+    RECORD,
+    RunConfigError,
+    check_run_store,
+    read_record,
+    recorded_dense_statistics,
+    recorded_flag,
+)
 from bahe.training.selection import Selection, recorded_metric
 
 if TYPE_CHECKING:
@@ -69,7 +76,9 @@ def run_model_config(run: Path, *, store: str | None, llm: str | None, llm_preci
                               deep_layers=flags["--deep-layers"], pooling=flags["--pooling"],
                               attention=flags["--attention"], max_behaviours=flags["--max-behaviours"],
                               arm=flags["--arm"], max_user_tokens=flags["--max-user-tokens"],
-                              llm_precision=llm_precision)
+                              llm_precision=llm_precision,  # flags a record predates read as their defaults
+                              user_projection=recorded_flag(flags, "--user-projection"),
+                              user_aggregation=recorded_flag(flags, "--user-aggregation"))
         rows = dict(pair.split("=", 1) for pair in flags["--table-rows-for"])
         tables = TablesConfig(embedding_dim=flags["--embedding-dim"], default_rows=flags["--table-rows"],
                               rows={name: int(value) for name, value in rows.items()},

@@ -34,8 +34,13 @@ MODEL_FLAGS = {"--arm": "arm", "--embedding-dim": "embedding_dim", "--table-rows
                "--table-rows-for": "table_rows_for", "--drop-id-features": "drop_id_features",
                "--dense-arch": "dense_arch", "--over-arch": "over_arch", "--no-dense-standardize": "no_dense_standardize",
                "--k": "k", "--deep-layers": "deep_layers", "--pooling": "pooling", "--attention": "attention",
-               "--max-behaviours": "max_behaviours", "--max-user-tokens": "max_user_tokens"}
-TEXT_ONLY = ("--k", "--deep-layers", "--pooling", "--attention", "--max-behaviours", "--max-user-tokens")
+               "--max-behaviours": "max_behaviours", "--max-user-tokens": "max_user_tokens",
+               "--user-projection": "user_projection", "--user-aggregation": "user_aggregation"}
+TEXT_ONLY = ("--k", "--deep-layers", "--pooling", "--attention", "--max-behaviours", "--max-user-tokens",
+             "--user-projection", "--user-aggregation")
+# model flags added after runs began recording theirs: a record without one (or None, as the DLRM-only arm
+# records every text flag) reads as the flag's default, so an older run compares equal to a default start
+LATER_FLAG_DEFAULTS = {"--user-projection": "shared", "--user-aggregation": "pooled"}
 # recorded as defaults for bahe-evaluate, not compared: the batch size picks the sharding plan, and with
 # it the checkpoint's layout (a table may be sharded or data parallel)
 DEFAULT_FLAGS = {"--store": "store", "--llm": "llm", "--batch-size": "batch_size"}
@@ -105,10 +110,17 @@ def _show(value) -> str:
     return "the default" if value is None else repr(value)
 
 
+def recorded_flag(flags: dict, flag: str):
+    """A model flag's value in a record's ``model`` section; a flag the record predates (or None) reads as
+    its default where :data:`LATER_FLAG_DEFAULTS` has one."""
+    value = flags.get(flag)
+    return LATER_FLAG_DEFAULTS.get(flag) if value is None else value
+
+
 def differences(recorded: dict, now: dict, flags=MODEL_FLAGS) -> list[str]:
     """'--pooling: run has 'mean', now 'last'' for every flag of ``flags`` (the model flags) that differs."""
-    return [f"{flag}: run has {_show(recorded.get(flag))}, now {_show(now.get(flag))}"
-            for flag in flags if recorded.get(flag) != now.get(flag)]
+    return [f"{flag}: run has {_show(recorded_flag(recorded, flag))}, now {_show(recorded_flag(now, flag))}"
+            for flag in flags if recorded_flag(recorded, flag) != recorded_flag(now, flag)]
 
 
 def recorded_dense_statistics(run: Path) -> DenseNormalizer | None:
