@@ -12,7 +12,7 @@ Both select their checkpoint on the period's held-out valid rows and are tested 
 update's cost is the chain's refresh + train seconds; the retrain's is its bahe-train's wall time.
 Period 0 is the warm-up, trained from scratch by both (it is not compared).
 
-  python -m bench.daily_bench                  # 3 seeds x 2 periods of 14 days: about 1 h on 2 CPU cores
+  python -m bench.daily_bench                  # 3 seeds x 4 periods of 14 days: about 2 h on 2 CPU cores
   python -m bench.daily_bench --seeds 0 --max-slices 1 --epochs 0.2 --out /tmp/daily.json   # a quick look
 
 Writes docs/daily.json (every cell), docs/daily.md's table (between its markers) and docs/daily.png.
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--period", default="14d")
     parser.add_argument("--warmup", type=float, default=0.7)
-    parser.add_argument("--max-slices", type=int, default=2, help="periods after the warm-up (default 2)")
+    parser.add_argument("--max-slices", type=int, default=4, help="periods after the warm-up (default 4)")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over each day's (or all) train rows")
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(argv)
