@@ -275,7 +275,9 @@ def predict(
         raise ValueError(f"predict: --which must be best or latest, got {which!r}")
     if not data:
         raise ValueError("predict: --data needs at least one .parquet file")
-    args = ["--run", run, "--data", *data, "--out", out, "--which", which, *_option("--data-dir", data_dir),
+    # --run-dir, not --run: torchrun reads every --option on its command line and refuses --run as ambiguous
+    # with its own --run-path (bahe-predict accepts --run on one process only).
+    args = ["--run-dir", run, "--data", *data, "--out", out, "--which", which, *_option("--data-dir", data_dir),
             *(["--quiet"] if quiet else []), *script_args]
     return _launch("predict", PREDICT_MODULE, args, name=name, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB,
                    env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend, mounts=mounts,

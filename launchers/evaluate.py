@@ -20,13 +20,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from bahe.launchers.train import build_parser, config_from_args, quiet_library_deprecations
+from bahe.launchers.train import build_parser as train_parser
+from bahe.launchers.train import config_from_args, quiet_library_deprecations
 
 
-def main(argv: list[str] | None = None) -> int:
-    quiet_library_deprecations()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+def build_parser() -> argparse.ArgumentParser:
+    """bahe-train's parser with --checkpoint and --which; --out optional, the training-only flags hidden."""
+    parser = train_parser()
     parser.prog, parser.description = "bahe-evaluate", __doc__
     parser.add_argument("--checkpoint", type=Path, required=True, help="the training run folder (its --out)")
     parser.add_argument("--which", choices=("best", "latest"), default="best",
@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
             action.required = False
         if action.dest in ("init_from", "init_optimizer", "frozen_text_from", "data_lanes"):  # training only
             action.help = argparse.SUPPRESS
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_library_deprecations()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.init_from is not None or args.init_optimizer or args.frozen_text_from is not None:
         parser.error("--init-from / --init-optimizer / --frozen-text-from start a training run (bahe-train); "

@@ -1,7 +1,7 @@
 """`bahe-export`: a trained BAHE run's serving parts -- cached text features and an exported predictor.
 
-  bahe-export --run runs/demo/bahe --data-dir runs/demo/data --data runs/demo/data/*.parquet --out serving/demo
-  bahe-export --run runs/demo/bahe --data-dir runs/demo/data --data day2.parquet --out serving/demo   # refresh
+  bahe-export --run-dir runs/demo/bahe --data-dir runs/demo/data --data runs/demo/data/*.parquet --out serving/demo
+  bahe-export --run-dir runs/demo/bahe --data-dir runs/demo/data --data day2.parquet --out serving/demo   # refresh
 
 Writes the next version of --out (LATEST names it; docs/serving.md):
   items.parquet  every text of the behaviour store: store_id, text, feature (D floats: the item side after the
@@ -27,11 +27,16 @@ import sys
 from pathlib import Path
 
 TABLES = ("fp32", "fp16", "int8")  # bahe.serving.predictor.TABLE_DTYPES
+SINGLE_PROCESS_ALIASES = ("--run",)  # the older name of --run-dir; bahe-export runs on one process
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bahe-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the training run folder (its bahe-train --out)")
+    run = p.add_mutually_exclusive_group(required=True)
+    run.add_argument("--run-dir", dest="run", type=Path, metavar="RUN",
+                     help="the training run folder (its bahe-train --out)")
+    run.add_argument("--run", dest="run", type=Path, metavar="RUN", default=argparse.SUPPRESS,
+                     help="the same as --run-dir (its older name)")
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="FILE",
                    help="sample .parquet files holding the users' behaviours (bahe-data's schema)")
     p.add_argument("--out", type=Path, required=True,

@@ -1,9 +1,13 @@
 """`bahe-predict`: score sample files with a trained run's model, streaming, on any number of ranks.
 
-  bahe-predict --run runs/demo/bahe --data day1.parquet day2.parquet --out scores.parquet
-  bahe-predict --run runs/demo/bahe --features serving/demo --data day1.parquet --out scores.parquet
-  torchrun --nproc_per_node 2 -m bahe.launchers.predict --run ... --data ... --out ...
-  (or through TorchX: python -m bahe.launchers.submit --profile local predict -- --run ... --data ... --out ...)
+  bahe-predict --run-dir runs/demo/bahe --data day1.parquet day2.parquet --out scores.parquet
+  bahe-predict --run-dir runs/demo/bahe --features serving/demo --data day1.parquet --out scores.parquet
+  torchrun --nproc_per_node 2 -m bahe.launchers.predict --run-dir runs/demo/bahe --data day1.parquet --out scores.parquet
+  python -m bahe.launchers.submit --profile local predict -- --run runs/demo/bahe --data day1.parquet --out scores.parquet
+  (the TorchX predict component: its --run becomes bahe-predict's --run-dir)
+
+--run-dir names the run; --run is the same on one process, but torchrun refuses it: torchrun reads every
+--option on its command line, also those after the module, and --run could be its own --run-path.
 
 Writes one row per input row, in input order (the files concatenated in the order given): user_id,
 item_id, timestamp and label of the input, the model's score (sigmoid probability, float32) and logit.
@@ -34,12 +38,21 @@ import sys
 from pathlib import Path
 
 PRECISIONS = ("auto", "bf16", "fp32")  # bahe.model.deep_layers.PRECISIONS (checked by ScoringConfig)
+# Option strings kept for one process only: under torchrun they are refused (ambiguous with a torchrun option),
+# never taken by it; tests/test_doc_commands.py checks both.
+SINGLE_PROCESS_ALIASES = ("--run",)
+RUN_ALIAS_HELP = ("the same as --run-dir, on one process only: torchrun refuses --run (it reads every --option on "
+                  "its command line, and --run could be its own --run-path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bahe-predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="the training run folder (its bahe-train --out)")
+    run = p.add_mutually_exclusive_group(required=True)
+    run.add_argument("--run-dir", dest="run", type=Path, metavar="RUN",
+                     help="the training run folder (its bahe-train --out)")
+    run.add_argument("--run", dest="run", type=Path, metavar="RUN", default=argparse.SUPPRESS,
+                     help=RUN_ALIAS_HELP)
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="FILE",
                    help="sample .parquet files to score (bahe-data's schema; extra columns are ignored)")
     p.add_argument("--out", type=Path, required=True,

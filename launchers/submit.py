@@ -3,7 +3,8 @@
   python -m bahe.launchers.submit --list
   python -m bahe.launchers.submit --profile local encode -- --store runs/store --data a.parquet,b.parquet
   python -m bahe.launchers.submit --profile k8s --dryrun train -- --data_dir /data/ml --out /data/runs/bahe
-  python -m bahe.launchers.submit --profile slurm --cfg partition=a100 --cfg time=2:00:00 train -- ...
+  python -m bahe.launchers.submit --profile slurm --cfg partition=a100 --cfg time=2:00:00 train -- \\
+      --data_dir /shared/ml --out /shared/runs/bahe -- --batch-size 64
 
 Everything after the component name (an optional first `--` is dropped) is the component's own
 arguments, as `torchx run launchers/components.py:COMPONENT --help` lists them: lists are
