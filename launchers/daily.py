@@ -39,9 +39,25 @@ import sys
 import time
 from pathlib import Path
 
-from bahe.training.daily_state import DailyError, DailyHome, check_day_name
+from bahe.training.daily_records import (
+    DAY_FILES,
+    RecordError,
+    check_run_path,
+    day_inputs,
+    differences,
+    read_day_record,
+)
+from bahe.training.daily_state import (
+    ChainMoved,
+    DailyError,
+    DailyHome,
+    chain_moved,
+    check_day_name,
+    day_report,
+    guard,
+    same_run,
+)
 
-STEPS = ("refresh", "train", "evaluate", "publish", "report")
 FAULT_ENV = "BAHE_DAILY_KILL_AT"  # tests: SIGKILL this driver at the start of that step
 GUARD_REFUSED = 3
 ENCODE_CHUNK_TEXTS = 4096  # bahe-encode's texts per chunk, its unit of work across ranks
@@ -53,8 +69,13 @@ class Day:
     def __init__(self, home: DailyHome, day: str, data: Path, args: argparse.Namespace):
         self.home, self.day, self.data, self.args = home, check_day_name(day), Path(data), args
         self.run = home.run_dir(day)
+        try:  # runs/DAY a link out of the home: refused like a run path in a record
+            check_run_path(home.root, f"runs/{self.day}")
+        except RecordError:
+            raise DailyError(f"{self.run} is a link to {self.run.resolve()}, outside {home.runs}: a day's run folder "
+                             "stays inside its home; remove the link (or use another --day name)") from None
         self.state_file = self.run / "day.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.state = read_day_record(home.root, self.state_file, self.day)
 
     def save(self) -> None:
         from bahe.embeddings.store import write_text_atomic
@@ -199,65 +220,86 @@ def _encoder_flags(store_root: Path, args: argparse.Namespace) -> list[str]:
 
 
 def run_day(args: argparse.Namespace) -> int:
-    from bahe.embeddings.folder_lock import FolderLock
-
     home = DailyHome(args.home)
-    home.root.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid", "test"):
-        if not (Path(args.data) / f"{split}.parquet").is_file():
-            raise ValueError(f"--data {args.data} has no {split}.parquet: a day's folder holds train.parquet, "
+    for name in DAY_FILES:
+        if not (Path(args.data) / name).is_file():
+            raise ValueError(f"--data {args.data} has no {name}: a day's folder holds train.parquet, "
                              "valid.parquet (its held-out last rows) and test.parquet (rows to report on)")
-    with FolderLock(home.root, "{folder} is being updated by {holder}: one bahe-daily per home at a time"):
-        day = Day(home, args.day, Path(args.data), args)
+    home.root.mkdir(parents=True, exist_ok=True)
+    with home.lock():
+        if args.restart:
+            aside = home.set_aside(check_day_name(args.day))
+            print(f"day {args.day}: started over" + (f"; the earlier attempt's run folder is now {aside} (delete it "
+                                                     "when it is not needed)" if aside else ""), flush=True)
         current = home.current()
+        day = Day(home, args.day, Path(args.data), args)
+        inputs = day_inputs(day.data, args.train_flags)
+        if "inputs" in day.state and (changed := differences(day.state["inputs"], inputs)):
+            raise DailyError(f"day {day.day} was started with other inputs ({'; '.join(changed)}); a day's data and "
+                             "train flags stay the same across its reruns: run it with the first ones, or add "
+                             "--restart to start the day over with these")
+        done = day.state.get("done", {})
         if current and current["day"] == day.day:
-            print(f"day {day.day} is already current in {home.root}; nothing to do", flush=True)
+            return already_current(home, day, current)
+        if "publish" in done:  # published once; a rollback or a later day has moved CURRENT since
+            print(f"day {day.day}: nothing to do: it was published before, but CURRENT names "
+                  f"{current['day'] if current else 'nothing'} now (a rollback or a later day); its report is left "
+                  f"as it is. To serve {day.day} again: bahe-daily rollback --home {home.root} --to {day.day}",
+                  flush=True)
             return 0
-        if "previous" not in day.state:  # fixed at the day's first attempt: a rerun continues the same chain
-            day.state["previous"] = current
+        if "inputs" not in day.state or "previous" not in day.state:  # the day's first attempt: its chain is fixed
+            day.state.setdefault("inputs", inputs)
+            day.state.setdefault("previous", current)
             day.save()
         previous = day.state["previous"]
-        report = {"day": day.day, "status": "running", "previous_day": previous and previous["day"],
-                  "data": str(day.data)}
+        if "train" not in done and not same_run(current, previous):  # would train from a run no longer current
+            raise ChainMoved(chain_moved(home, day.day, previous, current))
         try:
             refresh = day.timed("refresh", day.refresh)
             init_from = str(home.root / previous["run"]) if previous else None
             new = day.timed("train", lambda: day.train(init_from))
             old = day.timed("evaluate", lambda: day.evaluate_previous(home.root / previous["run"])) if previous \
                 else None
-            report.update(refresh=refresh, rows=_rows(day.data), new={"valid": new["valid"], "test": new["test"]},
-                          yesterday=old and {"valid": old["valid"], "test": old["test"]})
-            worse = old and new["valid"]["auc"] < old["valid"]["auc"] - args.margin
-            if worse:
-                report.update(status="kept, not published", reason=(
-                    f"regression guard: today's valid AUC {new['valid']['auc']:.4f} is below yesterday's "
-                    f"{old['valid']['auc']:.4f} on the same rows by more than --margin {args.margin}; "
-                    f"{previous['day']} stays current, today's run is kept in {day.run / 'train'}"))
+            refused = guard(day.data, new, old, args.margin, previous)
+            if refused:
+                status, reason = "kept, not published", refused + f"; today's run is kept in {day.run / 'train'}"
             else:
                 day.timed("publish", lambda: home.publish(day.day, {
                     "run": str((day.run / "train").relative_to(home.root)), "store_version": refresh["version"],
-                    "valid_auc": new["valid"]["auc"], "init_from": init_from}) or {})
-                report.update(status="published", reason=f"{day.day} is current (CURRENT -> {day.run / 'train'})")
+                    "valid_auc": new["valid"]["auc"], "init_from": init_from}, over=previous) or {})
+                status, reason = "published", f"{day.day} is current (CURRENT -> {day.run / 'train'})"
             _maybe_killed("report")
-            report["seconds"] = {step: r["seconds"] for step, r in day.state["done"].items()}
-            home.write_report(day.day, report)
-            print(f"day {day.day}: {report['status']}: {report['reason']} (report: {home.reports / day.day}.md)",
-                  flush=True)
-            return GUARD_REFUSED if worse else 0
+            home.write_report(day.day, day_report(day.day, day.state, day.data, status, reason))
+            print(f"day {day.day}: {status}: {reason} (report: {home.reports / day.day}.md)", flush=True)
+            return GUARD_REFUSED if refused else 0
+        except ChainMoved as err:  # CURRENT moved under the day (re-checked right before publishing)
+            with contextlib.suppress(OSError, DailyError):
+                home.write_report(day.day, day_report(day.day, day.state, day.data, "not published", str(err)))
+            raise
         except (DailyError, OSError, ValueError) as err:
-            serving = f"{previous['day']} is still current" if previous else "nothing is published yet"
+            try:
+                now = home.current()
+            except DailyError:
+                now = previous
+            serving = f"{now['day']} is still current" if now else "nothing is published yet"
             line = (f"day {day.day} failed: {err}. {serving}, and the store's earlier versions are intact; run the "
                     "same command again to resume")
-            report.update(status="failed", reason=line)
-            with contextlib.suppress(OSError):  # a full disk: the line below still says it
-                home.write_report(day.day, report)
+            with contextlib.suppress(OSError, DailyError):  # a full disk: the line below still says it
+                home.write_report(day.day, day_report(day.day, day.state, day.data, "failed", line))
             raise DailyError(line) from None
 
 
-def _rows(data: Path) -> dict:
-    from bahe.ctr_data.parquet_io import SampleReader
-
-    return {split: SampleReader(data / f"{split}.parquet").num_rows for split in ("train", "valid", "test")}
+def already_current(home: DailyHome, day: Day, current: dict) -> int:
+    """A rerun of the day that is current: nothing to do, except a report the publishing run did not get to
+    write (it stopped between publish and report) -- written now from day.json."""
+    note = ""
+    if home.report_status(day.day) != "published" and {"refresh", "train"} <= set(day.state.get("done", {})):
+        home.write_report(day.day, day_report(day.day, day.state, day.data, "published", (
+            f"{day.day} is current (CURRENT -> {home.root / current['run']}); this report was written by a rerun, "
+            "the run that published the day stopped before its report")))
+        note = f"; its report was missing or out of date and is written now ({home.reports / day.day}.md)"
+    print(f"day {day.day} is already current in {home.root}; nothing to do{note}", flush=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run encode / train / evaluate as TorchX jobs of this torchx.yaml profile instead")
     run.add_argument("--llm", default=DEFAULT_MODEL, help=f"the store's LLM at its first build (default {DEFAULT_MODEL})")
     run.add_argument("--k", type=int, default=8, help="the store's shallow layers at its first build (default 8, the demo's)")
+    run.add_argument("--restart", action="store_true",
+                     help="start the day over (other data or train flags): its run folder is moved to "
+                          "HOME/runs/.restarted first; refused for a published day. CURRENT and the store stay")
     run.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: bahe-train flags, the same every day")
     status = sub.add_parser("status", help="print CURRENT and the published days")
     status.add_argument("--home", type=Path, required=True)
@@ -297,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_day(args)
         home = DailyHome(args.home)
         if args.command == "rollback":
+            if args.to is not None:
+                check_day_name(args.to)
             record = home.rollback(args.to)
             print(f"{home.root}: {record['day']} is current again ({record['run']})")
             return 0

@@ -123,6 +123,9 @@ def test_a_day_that_fails_at_each_step_leaves_yesterday_current_and_the_store_in
     assert current(home) == "slice-02"
     finished = daily(home, "slice-02", data, llm)
     assert finished.returncode == 0 and "already current" in finished.stdout
+    # killed between publish and report (the report said "failed" from the train kill): the rerun writes it
+    report = json.loads((home / "reports" / "slice-02.json").read_text())
+    assert report["status"] == "published" and report["new"]["valid"] and report["yesterday"]["valid"], report
 
 
 def test_bad_data_fails_in_one_line_naming_the_file_and_publishes_nothing(world, tmp_path):
