@@ -6,6 +6,7 @@
   bahe-data criteo --out data/criteo.parquet day_0.tsv [day_1.tsv ...]
   bahe-data summary data/ml-100k/*.parquet
   bahe-data slices --out data/ml-days --period 14d --warmup 0.7 data/ml-100k/{train,valid,test}.parquet
+  bahe-data slices --out data/days --period 1d --timestamp-unit ms logs/*.parquet   # millisecond timestamps
 
 --out names a folder for movielens and slices and a .parquet file for synthetic and criteo. Existing files there
 are replaced, and only once the new ones are complete: a failed run (bad input, a full disk) leaves
@@ -72,7 +73,7 @@ def _slices(args: argparse.Namespace) -> list[Path]:
     from bahe.ctr_data.time_slices import SliceConfig, parse_period, write_time_slices
 
     config = SliceConfig(period_s=parse_period(args.period), warmup=args.warmup, valid_fraction=args.valid_fraction,
-                         max_slices=args.max_slices)
+                         max_slices=args.max_slices, timestamp_unit=args.timestamp_unit)
     summary = write_time_slices(args.inputs, args.out, config)
     print(f"wrote {len(summary['slices'])} slice folders (slice-PP: one period; upto-PP: all rows so far) "
           f"into {args.out}; cuts and rows in {args.out / 'slices.json'}", file=sys.stderr)
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("inputs", type=Path, nargs="+", help="sample .parquet files of one dataset (any order)")
     sl.add_argument("--out", type=Path, required=True, help="output folder: slice-PP/, upto-PP/, slices.json")
     sl.add_argument("--period", default="7d", help="length of one period: 1d, 7d, 12h, 3600s (default 7d)")
+    sl.add_argument("--timestamp-unit", choices=("s", "ms", "us", "ns"), default="s",
+                    help="the unit of the files' timestamps: s (default), ms, us or ns since 1970; --period counts in it")
     sl.add_argument("--warmup", type=float, default=0.5, help="share of all rows in the warm-up period (default 0.5)")
     sl.add_argument("--valid-fraction", type=float, default=0.1,
                     help="share of each period's last rows held out as its valid split (default 0.1)")
