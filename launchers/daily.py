@@ -22,7 +22,9 @@ and test.parquet, the rows to report on: the next day's in a replay, else the va
 A day that fails at any step (a crash, bad data, a NaN loss, a full disk) leaves CURRENT and the
 store's earlier versions as they were, says so in one line (exit code 1), and the same command run
 again resumes: finished steps are not redone (HOME/runs/DAY/day.json) and training resumes from its
-last checkpoint. Every step's output is in HOME/runs/DAY/logs/. With --profile the encode, train and
+last checkpoint. day.json records the day's inputs (data digests, train flags): a rerun with others is
+refused, unless --restart starts the day over (its run folder moved to HOME/runs/.restarted first).
+CURRENT is re-checked under the home's lock (which a rollback takes too) right before publishing. Every step's output is in HOME/runs/DAY/logs/. With --profile the encode, train and
 evaluate steps are TorchX jobs of that torchx.yaml profile (python -m bahe.launchers.submit); the rest
 runs here. See docs/daily.md.
 """
