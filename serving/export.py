@@ -48,7 +48,7 @@ from bahe.serving.features import (
     user_behaviours,
     user_features,
 )
-from bahe.serving.predictor import TABLE_DTYPES, cached_predictor, predictor_bytes, script
+from bahe.serving.predictor import TABLE_DTYPES, cached_predictor, predictor_bytes, predictor_meta, script
 from bahe.serving.restore import RestoredRun, restore_run
 from bahe.training.run_record import store_record
 from bahe.training.scoring_io import open_inputs
@@ -250,7 +250,16 @@ def _predictors(restored: RestoredRun, parent: ExportVersion | None, manifest: d
     for precision in tables:
         name = PREDICTOR[precision]
         if parent is not None and name in parent.manifest["files"]:
-            blobs[name] = (parent.path / name).read_bytes()  # the same checkpoint: the same predictor
+            # the same checkpoint: the same predictor, reused only as the parent's manifest signed it (its bytes
+            # read once, checked against the SHA-256 there, and naming this checkpoint) before it is signed again
+            data = parent.verified_bytes(name)
+            made_by = (predictor_meta(data) or {}).get("producer", {})
+            if not isinstance(made_by, dict) or \
+                    made_by.get("checkpoint_sha256") != manifest["producer"]["checkpoint_sha256"]:
+                raise ExportError(f"{parent.path / name} does not carry the metadata of the checkpoint its manifest "
+                                  "names (extra/bahe_serving.json): it is not the predictor bahe-export wrote; "
+                                  "restore the version, or export afresh with --full")
+            blobs[name] = data
             continue
         meta = {"format": "bahe-serving-predictor/1", "id_tables": precision,
                 **{key: manifest[key] for key in ("producer", "dense_columns", "id_features", "table_rows",

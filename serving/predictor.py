@@ -225,3 +225,17 @@ def load_predictor(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
     extra = {META_FILE: ""}
     module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module, json.loads(extra[META_FILE])
+
+
+def predictor_meta(data: bytes) -> dict | None:
+    """The metadata a predictor file carries (its ``extra/bahe_serving.json``), read from the zip archive without
+    loading the TorchScript (no code runs); None when it has none or is not a zip archive."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{META_FILE}")]
+            return json.loads(archive.read(names[0])) if len(names) == 1 else None
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError):
+        return None
+

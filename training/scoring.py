@@ -183,13 +183,15 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
         desc = f"score {world} rank(s)" + (f", text features of {cached.export.version}" if cached is not None else "")
         bar = tqdm(total=calls, unit="batch", desc=desc, file=sys.stderr,
                    disable=not config.show_progress or rank != 0)
+        done, broken = 0, None  # real rows scored by this rank; the first non-finite score (agreed at the next call)
         with torch.no_grad(), bar:
             for _ in range(calls):
-                error = None
+                error = broken
                 try:
-                    table, real = next(stream)
-                    features = batcher(table).to(dev)
-                    text = cached(table, real).to(dev) if cached is not None else None  # B x (N + 1) x D
+                    if error is None:
+                        table, real = next(stream)
+                        features = batcher(table).to(dev)
+                        text = cached(table, real).to(dev) if cached is not None else None  # B x (N + 1) x D
                 except Exception as err:  # a bad row (DataError names file, row, field), a read error, ...
                     error = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
                 _agree(error, rank, world, dev)
@@ -199,13 +201,18 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
                     logits = restored.model.forward_from_text_features(
                         features.dense_features, features.sparse_features, text).squeeze(-1)
                 if real:
-                    parts.write(table.slice(0, real), logits[:real].float().cpu().numpy())
+                    values = logits[:real].float().cpu().numpy()
+                    broken = nonfinite_score(values, inputs, start + done, cached)
+                    if broken is None:  # never a NaN or infinite score in the output
+                        parts.write(table.slice(0, real), values)
+                    done += real
                 bar.update(1)
         if cached is not None:
             summary["text_features"] = cached.record(_summed(cached.counts, world))
-        error = None
+        error = broken
         try:
-            parts.close_part()
+            if error is None:
+                parts.close_part()
         except OSError as err:
             error = f"cannot write {parts.part} ({err.strerror or err}): free space or choose another --out folder"
         _agree(error, rank, world, dev)
@@ -224,6 +231,30 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
                    rows_per_s=round(total / max(seconds, 1e-9), 1), peak_memory_mb=round(peak_memory_mb(dev), 1),
                    batcher_counters=_summed_counters(batcher, world))
     return summary
+
+
+def locate(inputs: list[ScoreInput], index: int) -> tuple[Path, int]:
+    """(file, row in that file) of row ``index`` of the concatenated inputs."""
+    for source in inputs:
+        if index < source.rows:
+            return source.path, index
+        index -= source.rows
+    raise IndexError(f"row {index} beyond the inputs")
+
+
+def nonfinite_score(logits, inputs: list[ScoreInput], first: int, cached=None) -> str | None:
+    """The one-line error for the first NaN or infinite logit of a batch whose rows start at row ``first`` of the
+    concatenated inputs (None: every one is finite). A scoring run never writes such a score and exits 0."""
+    import numpy as np
+
+    bad = np.flatnonzero(~np.isfinite(logits))
+    if not len(bad):
+        return None
+    path, row = locate(inputs, first + int(bad[0]))
+    source = (f"the text features of {cached.export.path} (re-export it: bahe-export --full)" if cached is not None
+              else "the run's checkpoint and behaviour store (bahe-encode verify STORE)")
+    return (f"file {path}, row {row}: the model's logit is {float(logits[bad[0]])}, not a finite number "
+            f"({len(bad)} row(s) of this batch so); nothing is written: check this row's dense values and {source}")
 
 
 def _summed_counters(batcher, world: int) -> dict[str, int]:
