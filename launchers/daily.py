@@ -43,6 +43,7 @@ from pathlib import Path
 
 from bahe.training.daily_records import (
     DAY_FILES,
+    DAY_NAME,
     RecordError,
     check_run_path,
     day_inputs,
@@ -344,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_day(args)
         home = DailyHome(args.home)
         if args.command == "rollback":
-            if args.to is not None:
-                check_day_name(args.to)
+            if args.to is not None and not DAY_NAME.match(args.to):
+                raise ValueError(f"--to {args.to!r}: give a day's name, as `bahe-daily status` lists them")
             record = home.rollback(args.to)
             print(f"{home.root}: {record['day']} is current again ({record['run']})")
             return 0

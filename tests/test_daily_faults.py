@@ -403,3 +403,10 @@ def test_a_torn_last_line_of_the_log_does_not_swallow_the_next_event(home, days,
     assert json.loads(lines[-1])["day"] == "d3" and lines[-2].endswith('"ru')
     line = one_line(daily(capsys, "status", "--home", home.root)[2])
     assert f"{home.log_file} line {len(lines) - 1} is damaged" in line
+
+
+def test_rollback_to_a_path_is_refused_before_anything_is_read(home, capsys):
+    before = snapshot(home)
+    code, out, err = daily(capsys, "rollback", "--home", home.root, "--to", "../d1")
+    assert code == 1 and "--to '../d1': give a day's name" in one_line(err)
+    assert snapshot(home) == before
