@@ -3,6 +3,7 @@
 # for trying the Slurm launch path by hand (docs/launching.md, "Slurm on this machine").
 #
 #   tools/cluster/slurm_up.sh          # install (first time only), configure, start; ends when the node is idle
+#   tools/cluster/slurm_up.sh --force  # also replace a slurm.conf / slurmdbd.conf it did not write (a copy is kept)
 #   tools/cluster/slurm_down.sh        # stop every daemon this script starts
 #
 # Debian/Ubuntu, as root (or with password-less sudo). Pieces, in start order:
@@ -11,6 +12,11 @@
 #   slurmdbd    the accounting daemon, on the database (user `slurm` logs in through its unix socket: no password)
 #   slurmctld   the controller; cluster `bahe`, partition `local` (the slurm-local profile of torchx.yaml)
 #   slurmd      the one compute node: this host (`hostname -s`), all its CPUs, 90% of its memory
+# Every daemon listens on this host's loopback address only (the one its name resolves to, 127.0.0.1 or
+# Debian's 127.0.1.1: Slurm's CommunicationParameters=NoCtldInAddrAny,NoInAddrAny bind there, not to
+# 0.0.0.0); the script checks ports 6817-6819 after the start. /etc/slurm/slurm.conf and slurmdbd.conf are
+# written by this script: one it did not write is refused (--force replaces it), and every file it replaces
+# is kept beside it as FILE.bak-DATE.
 # Idempotent: a rerun with everything up changes nothing; a dead daemon is started again; a changed
 # configuration restarts the daemons that read it. On failure it prints one line saying what failed and
 # which log to read, stops what it started, and exits 1.
@@ -25,14 +31,18 @@ MEM_MB=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 CONF=/etc/slurm
 LOGS=/var/log/slurm
 RUN=/run/slurm
-STARTED=()
+SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
+FORCE=0
+# shellcheck source=tools/cluster/slurm_lib.sh
+source "$SCRIPT_DIR/slurm_lib.sh"
 
-say() { echo "slurm_up: $*"; }
-fail() {
-    echo "slurm_up: FAILED: $*" >&2
-    if ((${#STARTED[@]})); then bash "$(dirname "$0")/slurm_down.sh" "${STARTED[@]}" >/dev/null 2>&1 || true; fi
-    exit 1
-}
+for arg in "$@"; do
+    case $arg in
+        --force) FORCE=1 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) fail "unknown argument $arg (known: --force, --help)" ;;
+    esac
+done
 
 if [[ $EUID -ne 0 ]]; then
     if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then exec sudo -n bash "$0" "$@"; fi
@@ -47,11 +57,14 @@ done
 if ((${#missing[@]})); then
     command -v apt-get >/dev/null || fail "missing ${missing[*]} and no apt-get to install ${PACKAGES[*]}"
     say "installing ${PACKAGES[*]} (missing: ${missing[*]})"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/tmp/slurm_up.apt.log 2>&1 || fail "apt-get update (see /tmp/slurm_up.apt.log)"
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >>/tmp/slurm_up.apt.log 2>&1 \
-        || fail "apt-get install ${PACKAGES[*]} (see /tmp/slurm_up.apt.log)"
+    install_packages "${PACKAGES[@]}"
 fi
+
+# The address every daemon listens on: the loopback address this host's name resolves to (Slurm's
+# NoInAddrAny binds slurmd and slurmdbd to what gethostname() resolves to, so it must be this one).
+ADDR=$(loopback_address "$NODE")
+[[ -n $ADDR ]] || fail "this host's name $NODE resolves to $(getent ahostsv4 "$NODE" | awk 'NR == 1 {print $1}'), not" \
+    "a loopback address, and the daemons would listen there: add '127.0.1.1 $NODE' to /etc/hosts (Debian's default)"
 
 # ---- configuration ----------------------------------------------------------------------------------
 install -d -o slurm -g slurm "$LOGS" "$RUN" /var/lib/slurm/slurmctld
@@ -60,22 +73,12 @@ install -d -o mysql -g mysql /run/mysqld
 install -d -o munge -g munge -m 0755 /run/munge
 install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
 
-CHANGED=" "
-# write_conf FILE OWNER MODE: stdin becomes FILE when it differs; the file's name joins CHANGED.
-write_conf() {
-    local tmp
-    tmp=$(mktemp)
-    cat >"$tmp"
-    if [[ -f $1 ]] && cmp -s "$tmp" "$1"; then rm -f "$tmp"; else
-        install -o "$2" -g "$2" -m "$3" "$tmp" "$1" && rm -f "$tmp"
-        CHANGED+="$(basename "$1") "
-    fi
-}
-
 write_conf "$CONF/slurm.conf" root 0644 <<EOF
-# Written by tools/cluster/slurm_up.sh: a one-node cluster on this host, with accounting in slurmdbd.
+$MARKER
+# A one-node cluster on this host, with accounting in slurmdbd; every daemon listens on $ADDR only.
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE
+SlurmctldHost=$NODE($ADDR)
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=slurm
 AuthType=auth/munge
 StateSaveLocation=/var/lib/slurm/slurmctld
@@ -89,20 +92,23 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$ADDR
 JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none
-NodeName=$NODE CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+NodeName=$NODE NodeAddr=$ADDR CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
 write_conf "$CONF/slurmdbd.conf" slurm 0600 <<EOF
-# Written by tools/cluster/slurm_up.sh. The database user \`slurm\` logs in through MariaDB's unix socket.
+$MARKER
+# The database user \`slurm\` logs in through MariaDB's unix socket; slurmdbd listens on $ADDR only.
 AuthType=auth/munge
 DbdHost=localhost
+DbdAddr=$ADDR
+CommunicationParameters=NoInAddrAny
 SlurmUser=slurm
 LogFile=$LOGS/slurmdbd.log
 PidFile=$RUN/slurmdbd.pid
@@ -128,7 +134,7 @@ wait_for() {
 restart_if_changed() {
     local name=$1; shift
     for f in "$@"; do
-        if [[ $CHANGED == *" $f "* ]]; then bash "$(dirname "$0")/slurm_down.sh" "$name" >/dev/null; return; fi
+        if [[ $CHANGED == *" $f "* ]]; then bash "$SCRIPT_DIR/slurm_down.sh" "$name" >/dev/null; return; fi
     done
 }
 
@@ -187,4 +193,5 @@ if ! wait_for 30 node_ready; then
     wait_for 30 node_ready || fail "node $NODE is '$(node_state)', not idle (see $LOGS/slurmd.log and $LOGS/slurmctld.log)"
 fi
 sacct -n -X -S now >/dev/null 2>&1 || fail "sacct cannot read the accounting (see $LOGS/slurmdbd.log)"
-say "cluster $CLUSTER up: node $NODE ($CPUS CPUs, ${MEM_MB} MB) $(node_state) in partition $PARTITION${STARTED:+; started ${STARTED[*]}}"
+check_loopback_only "${SLURM_PORTS[@]}"
+say "cluster $CLUSTER up on $ADDR: node $NODE ($CPUS CPUs, ${MEM_MB} MB) $(node_state) in partition $PARTITION${STARTED:+; started ${STARTED[*]}}"
