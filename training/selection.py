@@ -64,33 +64,65 @@ class Selection:
     def load(cls, directory: Path, metric: str, patience: int) -> Selection:
         """The state saved in ``directory`` (a resumed run), or a fresh one. A run must keep its metric."""
         path = Path(directory) / BEST
-        if not path.is_file():
+        saved = read_best(directory, "delete it to select among later evaluations only")
+        if saved is None:
             return cls(metric, patience)
-        try:
-            saved = json.loads(path.read_text())
-            state = cls(**{k: saved[k] for k in ("metric", "step", "value", "evals_since_best", "stopped_at")},
-                        patience=patience)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is damaged ({err}): restore it, or delete it to select among later "
-                             "evaluations only") from None
+        state = cls(**{k: saved[k] for k in ("metric", "step", "value", "evals_since_best", "stopped_at")},
+                    patience=patience)
         if state.metric != metric:
             raise ValueError(f"{path}: this run selects by {state.metric}, not {metric}: pass --select-by "
                              f"{state.metric}, or train into another --out")
         return state
 
 
-def recorded_metric(directory: Path) -> str | None:
-    """The metric a run selected by (its BEST.json in ``directory``), or None when it made no selection."""
+class BestRecordError(ValueError):
+    """A ``BEST.json`` that is not a selection record; the message names the file, the field and what to do."""
+
+
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+# field -> (is it valid, what it must be): BEST.json's one validation layer, used by every reader of it
+BEST_FIELDS = {
+    "metric": (lambda v: isinstance(v, str) and v in SELECT_BY, f"one of {sorted(SELECT_BY)}"),
+    "step": (lambda v: v is None or _whole(v, 0), "a step number (an integer >= 0; null before the first evaluation)"),
+    "value": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+              "a finite number (null before the first evaluation)"),
+    "evals_since_best": (lambda v: _whole(v, 0), "an integer >= 0"),
+    "stopped_at": (lambda v: v is None or _whole(v, 0), "a step number (an integer >= 0) or null"),
+}
+
+
+def read_best(directory: Path, advice: str = "delete it to use the latest checkpoint") -> dict | None:
+    """``directory``/BEST.json, validated (every field of the selection's state, of its type and in range), or
+    None when the run made no selection. Raises :class:`BestRecordError` in one line naming the file, the field
+    and what to do (``advice``: what deleting it means to the caller) -- the one reader of BEST.json: a resume
+    (:meth:`Selection.load`), bahe-evaluate, bahe-predict, bahe-export, --init-from, --frozen-text-from."""
     path = Path(directory) / BEST
     if not path.is_file():
         return None
+    fix = f"restore it, or {advice}"
     try:
-        metric = json.loads(path.read_text())["metric"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is damaged ({err}): restore it, or delete it to evaluate the latest step") from None
-    if metric not in SELECT_BY:
-        raise ValueError(f"{path} selects by {metric!r}, not one of {sorted(SELECT_BY)}: restore it")
-    return metric
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        raise BestRecordError(f"{path} is damaged ({type(err).__name__}: {err}): {fix}") from None
+    if not isinstance(saved, dict):
+        raise BestRecordError(f"{path} is damaged (a JSON {type(saved).__name__}, not an object): {fix}")
+    for name, (valid, expected) in BEST_FIELDS.items():
+        if name not in saved:
+            raise BestRecordError(f"{path} is damaged (no {name!r}): {fix}")
+        if not valid(saved[name]):
+            shown = repr(saved[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise BestRecordError(f"{path}: {name} is {shown}, expected {expected}: {fix}")
+    return saved
+
+
+def recorded_metric(directory: Path) -> str | None:
+    """The metric a run selected by (its BEST.json in ``directory``), or None when it made no selection."""
+    saved = read_best(directory, "delete it to evaluate the latest step")
+    return None if saved is None else saved["metric"]
 
 
 def epochs_to_steps(epochs: float, train_rows: int, batch_size: int, world: int) -> int:
