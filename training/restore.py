@@ -146,6 +146,48 @@ def run_dense_statistics(run: Path, train: Path):
     return recorded_dense_statistics(run) or DenseNormalizer.fit(SampleReader(train))
 
 
+def table_bytes(plan: RestorePlan) -> tuple[dict[str, int], int]:
+    """({ID feature: table rows}, bytes of those fp32 tables) of ``plan``'s model."""
+    from bahe.model.batch import id_feature_names
+
+    tables = plan.model.tables
+    rows = {name: tables.rows_for(name) for name in tables.features(id_feature_names(plan.schema))}
+    return rows, sum(rows.values()) * tables.embedding_dim * 4
+
+
+def describe_tables(plan: RestorePlan) -> str:
+    rows, size = table_bytes(plan)
+    return (f"the model's ID tables ({sum(rows.values()):,} rows of D = {plan.model.tables.embedding_dim}, "
+            f"{size / 2**30:,.1f} GiB in fp32; largest {max(rows, key=rows.get)} with {max(rows.values()):,} rows)")
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give now (MemAvailable; else its physical memory)."""
+    import os
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_tables_fit(plan: RestorePlan) -> None:
+    """An unsharded restore (bahe-export) builds every ID table in this process's memory: refuse, in one line
+    naming the run's record, tables larger than the memory available now."""
+    try:
+        _, size = table_bytes(plan)
+    except ValueError:  # features the data lacks: build_model names them
+        return
+    available = available_memory()
+    if size > available:
+        raise RunConfigError(f"{Path(plan.run) / RECORD}: {describe_tables(plan)} do not fit this machine's "
+                             f"{available / 2**30:,.1f} GiB of available memory; export it on a machine with more "
+                             "memory, or check the record's --table-rows / --table-rows-for / --embedding-dim")
+
+
 @dataclass
 class RestoredModel:
     """A run's model with its weights, in eval mode.
@@ -185,6 +227,8 @@ def restore_model(plan: RestorePlan, device: torch.device, *, sharded: bool = Tr
     from bahe.model.factory import build_model
 
     normalizer = run_dense_statistics(plan.run, plan.train) if plan.standardize_dense else None  # those the weights learned on
+    if not sharded:
+        check_tables_fit(plan)  # one line, not the allocator's traceback (or the OOM killer)
     build_on = torch.device("meta") if sharded else torch.device(device)
     model, batcher, store = build_model(plan.model, plan.schema, device=build_on, dense_normalizer=normalizer)
     module = BAHETrain(model)
@@ -192,9 +236,16 @@ def restore_model(plan: RestorePlan, device: torch.device, *, sharded: bool = Tr
         from bahe.model.sharding import shard_model
         from bahe.training.config import OptimConfig
         from bahe.training.optimizers import attach_sparse_optimizer
+        from torchrec.distributed.planner.types import PlannerError
 
         attach_sparse_optimizer(model, OptimConfig())  # as in training: the same sharding plan and state-dict layout
-        module = shard_model(module, torch.device(device), batch_size=plan.run_batch_size)
+        try:
+            module = shard_model(module, torch.device(device), batch_size=plan.run_batch_size)
+        except PlannerError as err:  # tables the launch's devices cannot hold: one line, not the planner's report
+            last = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+            raise RunConfigError(f"{Path(plan.run) / RECORD}: {describe_tables(plan)} do not fit the devices of this "
+                                 f"launch (torchrec's planner: {last}); run it on more ranks or devices, or check the "
+                                 "record's --table-rows / --table-rows-for / --embedding-dim") from None
     if store is not None and store_rows:
         check_run_store(plan.run, store)  # a store that does not hold the run's rows unchanged is refused
         load_store_rows(module, store)
