@@ -168,7 +168,8 @@ def _is_program(argv: list[str]) -> bool:
         return True
     if head == "torchx":
         return argv[1:2] == ["run"]
-    return head in ("python", "python3") and argv[1:2] == ["-m"] and argv[2:3] != [] and argv[2].startswith("bahe.")
+    module = argv[2] if len(argv) > 2 and head in ("python", "python3") and argv[1] == "-m" else ""
+    return bool(re.fullmatch(r"bahe(\.\w+)+", module))  # python -m bahe.x.y (not `python -m bahe...` in prose)
 
 
 def _sources() -> list[tuple[str, str]]:
