@@ -33,21 +33,26 @@ LOGS=/var/log/slurm
 RUN=/run/slurm
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 FORCE=0
-# shellcheck source=tools/cluster/slurm_lib.sh
-source "$SCRIPT_DIR/slurm_lib.sh"
 
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
+if [[ $EUID -ne 0 ]]; then  # first, before anything is read: the one line a user without root sees
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then exec sudo -n bash "$0" "$@"; fi
+    echo "slurm_up: FAILED: needs root (apt-get, daemons in /etc and /run): run it as root or with password-less sudo" >&2
+    exit 1
+fi
+# shellcheck source=tools/cluster/slurm_lib.sh
+[[ -r $SCRIPT_DIR/slurm_lib.sh ]] || { echo "slurm_up: FAILED: $SCRIPT_DIR/slurm_lib.sh is missing (run" \
+    "the script from tools/cluster/ of the repository)" >&2; exit 1; }
+source "$SCRIPT_DIR/slurm_lib.sh"
 for arg in "$@"; do
     case $arg in
         --force) FORCE=1 ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) fail "unknown argument $arg (known: --force, --help)" ;;
     esac
 done
-
-if [[ $EUID -ne 0 ]]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then exec sudo -n bash "$0" "$@"; fi
-    fail "needs root (apt-get, daemons in /etc and /run): run it as root or with password-less sudo"
-fi
 
 # ---- packages ---------------------------------------------------------------------------------------
 missing=()
