@@ -303,7 +303,7 @@ def test_predict_component_and_profile_render_the_command(tmp_path):
     role = app.roles[0]
     assert role.name == "predict" and role.num_replicas == 2
     command = role.args[1]
-    assert "-m bahe.launchers.predict --run /runs/bahe --data /d/a.parquet /d/b.parquet --out /scores/a.parquet " \
+    assert "-m bahe.launchers.predict --run-dir /runs/bahe --data /d/a.parquet /d/b.parquet --out /scores/a.parquet " \
            "--which latest --data-dir /data/ml --quiet --batch-size 256" in command
     assert COMPONENTS["predict"] is components.predict
     app, _ = render(get_profile("local"), "predict", ["--run", "r", "--data", "a.parquet", "--out", "s.parquet"],

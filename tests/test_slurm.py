@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,10 +120,21 @@ def work(tmp_path_factory, cluster) -> tuple[Path, Path]:
 
 
 def test_slurm_up_refuses_to_run_without_root_in_one_line():
-    """Not root (nor password-less sudo): one FAILED line saying what to do, exit 1, nothing touched."""
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash",
-                           str(ROOT / "tools" / "cluster" / "slurm_up.sh")], capture_output=True, text=True,
-                          timeout=60, cwd="/")
+    """Not root (nor password-less sudo): one FAILED line saying what to do, exit 1, nothing touched.
+
+    The unprivileged user runs a copy of the script from a folder it can read: the checkout may lie under a
+    folder it cannot enter (a clone in a 0700 home or a `mktemp -d` folder), which would test the
+    permissions of the checkout's parents instead of the script."""
+    readable = Path(tempfile.mkdtemp(prefix="slurm_up_nonroot_", dir="/tmp"))
+    try:
+        readable.chmod(0o755)
+        script = readable / "slurm_up.sh"
+        shutil.copyfile(ROOT / "tools" / "cluster" / "slurm_up.sh", script)
+        script.chmod(0o644)
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(script)],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
     assert done.returncode == 1, done
     assert done.stderr.strip() == ("slurm_up: FAILED: needs root (apt-get, daemons in /etc and /run): run it as root "
                                    "or with password-less sudo")
