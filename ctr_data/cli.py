@@ -7,8 +7,9 @@
   bahe-data summary data/ml-100k/*.parquet
   bahe-data slices --out data/ml-days --period 14d --warmup 0.7 data/ml-100k/{train,valid,test}.parquet
   bahe-data slices --out data/days --period 1d --timestamp-unit ms logs/*.parquet   # millisecond timestamps
+  bahe-data import --mapping examples/byo_data/mapping.toml --out data/byo   # your own logs (docs/byo_data.md)
 
---out names a folder for movielens and slices and a .parquet file for synthetic and criteo. Existing files there
+--out names a folder for movielens, slices and import and a .parquet file for synthetic and criteo. Existing files there
 are replaced, and only once the new ones are complete: a failed run (bad input, a full disk) leaves
 them as they were and no partial file behind.
 """
@@ -35,10 +36,10 @@ def _check_out(args: argparse.Namespace) -> None:
     out = getattr(args, "out", None)
     if out is None:
         return
-    if args.command in ("movielens", "slices") and out.exists() and not out.is_dir():
+    if args.command in ("movielens", "slices", "import") and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; {args.command} writes train/valid/test.parquet into a folder: name a "
                          "folder (new or existing)")
-    if args.command not in ("movielens", "slices") and out.is_dir():
+    if args.command not in ("movielens", "slices", "import") and out.is_dir():
         raise ValueError(f"--out {out} is a folder; {args.command} writes one .parquet file: name it, e.g. --out "
                          f"{out / f'{args.command}.parquet'} (an existing file is replaced once the new one is complete)")
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of each period's last rows held out as its valid split (default 0.1)")
     sl.add_argument("--max-slices", type=int, default=None, help="keep only the first N periods after the warm-up")
     sl.set_defaults(run=_slices)
+
+    from bahe.ctr_data import import_cli
+
+    import_cli.add_parser(sub).set_defaults(run=import_cli.run)
 
     sm = sub.add_parser("summary", help="print the summary of existing sample files")
     sm.add_argument("files", type=Path, nargs="+")
