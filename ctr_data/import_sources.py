@@ -133,9 +133,10 @@ def _csv_batches(path: Path, columns: list[str], batch_rows: int, source: Source
         if bad:
             row = bad[0]
             line = f"line {row.number}: " if row.number is not None else ""
+            hint = ("a quote opened there is never closed" if "\n" in row.text.rstrip("\r\n") else
+                    "quote fields that hold the delimiter")
             raise DataError(f"{line}expected {row.expected_columns} fields (as the header has), got "
-                            f"{row.actual_columns}: {row.text[:80]!r}; quote fields that hold the delimiter",
-                            path=path) from None
+                            f"{row.actual_columns}: {row.text[:80]!r}; {hint}", path=path) from None
         raise DataError(f"not a readable CSV file ({err})", path=path) from None
 
 
