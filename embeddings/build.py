@@ -14,7 +14,8 @@ same store is refused at once, naming the first (PID, host, start time), and tou
    (the folder holds one plan's chunks: another plan's are parked beside it, never mixed in);
 4. rank 0 assembles the parent's rows (copied unchanged) and the chunks, post-transformed with the
    store's frozen statistics (fitted on the first build's texts, copied unchanged by every refresh:
-   bahe.embeddings.post_transform), into a new version directory, writes checksums and the manifest
+   bahe.embeddings.post_transform), and the text index (the parent's extended with the new texts:
+   bahe.embeddings.text_index) into a new version directory, writes checksums and the manifest
    (with a digest of itself), renames the directory into place and only then moves ``LATEST``. A
    crash at any point leaves the previous version intact and current.
 
@@ -62,6 +63,9 @@ from bahe.embeddings.store import (
     version_name,
     write_text_atomic,
 )
+from bahe.embeddings.text_index import FILES as TEXT_INDEX_FILES
+from bahe.embeddings.text_index import SECTION as TEXT_INDEX
+from bahe.embeddings.text_index import write_text_index
 from bahe.embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
 from tqdm import tqdm
 
@@ -279,7 +283,11 @@ def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | Non
             raise StoreError(f"assembled {written} rows for a vocabulary of {len(vocab)}: chunks are missing in {work}")
         with writing(staging / VOCAB):
             vocab.save(staging / VOCAB)
-        names = (VECTORS, VOCAB)
+        # the text index (text -> row for the readers): the parent's extended (its files' checksums checked
+        # first), or built from every text when there is no parent or it was written before text indexes
+        parent_index = parent.text_index if parent is not None and TEXT_INDEX in parent.manifest else None
+        manifest[TEXT_INDEX] = write_text_index(staging, vocab.texts, parent.rows_count if parent else 0, parent_index)
+        names = (VECTORS, VOCAB, *TEXT_INDEX_FILES)
         if transform is not None:  # the frozen statistics travel with every version, byte for byte
             with writing(staging / POST_TRANSFORM_FILE):
                 save_npy_atomic(staging / POST_TRANSFORM_FILE, transform.to_array())

@@ -38,6 +38,50 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     write_bytes_atomic(path, serialized.getbuffer())
 
 
+class NpyWriter:
+    """A .npy of a known dtype and shape written block by block with plain sequential writes (see
+    :func:`write_vectors`), fsynced at the end; the blocks must add up to the shape. An OSError becomes a
+    StoreWriteError naming the file.
+
+    Example::
+
+        with NpyWriter(folder / "text_rows.npy", np.int64, (n,)) as out:
+            for block in blocks:
+                out.write(block)
+    """
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), tuple(int(n) for n in shape)
+        self.expected, self.written = int(np.prod(self.shape)), 0
+        with writing(self.path):
+            self.handle = open(self.path, "wb")  # noqa: SIM115 (closed by __exit__)
+            np.lib.format.write_array_header_1_0(self.handle, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                              "fortran_order": False, "shape": self.shape})
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype).reshape(-1)
+        self.written += block.size
+        if self.written > self.expected:
+            raise StoreError(f"{self.path}: more than the {self.expected} values of its header were written")
+        with writing(self.path):
+            self.handle.write(memoryview(block).cast("B"))
+
+    def __enter__(self) -> NpyWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                if self.written != self.expected:
+                    raise StoreError(f"{self.path}: {self.written} values written for a header of {self.expected}")
+                with writing(self.path):
+                    self.handle.flush()
+                    os.fsync(self.handle.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+
+
 def write_vectors(path: Path, rows: int, dim: int, blocks) -> int:
     """Write a rows x dim float32 .npy with plain sequential writes; returns the rows the blocks held.
 

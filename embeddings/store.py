@@ -11,6 +11,8 @@ Layout::
         vocab.parquet         id, text, count (bahe.embeddings.vocabulary)
         vectors.npy           rows x dim float32; row i is the vector of vocabulary id i (post-transformed)
         post_transform.npy    the frozen statistics of a center / whiten store (bahe.embeddings.post_transform)
+        text_hashes.npy, text_rows.npy, text_offsets.npy, text_bytes.npy
+                              the text index: text -> row per batch, memory-mapped (bahe.embeddings.text_index)
       v000002/ ...            a refresh: the rows of its parent, unchanged, then the new texts
       .work/                  unfinished builds (bahe.embeddings.build); never read as a store
       .lock                   held by the build writing the store (bahe.embeddings.folder_lock)
@@ -19,8 +21,10 @@ A version directory appears under its real name only when complete, and ``LATEST
 after that, so a crash leaves the previous version intact and current. Every file is read only if it
 lies inside the store folder once links are resolved.
 
-Stores written before manifests carried ``manifest_sha256`` still open (their files' checksums are
-still checked by ``verify``), but ``verify`` refuses them: rebuild such a store to cover its manifest.
+Stores written before the text index still open: their readers index the vocabulary in memory
+(bahe.embeddings.text_index). Stores written before manifests carried ``manifest_sha256`` still open
+(their files' checksums are still checked by ``verify``), but ``verify`` refuses them: rebuild such a
+store to cover its manifest.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from bahe.embeddings.encoding import normalised
 from bahe.embeddings.post_transform import POST_TRANSFORM_FILE, PostTransform
 from bahe.embeddings.vocabulary import BehaviourVocabulary
 
+TEXT_INDEX_FILES = ("text_hashes.npy", "text_rows.npy", "text_offsets.npy", "text_bytes.npy")  # text_index.FILES
 FORMAT = "bahe-behaviour-store/1"
 MANIFEST_DIGEST = "manifest_sha256"
 NPY_MAGIC = b"\x93NUMPY"
@@ -175,7 +180,7 @@ class BehaviourStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise StoreError(f"{self.path} is not a behaviour store version (no {MANIFEST}); build one with bahe-encode")
-        for name in ("", MANIFEST, VECTORS, VOCAB, POST_TRANSFORM_FILE):  # the folder and its files: no link out
+        for name in ("", MANIFEST, VECTORS, VOCAB, POST_TRANSFORM_FILE, *TEXT_INDEX_FILES):  # no link out
             inside(self.path / name, self.path.parent)
         try:
             self.manifest = json.loads(manifest_path.read_text())
@@ -192,6 +197,7 @@ class BehaviourStore:
             raise StoreError(f"{self.path / VECTORS} holds {self._vectors.shape} {self._vectors.dtype}, the manifest "
                              f"says ({self.rows_count}, {self.dim}) float32: the store is corrupt; rebuild it")
         self._vocab: BehaviourVocabulary | None = None
+        self.verified_files: set[str] = set()  # files whose checksum this object has checked against the manifest
 
     def _check_manifest_digest(self, manifest_path: Path) -> None:
         """An edited manifest (k, dim, a checksum, any field) no longer matches its digest: refused."""
@@ -245,6 +251,18 @@ class BehaviourStore:
                 raise StoreError(f"{self.path}: vocabulary has {len(self._vocab)} texts for {self.rows_count} rows")
         return self._vocab
 
+    @property
+    def text_index(self):
+        """Text -> row per batch without the vocabulary in memory (:class:`bahe.embeddings.text_index.TextIndex`):
+        opened once per process, lazily; the same object for every reader of this version in the process."""
+        from bahe.embeddings.text_index import TextIndex
+
+        return TextIndex.of_store(self)
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        """The texts of rows [start, stop), read through the text index (bounded memory per call)."""
+        return self.text_index.texts(start, stop)
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a float32 array (copied out of the memory map)."""
         if not 0 <= start <= stop <= self.rows_count:
@@ -266,6 +284,8 @@ class BehaviourStore:
         """:meth:`verify_files` (reads everything; for audits), and refuse a manifest that no digest covers
         (a store written before manifests carried one)."""
         self.verify_files()
+        if "text_index" in self.manifest:  # its bytes are the vocabulary's texts, its hashes theirs, sorted
+            self.text_index.audit(self.path / VOCAB)
         if MANIFEST_DIGEST not in self.manifest:
             raise StoreError(f"{self.path / MANIFEST} carries no {MANIFEST_DIGEST}: the store was written before "
                              "manifests were checksummed (or the field was removed), so an edit of its k, dim or "
@@ -279,3 +299,4 @@ class BehaviourStore:
             if actual != meta["sha256"]:
                 raise StoreError(f"{self.path / name}: checksum {actual[:12]}... does not match the manifest's "
                                  f"{meta['sha256'][:12]}...; the file changed after the store was written")
+            self.verified_files.add(name)

@@ -124,22 +124,22 @@ class BehaviourVocabulary:
         """Vectorised :meth:`lookup` over an Arrow string array; returns int64 ids.
 
         Each text not in the vocabulary adds one to :attr:`unknown_lookups` (empty texts do not:
-        they are padding). A null is refused: a missing text is the empty text.
+        they are padding). A null is refused: a missing text is the empty text. The cost follows the
+        batch's distinct texts, not the vocabulary (a store's readers use its memory-mapped
+        :class:`~bahe.embeddings.text_index.TextIndex` instead, with the same semantics).
         """
         if texts.null_count:
             first = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
             raise ValueError(f"lookup: text {first} is null; a missing text is the empty text ''")
-        if getattr(self, "_value_set_size", -1) != len(self.texts):  # ids of real texts start after RESERVED
-            self._value_set = pa.array(self.texts[len(RESERVED):], pa.string())
-            self._value_set_size = len(self.texts)
-        norm = normalize_texts(texts)
-        found = pc.index_in(norm, value_set=self._value_set)
-        empty = pc.equal(norm, "").to_numpy(zero_copy_only=False)
-        missing = found.is_null().to_numpy(zero_copy_only=False) & ~empty
-        self.unknown_lookups += int(missing.sum())
-        ids = found.fill_null(UNKNOWN_ID - len(RESERVED)).to_numpy(zero_copy_only=False).astype(np.int64)
-        ids += len(RESERVED)
-        ids[empty] = PAD_ID
+        if isinstance(texts, pa.ChunkedArray):
+            texts = texts.combine_chunks()
+        encoded = pc.dictionary_encode(texts)  # each distinct text normalised and looked up once
+        index = self._index
+        distinct = np.fromiter((PAD_ID if not text else index.get(text, UNKNOWN_ID)
+                                for text in normalize_texts(encoded.dictionary).to_pylist()), dtype=np.int64,
+                               count=len(encoded.dictionary))
+        ids = distinct[encoded.indices.to_numpy(zero_copy_only=False)]
+        self.unknown_lookups += int(np.count_nonzero(ids == UNKNOWN_ID))
         return ids
 
     # Parquet ------------------------------------------------------------------------------------
@@ -150,40 +150,56 @@ class BehaviourVocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BehaviourVocabulary:
-        path = Path(path)
-        try:
-            found = pq.read_schema(path)
-            missing = [f.name for f in VOCAB_SCHEMA if found.get_field_index(f.name) < 0]
-            if missing:
-                raise pa.ArrowInvalid(f"it has columns {found.names}, not {missing}")
-            table = pq.read_table(path, schema=VOCAB_SCHEMA)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"not a vocabulary file (id, text, count): {err}", path=path) from None
-        ids = table.column("id").to_pylist()
-        if ids != list(range(len(ids))):
-            bad = next(i for i, v in enumerate(ids) if v != i)
-            raise DataError(f"ids must be 0..n-1 in order; found {ids[bad]} at position {bad}", path=path, row=bad,
-                            field="id")
-        for name in ("text", "count"):
-            if table.column(name).null_count:
-                row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
-                raise DataError("missing value (null); rebuild the store", path=path, row=row, field=name)
-        texts, counts = table.column("text").to_pylist(), table.column("count").to_pylist()
-        if texts[: len(RESERVED)] != list(RESERVED):
-            raise DataError(f"the first rows must be the reserved {list(RESERVED)}, found {texts[:len(RESERVED)]}",
-                            path=path, row=0, field="text")
+        """Every text and count of a vocabulary file as Python objects (the store's writer, audits); a store's
+        readers resolve texts through its memory-mapped text index instead (bahe.embeddings.text_index)."""
+        table = read_vocab_table(path)
+        return cls(table.column("text").to_pylist(), table.column("count").to_pylist())
+
+
+def read_vocab_table(path: str | os.PathLike, columns: tuple[str, ...] = ("id", "text", "count")) -> pa.Table:
+    """A vocabulary file's ``columns`` as an Arrow table (no Python object per text), checked vectorised: ids
+    0..n-1 in order, no nulls, the reserved rows first, every other text non-empty, normalised and unique,
+    counts >= 0. A bad file raises a DataError naming the file, row and field."""
+    path = Path(path)
+    try:
+        found = pq.read_schema(path)
+        missing = [f.name for f in VOCAB_SCHEMA if found.get_field_index(f.name) < 0]
+        if missing:
+            raise pa.ArrowInvalid(f"it has columns {found.names}, not {missing}")
+        table = pq.read_table(path, schema=VOCAB_SCHEMA, columns=list(columns))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a vocabulary file (id, text, count): {err}", path=path) from None
+    if "id" in columns:
+        ids = table.column("id").to_numpy()
+        wrong = np.flatnonzero(ids != np.arange(len(ids)))
+        if len(wrong):
+            bad = int(wrong[0])
+            raise DataError(f"ids must be 0..n-1 in order; found {int(ids[bad])} at position {bad}", path=path,
+                            row=bad, field="id")
+    for name in ("text", "count"):
+        if name in columns and table.column(name).null_count:
+            row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError("missing value (null); rebuild the store", path=path, row=row, field=name)
+    if "text" in columns:
+        head = table.column("text").slice(0, len(RESERVED)).to_pylist()
+        if head != list(RESERVED):
+            raise DataError(f"the first rows must be the reserved {list(RESERVED)}, found {head}", path=path, row=0,
+                            field="text")
         real = table.column("text").slice(len(RESERVED))
         unnormalised = pc.or_(pc.equal(real, ""), pc.not_equal(normalize_texts(real), real))
         if pc.any(unnormalised).as_py():
             row = len(RESERVED) + int(np.flatnonzero(unnormalised.to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"text {texts[row]!r} is empty or not normalised; the file was not written by "
-                            "BehaviourVocabulary.save: rebuild the store", path=path, row=row, field="text")
+            raise DataError(f"text {table.column('text')[row].as_py()!r} is empty or not normalised; the file was not "
+                            "written by BehaviourVocabulary.save: rebuild the store", path=path, row=row, field="text")
         if len(pc.unique(real)) != len(real):
+            texts = table.column("text").to_pylist()
             seen: set[str] = set()
             row = next(i for i, t in enumerate(texts) if i >= len(RESERVED) and (t in seen or seen.add(t)))
             raise DataError(f"text {texts[row]!r} appears twice; rebuild the store", path=path, row=row, field="text")
+    if "count" in columns:
         negative = pc.less(table.column("count"), 0)
         if pc.any(negative).as_py():
             row = int(np.flatnonzero(negative.to_numpy(zero_copy_only=False))[0])
-            raise DataError(f"count {counts[row]} is negative", path=path, row=row, field="count")
-        return cls(texts, counts)
+            raise DataError(f"count {table.column('count')[row].as_py()} is negative", path=path, row=row,
+                            field="count")
+    return table

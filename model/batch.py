@@ -16,10 +16,10 @@ batches, vectorised:
   modulo the table size (the hashing trick, DLRM's convention for Criteo's 40M-id features); such
   ids are counted. A negative id is an error naming the feature and the row of the batch (the
   trainer's reader, ``SampleReader(nonnegative_ids=...)``, refuses it first, naming the file and its row);
-* behaviours: each sequence's texts -> store ids. Empty texts carry nothing and are dropped
-  (counted); a text the store has not encoded -> the reserved unknown row (counted); of the rest,
-  the ``max_behaviours`` most recent are kept, oldest first (the older ones dropped are counted);
-  an empty sequence stays empty (length 0). The item text -> one id (none when the text is empty).
+* behaviours: each sequence's texts -> store ids (all the batch's texts resolved in one lookup). Empty
+  texts carry nothing and are dropped (counted); a text the store has not encoded -> the reserved
+  unknown row (counted); of the rest, the ``max_behaviours`` most recent are kept, oldest first (the
+  older ones dropped are counted); an empty sequence stays empty (length 0). The item text -> one id (none when the text is empty).
 
 The counts accumulate in :attr:`SampleBatcher.counters` (:class:`BatcherCounters`) for the
 trainer to log; :meth:`BatcherCounters.as_dict` gives them as flat name -> number pairs.
@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from bahe.ctr_data.schema import CAT_PREFIX, ITEM_TEXT, LABEL, SEQ_PREFIX, DataError, SampleSchema
+from bahe.embeddings.text_index import TextIndex
 from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary
 from bahe.model.dense_features import DenseNormalizer, log1p_dense
 from torchrec.datasets.utils import Batch
@@ -123,14 +124,16 @@ class SampleBatcher:
         schema: the sample schema of the tables.
         table_sizes: rows of the hashed ID table per ID feature to read (see :func:`id_feature_names`);
             the data's ID features it leaves out are not read.
-        vocabulary: the behaviour store's vocabulary; None builds batches without behaviours.
+        vocabulary: what resolves texts to store rows: the store's ``text_index`` (memory-mapped,
+            bahe.embeddings.text_index: a cost per batch that follows the batch) or an in-memory
+            :class:`~bahe.embeddings.vocabulary.BehaviourVocabulary`; None builds batches without behaviours.
         sequence_names: the behaviour sequence types to read (default: all of the schema's).
         max_behaviours: M, the most recent (non-empty) behaviours kept per sequence.
         dense_normalizer: train statistics to standardise the dense features with (None: log1p only).
     """
 
     def __init__(self, schema: SampleSchema, table_sizes: dict[str, int],
-                 vocabulary: BehaviourVocabulary | None = None, sequence_names: tuple[str, ...] | None = None,
+                 vocabulary: TextIndex | BehaviourVocabulary | None = None, sequence_names: tuple[str, ...] | None = None,
                  max_behaviours: int = 50, dense_normalizer: DenseNormalizer | None = None):
         self.schema = schema
         if dense_normalizer is not None and list(dense_normalizer.columns) != list(schema.dense_columns):
@@ -186,13 +189,25 @@ class SampleBatcher:
             keys=self.id_features, values=torch.from_numpy(np.concatenate(values)),
             lengths=torch.from_numpy(np.concatenate(lengths)))
 
+    def _behaviour_texts(self, table: pa.Table) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Store rows of the batch's texts, resolved in ONE lookup (one normalisation, one hash per distinct
+        text): (per sequence type its flat rows, per sequence type its lengths, the item texts' rows)."""
+        columns = [table.column(SEQ_PREFIX + name).combine_chunks() for name in self.sequence_names]
+        parts = [pc.list_flatten(column) for column in columns] + [table.column(ITEM_TEXT)]
+        chunks = [chunk for part in parts for chunk in (part.chunks if isinstance(part, pa.ChunkedArray) else [part])]
+        if len({chunk.type for chunk in chunks}) > 1:
+            chunks = [pc.cast(chunk, pa.large_string()) for chunk in chunks]
+        ids = self.vocabulary.lookup_array(pa.chunked_array(chunks, chunks[0].type))
+        sizes = np.cumsum([len(part) for part in parts])[:-1]
+        *flat, item = np.split(ids, sizes)
+        lengths = [pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64) for column in columns]
+        return flat, lengths, item
+
     def _behaviour_features(self, table: pa.Table) -> KeyedJaggedTensor:
         values, lengths = [], []
         counters = self.counters
-        for name in self.sequence_names:
-            column = table.column(SEQ_PREFIX + name).combine_chunks()
-            ids = self.vocabulary.lookup_array(pc.list_flatten(column))
-            count = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat_ids, flat_lengths, item = self._behaviour_texts(table)
+        for ids, count in zip(flat_ids, flat_lengths):
             padless = ids != PAD_ID  # an empty text inside a sequence carries nothing: drop it first
             if not padless.all():
                 counters.empty_behaviour_texts += int(len(ids) - padless.sum())
@@ -206,7 +221,6 @@ class SampleBatcher:
             counters.empty_sequences += int(np.count_nonzero(count == 0))
             values.append(ids)
             lengths.append(count)
-        item = self.vocabulary.lookup_array(table.column(ITEM_TEXT))
         counters.unknown_item_texts += int(np.count_nonzero(item == UNKNOWN_ID))
         values.append(item[item != PAD_ID])
         lengths.append((item != PAD_ID).astype(np.int64))

@@ -51,7 +51,7 @@ def build_model(config: BaheModelConfig, schema: SampleSchema, *, device: torch.
     text_arch, store = build_text_arch(text, schema, config.tables.embedding_dim, device=device)
     model = BAHE(id_tables(config, schema, device), len(schema.dense), list(config.arch.dense_arch_layer_sizes),
                  list(config.arch.over_arch_layer_sizes), text_arch=text_arch, dense_device=_dense(device))
-    batcher = SampleBatcher(schema, table_sizes, store.vocabulary, tuple(sequences), text.max_behaviours,
+    batcher = SampleBatcher(schema, table_sizes, store.text_index, tuple(sequences), text.max_behaviours,
                             dense_normalizer=dense_normalizer)
     return model, batcher, store
 

@@ -76,7 +76,8 @@ def check_splits(paths: dict, batch_size: int, world: int) -> None:
 def unknown_text_rate(path, store: BehaviourStore, sequences: list[str],
                       sample_rows: int = SAMPLE_ROWS) -> tuple[float, int, int, int]:
     """(share unknown, unknown texts, non-empty texts, rows read) over the first ``sample_rows`` rows of
-    ``path``: the texts of ``sequences`` and the item texts, looked up in the store's vocabulary."""
+    ``path``: the texts of ``sequences`` and the item texts, looked up in the store's text index (the one the
+    batcher uses: opened once per process, no vocabulary in memory)."""
     tables, rows = [], 0
     for table in SampleReader(path).iter_batches(sample_rows):
         tables.append(table.slice(0, sample_rows - rows))
@@ -88,9 +89,6 @@ def unknown_text_rate(path, store: BehaviourStore, sequences: list[str],
     table = pa.concat_tables(tables)
     texts = [pc.list_flatten(table.column(SEQ_PREFIX + name)) for name in sequences] + [table.column(ITEM_TEXT)]
     flat = pa.chunked_array([chunk for column in texts for chunk in column.chunks], pa.string())
-    vocabulary = store.vocabulary
-    before = vocabulary.unknown_lookups
-    ids = vocabulary.lookup_array(flat)
-    vocabulary.unknown_lookups = before  # a look, not a lookup: the batcher's counters stay the data's own
+    ids = store.text_index.lookup_array(flat, count=False)  # a look: the batcher's counters stay the data's own
     unknown, total = int((ids == UNKNOWN_ID).sum()), int((ids != PAD_ID).sum())
     return (unknown / total if total else 0.0), unknown, total, rows

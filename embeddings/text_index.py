@@ -1,0 +1,371 @@
+"""Behaviour text -> store row, per batch, without the vocabulary in the process's heap (issue 28, item 1).
+
+A store version written by :mod:`bahe.embeddings.build` carries, beside ``vocab.parquet``, a text index of
+four plain ``.npy`` files, memory-mapped read-only by every reader and covered by the manifest's checksums:
+
+    text_hashes.npy    uint64 [texts]     the 64-bit hash (:func:`hash_texts`) of every real text (rows >= 2), sorted
+    text_rows.npy      int64  [texts]     the row of each hash, in the same order (rows ascending among equal hashes)
+    text_offsets.npy   int64  [rows + 1]  where row i's UTF-8 bytes start in text_bytes.npy (the reserved rows too)
+    text_bytes.npy     uint8  [bytes]     every row's text, concatenated in row order
+
+:meth:`TextIndex.lookup_array` resolves a batch of texts with today's semantics (normalised first; the empty
+text -> ``PAD_ID``; a text the store has not encoded -> ``UNKNOWN_ID``, counted): the batch's distinct texts
+are hashed, looked up by ``numpy.searchsorted`` in ``text_hashes.npy`` and each candidate row's bytes are
+compared with the text's own bytes. The cost per batch follows the batch, not the store (a binary search
+over the mapped hashes: log2(rows) probes, most of them in pages every batch touches).
+
+**Collisions cannot give a wrong row.** A hash only proposes a row: the row is taken when its bytes equal the
+text's, so an unseen text whose hash equals a store text's stays unknown, and two store texts with one hash
+(the writer counts them in the manifest, ``text_index.equal_hash_pairs``) are told apart by walking the run of
+equal hashes and comparing bytes.
+
+**Opened once per process, lazily**: :meth:`TextIndex.of_store` (``BehaviourStore.text_index``) maps the files
+the first time a process asks for a version's index and returns the same object afterwards (pre-flight and the
+batcher share it). The index files' checksums are checked at that first open (a changed file is refused,
+named), unless the same store object has verified them already (``BehaviourStore.verify_files``).
+
+**Stores written before the index** (no ``text_index`` section in the manifest) still open: their vocabulary's
+text column is read once as Arrow buffers (no Python string per text), hashed and sorted in memory, with a
+one-line warning naming ``bahe-encode``; the next ``bahe-encode build`` that adds texts to the store writes the
+index with the new version. A reader never writes into a published version (trainers may hold the store
+read-only, and a published version never changes).
+
+**Refresh**: a refreshed version's index is its parent's, extended (:func:`write_text_index`): the parent's text
+bytes and offsets are copied and the new texts appended, the parent's sorted hashes are merged with the new
+texts' block by block; nothing of the parent is re-hashed or held whole in memory.
+
+The hash (:data:`HASH`) is the first 8 bytes of BLAKE2b (digest_size=8) of the text's UTF-8 bytes, read as a
+little-endian unsigned 64-bit integer: any language reproduces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from bahe.embeddings.store import StoreError, file_sha256, inside, manifest_digest
+from bahe.embeddings.vocabulary import PAD_ID, RESERVED, UNKNOWN_ID, normalize_texts, read_vocab_table
+
+FORMAT = "bahe-text-index/1"
+HASH = "blake2b-64-le"  # BLAKE2b, digest_size=8, of the UTF-8 bytes, read little-endian
+SECTION = "text_index"  # the manifest's section: format, hash, texts, equal_hash_pairs
+HASHES, ROWS, OFFSETS, BYTES = "text_hashes.npy", "text_rows.npy", "text_offsets.npy", "text_bytes.npy"
+FILES = (HASHES, ROWS, OFFSETS, BYTES)
+BLOCK = 1 << 20  # entries per block when the writer streams a parent's index
+
+
+def hash_texts(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The 64-bit hash (:data:`HASH`) of every value of an Arrow string array, as uint64."""
+    offsets, data = string_parts(texts)
+    view = memoryview(data)
+    blake = hashlib.blake2b
+    starts, stops = offsets[:-1].tolist(), offsets[1:].tolist()
+    digests = b"".join([blake(view[a:b], digest_size=8).digest() for a, b in zip(starts, stops)])
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64, copy=False)
+
+
+def string_parts(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets of len + 1 starting at 0, uint8 bytes) of a string array without nulls; no copy of the
+    bytes when the array is one chunk."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    if pa.types.is_string(texts.type) and len(texts) and texts.buffers()[2] is not None:
+        raw = np.frombuffer(texts.buffers()[1], dtype=np.int32, count=len(texts) + 1, offset=texts.offset * 4)
+    elif pa.types.is_large_string(texts.type) and len(texts) and texts.buffers()[2] is not None:
+        raw = np.frombuffer(texts.buffers()[1], dtype=np.int64, count=len(texts) + 1, offset=texts.offset * 8)
+    elif len(texts) == 0 or pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):
+        return np.zeros(len(texts) + 1, dtype=np.int64), np.zeros(0, dtype=np.uint8)
+    else:
+        return string_parts(pc.cast(texts, pa.large_string()))
+    data = np.frombuffer(texts.buffers()[2], dtype=np.uint8)[int(raw[0]):int(raw[-1])]
+    return raw.astype(np.int64) - int(raw[0]), data
+
+
+def distinct_texts(texts: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
+    """``texts`` dictionary-encoded: each distinct text once (``.dictionary``) and where each value is (``.indices``)."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    return pc.dictionary_encode(texts)
+
+
+def _from_parts(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
+    """A large_string array over (offsets from 0, bytes); its UTF-8 is checked."""
+    array = pa.Array.from_buffers(pa.large_string(), len(offsets) - 1,
+                                  [None, pa.py_buffer(np.ascontiguousarray(offsets, dtype=np.int64)),
+                                   pa.py_buffer(np.ascontiguousarray(data, dtype=np.uint8))])
+    array.validate(full=True)
+    return array
+
+
+def _load_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Memory-map an index file of this dtype and shape (an empty one is read, not mapped); refused otherwise."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            found_shape, fortran, found_dtype = read_header(handle)
+        array = np.load(path, mmap_mode="r" if int(np.prod(found_shape)) else None, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path} is not the .npy array the store's text index needs ({err}); rebuild this version "
+                         "with bahe-encode") from None
+    if found_dtype != dtype or tuple(found_shape) != tuple(shape) or fortran:
+        raise StoreError(f"{path} holds {tuple(found_shape)} {found_dtype}, the manifest calls for {tuple(shape)} "
+                         f"{np.dtype(dtype)}: the store's text index is corrupt; rebuild this version with bahe-encode")
+    return array
+
+
+class TextIndex:
+    """One store version's texts, resolvable per batch (see the module docstring).
+
+    Example::
+
+        index = BehaviourStore.open("stores/ml").text_index      # mapped once per process
+        index.lookup_array(pa.array(["Toy Story (1995)", "never seen", ""]))   # [row, 1, 0]
+    """
+
+    _open: dict[tuple[str, str], TextIndex] = {}
+    _lock = threading.Lock()
+    _warned: set[str] = set()
+
+    def __init__(self, path: Path, hashes: np.ndarray, rows: np.ndarray, offsets: np.ndarray, data: np.ndarray, *,
+                 on_disk: bool):
+        self.path = path
+        # plain ndarray views of the maps (no copy): indexing them skips np.memmap's per-call overhead
+        self.hashes, self.rows, self.offsets, self.data = (np.asarray(a) for a in (hashes, rows, offsets, data))
+        self.on_disk = on_disk  # False: a store written before text indexes, indexed in memory
+        self.unknown_lookups = 0
+        self.hash_collisions_seen = 0  # texts whose hash matched a row of other bytes (told apart, not taken)
+
+    # opening ------------------------------------------------------------------------------------------------
+    @classmethod
+    def of_store(cls, store) -> TextIndex:
+        """The index of ``store``'s version, opened (and checked) once per process."""
+        key = (str(store.path.resolve()), manifest_digest(store.manifest))
+        with cls._lock:
+            index = cls._open.get(key)
+            if index is None:
+                index = cls._open[key] = cls._from_files(store) if SECTION in store.manifest else cls._in_memory(store)
+            return index
+
+    @classmethod
+    def _from_files(cls, store) -> TextIndex:
+        section, files = store.manifest[SECTION], store.manifest.get("files", {})
+        if not isinstance(section, dict) or section.get("format") != FORMAT or section.get("hash") != HASH:
+            raise StoreError(f"{store.path / 'manifest.json'}: text index {section!r}, this reader knows format "
+                             f"{FORMAT!r} with hash {HASH!r}; use the bahe version that wrote the store, or rebuild it")
+        for name in FILES:
+            path = inside(store.path / name, store.path.parent)
+            if name not in files:
+                raise StoreError(f"{store.path / 'manifest.json'} lists no checksum for {name}: rebuild this version "
+                                 "with bahe-encode")
+            if not path.is_file():
+                raise StoreError(f"{path} is missing: the store's text index is lost; rebuild this version with "
+                                 "bahe-encode")
+            if name not in store.verified_files:
+                actual = file_sha256(path)
+                if actual != files[name]["sha256"]:
+                    raise StoreError(f"{path}: checksum {actual[:12]}... does not match the manifest's "
+                                     f"{files[name]['sha256'][:12]}...; the file changed after the store was written: "
+                                     "restore it or rebuild this version with bahe-encode (bahe-encode verify checks "
+                                     "a store)")
+                store.verified_files.add(name)
+        texts = int(section["texts"])
+        if texts != store.rows_count - len(RESERVED):
+            raise StoreError(f"{store.path / 'manifest.json'}: a text index of {texts} texts for {store.rows_count} "
+                             "rows; rebuild this version with bahe-encode")
+        offsets = _load_npy(store.path / OFFSETS, np.dtype(np.int64), (store.rows_count + 1,))
+        data = _load_npy(store.path / BYTES, np.dtype(np.uint8), (int(offsets[-1]),))
+        return cls(store.path, _load_npy(store.path / HASHES, np.dtype(np.uint64), (texts,)),
+                   _load_npy(store.path / ROWS, np.dtype(np.int64), (texts,)), offsets, data, on_disk=True)
+
+    @classmethod
+    def _in_memory(cls, store) -> TextIndex:
+        """A store written before text indexes: its vocabulary's texts as Arrow buffers, hashed and sorted here."""
+        table = read_vocab_table(inside(store.path / "vocab.parquet", store.path.parent), columns=("id", "text"))
+        if table.num_rows != store.rows_count:
+            raise StoreError(f"{store.path}: vocabulary has {table.num_rows} texts for {store.rows_count} rows")
+        offsets, data = string_parts(pc.cast(table.column("text"), pa.large_string()))
+        offsets, data = np.array(offsets), np.array(data)  # owned: the table goes
+        hashes, rows = sorted_hashes(_from_parts(offsets[len(RESERVED):] - offsets[len(RESERVED)],
+                                                 data[offsets[len(RESERVED)]:]), len(RESERVED))
+        key = str(store.path.resolve())
+        if key not in cls._warned:
+            cls._warned.add(key)
+            size = (offsets.nbytes + data.nbytes + hashes.nbytes + rows.nbytes) / 2**20
+            print(f"bahe: warning: store version {store.path} was written before stores carried a text index: its "
+                  f"{store.rows_count - len(RESERVED):,} texts are indexed in this process's memory ({size:,.0f} MiB); "
+                  f"the next `bahe-encode build --store {store.path.parent} --data ...` that adds texts writes the "
+                  "index with the new version", file=sys.stderr, flush=True)
+        return cls(store.path, hashes, rows, offsets, data, on_disk=False)
+
+    # reading ------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        """The texts of rows [start, stop) in row order (read from the mapped bytes; bounded memory per call)."""
+        if not 0 <= start <= stop <= len(self):
+            raise StoreError(f"text rows [{start}, {stop}) outside the store's {len(self)} rows")
+        offsets = np.array(self.offsets[start:stop + 1])
+        return _from_parts(offsets - offsets[0], self.data[offsets[0]:offsets[-1]]).to_pylist()
+
+    def lookup(self, texts) -> list[int]:
+        """Rows of texts: PAD_ID for an empty text, UNKNOWN_ID (counted) for one the store has not encoded."""
+        return self.lookup_array(pa.array(list(texts), pa.string())).tolist()
+
+    def lookup_array(self, texts: pa.Array | pa.ChunkedArray, *, count: bool = True) -> np.ndarray:
+        """Rows (int64) of an Arrow string array's texts, normalised first (``BehaviourVocabulary.lookup_array``'s
+        semantics): the empty text -> PAD_ID; a text the store has not encoded -> UNKNOWN_ID, each adding one to
+        :attr:`unknown_lookups` when ``count``. A null is refused: a missing text is the empty text ''."""
+        if texts.null_count:
+            first = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"lookup: text {first} is null; a missing text is the empty text ''")
+        if len(texts) == 0:
+            return np.zeros(0, dtype=np.int64)
+        encoded = distinct_texts(texts)  # normalised and resolved once per distinct text of the batch
+        ids = self._rows_of_distinct(normalize_texts(encoded.dictionary))[encoded.indices.to_numpy(zero_copy_only=False)]
+        if count:
+            self.unknown_lookups += int(np.count_nonzero(ids == UNKNOWN_ID))
+        return ids
+
+    def _rows_of_distinct(self, texts: pa.Array) -> np.ndarray:
+        """Rows of distinct normalised texts (the cost follows len(texts), not the store)."""
+        offsets, data = string_parts(texts)
+        lengths = np.diff(offsets)
+        out = np.full(len(texts), UNKNOWN_ID, dtype=np.int64)
+        out[lengths == 0] = PAD_ID
+        real = np.flatnonzero(lengths > 0)
+        if not len(real) or not len(self.hashes):
+            return out
+        wanted = hash_texts(texts.take(pa.array(real)))
+        at = np.searchsorted(self.hashes, wanted)
+        hit = at < len(self.hashes)
+        hit[hit] = np.asarray(self.hashes[at[hit]]) == wanted[hit]
+        queries, at = real[hit], at[hit]
+        rows = np.asarray(self.rows[at])
+        same = self._same_bytes(offsets, data, queries, rows)
+        out[queries[same]] = rows[same]
+        for query, first, h in zip(queries[~same].tolist(), at[~same].tolist(), wanted[hit][~same].tolist()):
+            out[query] = self._walk_equal_hashes(offsets, data, query, first, h)
+        return out
+
+    def _same_bytes(self, offsets: np.ndarray, data: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Whether text ``queries[i]`` (of offsets / data) has the bytes of store row ``rows[i]``, vectorised."""
+        starts, stops = np.asarray(self.offsets[rows]), np.asarray(self.offsets[rows + 1])
+        lengths = offsets[queries + 1] - offsets[queries]
+        same = stops - starts == lengths
+        check = np.flatnonzero(same)
+        n = lengths[check]
+        if not len(check) or not n.sum():
+            return same
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        stored = np.asarray(self.data[np.repeat(starts[check], n) + within])
+        differs = stored != data[np.repeat(offsets[queries[check]], n) + within]
+        same[check[np.bincount(np.repeat(np.arange(len(check)), n), weights=differs, minlength=len(check)) > 0]] = False
+        return same
+
+    def _walk_equal_hashes(self, offsets: np.ndarray, data: np.ndarray, query: int, first: int, h: int) -> int:
+        """The row among the run of entries with hash ``h`` (from ``first``) whose bytes are the query's; else
+        UNKNOWN_ID. Only texts whose hash matched a row of other bytes come here (a 64-bit collision)."""
+        self.hash_collisions_seen += 1
+        wanted = bytes(data[offsets[query]:offsets[query + 1]])
+        at = first + 1
+        while at < len(self.hashes) and int(self.hashes[at]) == h:
+            row = int(self.rows[at])
+            if bytes(self.data[int(self.offsets[row]):int(self.offsets[row + 1])]) == wanted:
+                return row
+            at += 1
+        return UNKNOWN_ID
+
+    def audit(self, vocabulary_path: Path) -> None:
+        """Everything the index claims, recomputed (``bahe-encode verify``): its bytes are the vocabulary's texts,
+        its hashes those of the texts, sorted, each row once."""
+        texts = read_vocab_table(vocabulary_path, columns=("id", "text")).column("text")
+        offsets, data = string_parts(pc.cast(texts, pa.large_string()))
+        if not (np.array_equal(offsets, self.offsets) and np.array_equal(data, self.data)):
+            raise StoreError(f"{self.path / BYTES} / {OFFSETS} do not hold the texts of {vocabulary_path}: the store's "
+                             "text index is corrupt; rebuild this version with bahe-encode")
+        hashes, rows = sorted_hashes(_from_parts(offsets[len(RESERVED):] - offsets[len(RESERVED)],
+                                                 data[offsets[len(RESERVED)]:]), len(RESERVED))
+        for name, mine, expected in ((HASHES, self.hashes, hashes), (ROWS, self.rows, rows)):
+            if not np.array_equal(mine, expected):
+                raise StoreError(f"{self.path / name} is not the sorted {HASH} index of the store's texts: the "
+                                 "store's text index is corrupt; rebuild this version with bahe-encode")
+
+
+def sorted_hashes(texts: pa.Array, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes sorted ascending, their rows; rows ascending among equal hashes) of texts at rows first_row, ..."""
+    hashes = hash_texts(texts)
+    order = np.argsort(hashes, kind="stable")
+    return hashes[order], order.astype(np.int64) + first_row
+
+
+# writing ----------------------------------------------------------------------------------------------------
+def write_text_index(folder: Path, texts: Sequence[str], parent_rows: int, parent: TextIndex | None) -> dict:
+    """Write the index of a version whose rows are ``texts`` (every text, reserved rows first, in row order) into
+    ``folder``; returns the manifest's ``text_index`` section. With ``parent`` (an on-disk index of the first
+    ``parent_rows`` rows) only the texts after them are hashed: the parent's files are extended block by block."""
+    from bahe.embeddings.build_io import NpyWriter
+
+    if parent is None or not parent.on_disk:
+        parent_rows = 0
+    new = pa.array(texts[max(parent_rows, len(RESERVED)):], pa.large_string())
+    new_offsets, new_data = string_parts(new)
+    new_hashes, new_rows = sorted_hashes(new, max(parent_rows, len(RESERVED)))
+    if parent_rows:
+        head_offsets, head_bytes = parent.offsets, parent.data
+        parent_hashes, parent_rows_of = parent.hashes, parent.rows
+    else:
+        reserved = pa.array(list(RESERVED), pa.large_string())
+        head_offsets, head_bytes = (np.array(x) for x in string_parts(reserved))
+        parent_hashes, parent_rows_of = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    total_bytes = int(head_offsets[-1]) + len(new_data)
+    with NpyWriter(folder / BYTES, np.uint8, (total_bytes,)) as out:
+        for start in range(0, len(head_bytes), BLOCK * 64):
+            out.write(head_bytes[start:start + BLOCK * 64])
+        out.write(new_data)
+    with NpyWriter(folder / OFFSETS, np.int64, (len(head_offsets) + len(new),)) as out:
+        for start in range(0, len(head_offsets), BLOCK):
+            out.write(head_offsets[start:start + BLOCK])
+        out.write(new_offsets[1:] + int(head_offsets[-1]))
+    texts_count = len(parent_hashes) + len(new_hashes)
+    equal_pairs = 0
+    with NpyWriter(folder / HASHES, np.uint64, (texts_count,)) as hashes_out, \
+            NpyWriter(folder / ROWS, np.int64, (texts_count,)) as rows_out:
+        previous = None
+        for hashes, rows in _merged(parent_hashes, parent_rows_of, new_hashes, new_rows):
+            if len(hashes):
+                equal_pairs += int(np.count_nonzero(hashes[1:] == hashes[:-1])) + int(previous == hashes[0])
+                previous = hashes[-1]
+            hashes_out.write(hashes)
+            rows_out.write(rows)
+    return {"format": FORMAT, "hash": HASH, "texts": texts_count, "equal_hash_pairs": equal_pairs}
+
+
+def _merged(parent_hashes: np.ndarray, parent_rows: np.ndarray, new_hashes: np.ndarray, new_rows: np.ndarray):
+    """Blocks of (hashes, rows) of both sorted runs merged in order; a parent entry before a new one of equal hash
+    (its row is smaller). The parent's run is read a block at a time."""
+    # new entry j goes right before parent entry before[j] (after every parent entry of equal hash)
+    before = np.searchsorted(parent_hashes, new_hashes, side="right")
+    taken = 0
+    for start in range(0, len(parent_hashes), BLOCK):
+        stop = min(start + BLOCK, len(parent_hashes))
+        upto = int(np.searchsorted(before, stop, side="left"))  # new entries placed before parent entry `stop`
+        block_h = np.asarray(parent_hashes[start:stop])
+        block_r = np.asarray(parent_rows[start:stop])
+        if upto == taken:
+            yield block_h, block_r
+            continue
+        keys = np.concatenate([2 * np.arange(start, stop) + 1, 2 * before[taken:upto]])
+        order = np.argsort(keys, kind="stable")
+        yield (np.concatenate([block_h, new_hashes[taken:upto]])[order],
+               np.concatenate([block_r, new_rows[taken:upto]])[order])
+        taken = upto
+    yield new_hashes[taken:], new_rows[taken:]
