@@ -451,3 +451,49 @@ def test_bahe_data_import_command(tmp_path, capsys):
     assert f"file {path}, row 1, field 'clicked': label must be 0 or 1" in capsys.readouterr().err
     assert bahe_data(["import", "--out", str(tmp_path / "x")]) == 2
     assert "needs --mapping TOML, or --input FILE" in capsys.readouterr().err
+
+
+
+def measure_import(n: int, folder: str) -> tuple[int, int]:
+    """(peak bytes of Python objects, peak bytes of Arrow's pool) of an import of an n-row log with a list
+    column and a windowed event join, 1000 rows a batch (CSV parsed 16 KiB at a time, not 1 MiB, so that a
+    small log spans many blocks); run in a fresh process (Arrow's peak is per process)."""
+    import tracemalloc
+
+    from bahe.ctr_data import import_sources
+
+    import_sources._CSV_BLOCK = 1 << 14
+
+    folder = Path(folder)
+    with open(folder / "log.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ts", "user", "item", "clicked", "title", "q"])
+        writer.writerows([i, i // 5, i % 1000, i % 2, f"title {i % 3000}", "a|b|c"] for i in range(n))
+    with open(folder / "events.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ts", "user", "text"])
+        writer.writerows([i, i // 5, f"event {i % 500}"] for i in range(n))
+    raw = {"input": {"files": [str(folder / "log.csv")]},
+           "columns": {"user_id": "user", "item_id": "item", "label": "clicked", "timestamp": "ts", "item_text": "title"},
+           "sequences": {"q": {"column": "q", "sep": "|"},
+                         "e": {"events": [str(folder / "events.csv")], "user_id": "user", "timestamp": "ts",
+                               "text": "text", "window": 100}}, "batch_rows": 1000}
+    tracemalloc.start()
+    run(raw, folder / "out")
+    return tracemalloc.get_traced_memory()[1], pa.default_memory_pool().max_memory()
+
+
+def test_memory_is_flat_in_the_file_size(tmp_path):
+    """What an import holds at its peak (Python objects: converted rows, the event join's history; Arrow's
+    buffers: batches read, rows waiting to be written) is the same for a log 4x as long."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for n in (16000, 64000):
+        (tmp_path / str(n)).mkdir()
+        code = f"from tests.test_importer import measure_import; print(*measure_import({n}, {str(tmp_path / str(n))!r}))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        peaks[n] = [int(x) for x in out.split()]
+    (python_small, arrow_small), (python_large, arrow_large) = peaks[16000], peaks[64000]
+    assert python_large < 1.2 * python_small and arrow_large < 1.5 * arrow_small, peaks
