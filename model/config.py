@@ -19,6 +19,17 @@ from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
 ARMS = ("bahe", "token_level")
 
 
+# Bounds of the model's sizes: far above any model this code trains (a table of 2**34 rows of D = 8 is
+# 512 GiB), far below what reaches the sharding planner or the allocator as a traceback (10**12 rows).
+# The configs refuse sizes beyond them, and so does every reader of a run record (training/run_record.py),
+# so bahe-train never writes a record that bahe-predict, bahe-evaluate or bahe-export would refuse.
+MAX_TABLE_ROWS = 2**34
+MAX_WIDTH = 2**14  # embedding dim D, a dense / over arch layer
+MAX_LAYERS = 64  # layers of the dense or over arch
+MAX_LLM_LAYERS = 1024  # k, deep layers
+MAX_BEHAVIOURS = 2**16  # M
+MAX_USER_TOKENS = 2**20
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -39,11 +50,14 @@ class TablesConfig:
     drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _is_int(self.embedding_dim) or self.embedding_dim < 1:
-            raise ValueError(f"TablesConfig.embedding_dim must be an integer >= 1, got {self.embedding_dim!r}")
-        bad = {k: v for k, v in {"default_rows": self.default_rows, **self.rows}.items() if not _is_int(v) or v < 1}
+        if not _is_int(self.embedding_dim) or not 1 <= self.embedding_dim <= MAX_WIDTH:
+            raise ValueError(f"TablesConfig.embedding_dim must be an integer in [1, {MAX_WIDTH:,}], "
+                             f"got {self.embedding_dim!r}")
+        bad = {k: v for k, v in {"default_rows": self.default_rows, **self.rows}.items()
+               if not _is_int(v) or not 1 <= v <= MAX_TABLE_ROWS}
         if bad:
-            raise ValueError(f"TablesConfig: table sizes must be integers >= 1, got {bad}")
+            raise ValueError(f"TablesConfig: table sizes must be integers in [1, {MAX_TABLE_ROWS:,}] (--table-rows), "
+                             f"got {bad}")
         object.__setattr__(self, "drop", tuple(self.drop))
         both = sorted(set(self.drop) & set(self.rows))
         if both:
@@ -77,9 +91,12 @@ class ArchConfig:
         object.__setattr__(self, "dense_arch_layer_sizes", tuple(self.dense_arch_layer_sizes))
         object.__setattr__(self, "over_arch_layer_sizes", tuple(self.over_arch_layer_sizes))
         sizes = self.dense_arch_layer_sizes + self.over_arch_layer_sizes
-        if not all(_is_int(n) and n >= 1 for n in sizes):
-            raise ValueError(f"ArchConfig: layer sizes must be integers >= 1, got dense {self.dense_arch_layer_sizes}, "
-                             f"over {self.over_arch_layer_sizes}")
+        if not all(_is_int(n) and 1 <= n <= MAX_WIDTH for n in sizes):
+            raise ValueError(f"ArchConfig: layer sizes must be integers in [1, {MAX_WIDTH:,}], got dense "
+                             f"{self.dense_arch_layer_sizes}, over {self.over_arch_layer_sizes}")
+        if max(len(self.dense_arch_layer_sizes), len(self.over_arch_layer_sizes)) > MAX_LAYERS:
+            raise ValueError(f"ArchConfig: at most {MAX_LAYERS} layers per arch, got dense "
+                             f"{len(self.dense_arch_layer_sizes)}, over {len(self.over_arch_layer_sizes)}")
         if not self.dense_arch_layer_sizes or min(self.dense_arch_layer_sizes) < 1:
             raise ValueError(f"ArchConfig.dense_arch_layer_sizes must be positive sizes, got {self.dense_arch_layer_sizes}")
         if len(self.over_arch_layer_sizes) < 2 or self.over_arch_layer_sizes[-1] != 1:
@@ -134,18 +151,19 @@ class TextConfig:
             raise ValueError(f"TextConfig.arm must be one of {ARMS}, got {self.arm!r}")
         if self.llm_precision not in PRECISIONS:
             raise ValueError(f"TextConfig.llm_precision must be one of {PRECISIONS}, got {self.llm_precision!r}")
-        if self.max_user_tokens < 1:
-            raise ValueError(f"TextConfig.max_user_tokens must be >= 1, got {self.max_user_tokens}")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"TextConfig.k must be >= 1 (or None for the store's), got {self.k}")
-        if self.deep_layers is not None and self.deep_layers < 1:
-            raise ValueError(f"TextConfig.deep_layers must be >= 1 (or None for all the rest), got {self.deep_layers}")
+        if not 1 <= self.max_user_tokens <= MAX_USER_TOKENS:
+            raise ValueError(f"TextConfig.max_user_tokens must be in [1, {MAX_USER_TOKENS:,}], got {self.max_user_tokens}")
+        if self.k is not None and not 1 <= self.k <= MAX_LLM_LAYERS:
+            raise ValueError(f"TextConfig.k must be in [1, {MAX_LLM_LAYERS}] (or None for the store's), got {self.k}")
+        if self.deep_layers is not None and not 1 <= self.deep_layers <= MAX_LLM_LAYERS:
+            raise ValueError(f"TextConfig.deep_layers must be in [1, {MAX_LLM_LAYERS}] (or None for all the rest), "
+                             f"got {self.deep_layers}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"TextConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"TextConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.max_behaviours < 1:
-            raise ValueError(f"TextConfig.max_behaviours must be >= 1, got {self.max_behaviours}")
+        if not 1 <= self.max_behaviours <= MAX_BEHAVIOURS:
+            raise ValueError(f"TextConfig.max_behaviours must be in [1, {MAX_BEHAVIOURS:,}], got {self.max_behaviours}")
         if self.user_projection not in USER_PROJECTIONS:
             raise ValueError(f"TextConfig.user_projection must be one of {USER_PROJECTIONS} (--user-projection), "
                              f"got {self.user_projection!r}")

@@ -176,3 +176,23 @@ def test_tables_within_the_bound_but_too_large_for_the_launch_are_one_line(setup
     line = entry_point(reader, setup, bad, tmp_path, capsys)
     assert f"{bad / 'run_config.json'}: the model's ID tables (" in line and "8,589,934,592 rows" in line
     assert expect in line
+
+
+def test_bahe_train_refuses_the_sizes_every_record_reader_refuses(capsys):
+    """One set of bounds (model/config.py) for the model configs bahe-train builds and for the record readers:
+    a size bahe-train accepts always reads back, and one beyond the bound is refused before a record is written."""
+    from bahe.launchers import train as bahe_train
+    from bahe.model import config
+    from bahe.training import run_record
+
+    for name in ("MAX_TABLE_ROWS", "MAX_WIDTH", "MAX_LAYERS", "MAX_LLM_LAYERS", "MAX_BEHAVIOURS", "MAX_USER_TOKENS"):
+        assert getattr(run_record, name) == getattr(config, name), name
+    with pytest.raises(ValueError, match=r"table sizes must be integers in \[1, 17,179,869,184\] \(--table-rows\)"):
+        config.TablesConfig(default_rows=config.MAX_TABLE_ROWS + 1)
+    with pytest.raises(ValueError, match=r"embedding_dim must be an integer in \[1, 16,384\]"):
+        config.TablesConfig(embedding_dim=config.MAX_WIDTH + 1)
+    with pytest.raises(ValueError, match="max_behaviours must be in"):
+        config.TextConfig(store="s", max_behaviours=config.MAX_BEHAVIOURS + 1)
+    code = bahe_train.main(["--data-dir", "missing", "--out", "missing", "--arm", "dlrm", "--table-rows", str(10**12)])
+    line = one_line(code, capsys, "bahe-train")
+    assert "(--table-rows)" in line and "1000000000000" in line

@@ -26,6 +26,14 @@ import numpy as np
 from bahe.embeddings.encoding import describe_choices
 from bahe.embeddings.encoding import differences as encoding_differences
 from bahe.embeddings.store import BehaviourStore, write_text_atomic
+from bahe.model.config import (
+    MAX_BEHAVIOURS,
+    MAX_LAYERS,
+    MAX_LLM_LAYERS,
+    MAX_TABLE_ROWS,
+    MAX_USER_TOKENS,
+    MAX_WIDTH,
+)
 from bahe.model.dense_features import DenseNormalizer
 
 RECORD = "run_config.json"  # in the run folder, beside checkpoints/
@@ -111,14 +119,8 @@ def read_record(run: Path) -> dict | None:
     return record
 
 
-# Bounds of a run record's numbers: far above any model this code trains (a table of 2**34 rows of D = 8 is
-# 512 GiB), far below what would reach the sharding planner or the allocator as a traceback (10**12 rows)
-MAX_TABLE_ROWS = 2**34
-MAX_WIDTH = 2**14  # embedding dim D, a dense / over arch layer
-MAX_LAYERS = 64  # layers of the dense or over arch
-MAX_LLM_LAYERS = 1024  # k, deep layers
-MAX_BEHAVIOURS = 2**16  # M
-MAX_USER_TOKENS = 2**20
+# Bounds of a run record's numbers: the model's own (model/config.py, which bahe-train enforces when it builds
+# the model, so a record it writes always reads back) and those of the rest of the record
 MAX_BATCH = 2**24
 MAX_LANES = 2**16
 MAX_STORE_ROWS = 2**40
