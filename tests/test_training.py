@@ -94,7 +94,12 @@ def test_a_rank_killed_while_saving_a_checkpoint_resumes_from_the_previous_one(s
 def test_two_rank_run_completes_and_learns_the_text_signal(full_run):
     result, out = full_run
     assert result["steps"] == 40
-    assert result["test"]["auc"] > 0.7 and result["test"]["samples"] == 240  # every test row scored once
+    assert result["test"]["samples"] == 240  # every test row scored once
+    # Learned, so with a measured margin (2026-12-06, this data and flags, --seed 0 / 1 / 2: test AUC 0.890 /
+    # 0.684 / 0.882; a run that stays on the early plateau longer ends near 0.68; torchrun gives each of the 2
+    # ranks 1 thread, with or without xdist, so thread counts do not vary). 0.6 is 0.084 below the lowest and
+    # about 3 standard errors above chance on 240 rows; the DLRM-only arm reaches about 0.57 on such data.
+    assert result["test"]["auc"] > 0.6, result["test"]
     assert 0.5 < result["test"]["calibration"] < 2.0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and [h["step"] for h in metrics["history"]] == [20, 40]  # the last step too
