@@ -220,6 +220,17 @@ def test_a_misspelt_column_is_named_with_the_columns_the_file_has(tmp_path):
         assert err.value.field == "click" and "'clicked'" in str(err.value), str(err.value)
 
 
+def test_a_missing_or_empty_file_is_named(tmp_path):
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "junk.parquet").write_bytes(b"junk")
+    for path, expected in ((tmp_path / "nowhere.csv", "no such file"), (tmp_path / "empty.csv", "empty CSV file"),
+                           (tmp_path / "junk.parquet", "not a readable Parquet file")):
+        with pytest.raises(DataError) as err:
+            run(base(path), tmp_path / "out")
+        assert err.value.path == path and expected in str(err.value), str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rows_out_of_time_order_are_refused_when_the_split_or_a_join_needs_time_order(tmp_path):
     rows = impressions()
     rows[5]["ts"] = 90
@@ -451,6 +462,8 @@ def test_bahe_data_import_command(tmp_path, capsys):
     assert f"file {path}, row 1, field 'clicked': label must be 0 or 1" in capsys.readouterr().err
     assert bahe_data(["import", "--out", str(tmp_path / "x")]) == 2
     assert "needs --mapping TOML, or --input FILE" in capsys.readouterr().err
+    assert bahe_data(["import", "--mapping", str(EXAMPLE / "mapping.toml"), "--out", str(path)]) == 2
+    assert f"--out {path} is a file; import writes train/valid/test.parquet into a folder" in capsys.readouterr().err
 
 
 
