@@ -214,7 +214,7 @@ def check_manifest(manifest: dict, path: Path) -> None:
     """Every field a reader of the export uses, of its type and within its bound; raises ExportError in one line
     naming ``path`` (the manifest), the field and what it must be. Runs after the digest check: a manifest
     edited and re-digested is still held to its shapes."""
-    from bahe.training.run_record import (
+    from bahe.training.record_checks import (
         MAX_BEHAVIOURS,
         MAX_STORE_ROWS,
         MAX_TABLE_ROWS,

@@ -1,6 +1,6 @@
 """Issue 27: a run's records are validated by one layer each, used by every reader, before anything is built.
 
-* ``run_config.json`` (training/run_record.py ``check_record``): absurd, negative or non-integer dims (table
+* ``run_config.json`` (training/record_checks.py ``check_record``): absurd, negative or non-integer dims (table
   rows 10**12, a negative embedding dim, a layer size given as a string) are refused in one line naming the
   file, the field and the bound by bahe-predict, bahe-export, bahe-evaluate and bahe-train --init-from
   (before this change: the sharding planner's or the allocator's traceback, or a message naming no file).
@@ -183,10 +183,10 @@ def test_bahe_train_refuses_the_sizes_every_record_reader_refuses(capsys):
     a size bahe-train accepts always reads back, and one beyond the bound is refused before a record is written."""
     from bahe.launchers import train as bahe_train
     from bahe.model import config
-    from bahe.training import run_record
+    from bahe.training import record_checks
 
     for name in ("MAX_TABLE_ROWS", "MAX_WIDTH", "MAX_LAYERS", "MAX_LLM_LAYERS", "MAX_BEHAVIOURS", "MAX_USER_TOKENS"):
-        assert getattr(run_record, name) == getattr(config, name), name
+        assert getattr(record_checks, name) == getattr(config, name), name
     with pytest.raises(ValueError, match=r"table sizes must be integers in \[1, 17,179,869,184\] \(--table-rows\)"):
         config.TablesConfig(default_rows=config.MAX_TABLE_ROWS + 1)
     with pytest.raises(ValueError, match=r"embedding_dim must be an integer in \[1, 16,384\]"):
