@@ -161,7 +161,7 @@ def test_the_regression_guard_keeps_a_worse_model_unpublished_and_says_why(world
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((home / "reports" / "flipped.json").read_text())
     assert report["status"] == "kept, not published" and "regression guard" in report["reason"]
-    # learned, so with a measured margin (2026-12-06): the flipped day's valid AUC 0.482 against yesterday's 0.625,
+    # learned, so with a measured margin (2026-12-06, against slice-01): the flipped day's valid AUC 0.482 against 0.625,
     # 0.14 apart where the guard needs 0.002 (--margin); labels inverted push it below 0.5 on any machine
     assert report["new"]["valid"]["auc"] < report["yesterday"]["valid"]["auc"]
     assert current(home) == "slice-02" and (home / "runs" / "flipped" / "train" / "checkpoints" / "LATEST").is_file()
