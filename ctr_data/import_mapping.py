@@ -1,56 +1,18 @@
 """The mapping of a team's own log columns onto the sample schema, for ``bahe-data import``.
 
-A mapping is a small TOML file (or the same keys as ``bahe-data import`` flags). Every key, with the
-sample column it fills (:mod:`bahe.ctr_data.schema`)::
+A mapping is a small TOML file (or the same keys as ``bahe-data import`` flags); docs/byo_data.md lists
+every key, and examples/byo_data/mapping.toml uses most of them::
 
-    dataset = "shop"                  # the files' dataset name (default "imported")
-    hash_ids = ["user_id"]            # ids given as texts, hashed (default: none; ids are integers >= 0)
-    batch_rows = 65536                # rows read and converted at a time (memory, not results)
-
+    hash_ids = ["user_id"]            # ids given as texts, hashed (default: ids are integers >= 0)
     [input]                           # the impressions: one row per (user, item) shown
-    files = ["impressions.csv"]       # one or more, in time order; relative to this file
-    format = "csv"                    # csv | jsonl | parquet (default: from the extension)
-    delimiter = ","                   # csv only
+    files = ["impressions.csv"]       # csv | jsonl | parquet, from the extension or format = ...
+    [columns]                         # user_id, item_id, label, timestamp, item_text (or an [items] table)
+    [items]                           # files, item_id, text: titles by item id
+    [dense] / [categorical]           # name = "column", or { column = ..., fill = ... / sep = ... }
+    [sequences.NAME]                  # column = ... (a list column), or events = ... (an event table)
+    [split]                           # fractions = [...], cuts = [T1, T2] or column = "..."
 
-    [columns]
-    user_id = "user"                  # -> user_id
-    item_id = "item"                  # -> item_id
-    label = "clicked"                 # -> label (0 / 1, true / false)
-    timestamp = "ts"                  # -> timestamp (an integer; the window counts in its unit)
-    item_text = "title"               # -> item_text; or leave it out and give [items]
-
-    [items]                           # item id -> title, read whole (the catalogue, not the log)
-    files = ["items.csv"]
-    item_id = "item"
-    text = "title"
-
-    [dense]                           # dense_<name>
-    price = "price"                   # or { column = "price", fill = 0.0 } (a missing value -> fill)
-
-    [categorical]                     # cat_<name>; integers kept, other texts hashed; missing -> []
-    device = "device"                 # or { column = "tags", sep = "|" } for several values in one text
-
-    [sequences.queries]               # seq_<name> from a list column of the same row
-    column = "recent_queries"
-    sep = "|"                         # how a text cell holds the list (needed for CSV)
-    order = "oldest_first"            # or "newest_first"
-    max_length = 20                   # the most recent kept
-
-    [sequences.clicked]               # seq_<name> from an event table, joined per user by time
-    events = ["events.csv"]           # sorted by time
-    user_id = "user"
-    timestamp = "ts"
-    item_id = "item"                  # the text is the item's title from [items]; or text = "title"
-    where = { action = ["click"] }    # keep only these events (values compared as texts)
-    window = 2592000                  # events in [t - window, t) of the row's time t (default: all before t)
-    max_length = 20                   # the most recent kept
-
-    [split]                           # exactly one of:
-    fractions = [0.8, 0.1, 0.1]       # by time, over the rows in time order (the default)
-    # cuts = [1700000000, 1700600000] # by time: train t < T1 <= valid < T2 <= test
-    # column = "split"                # the team's own: values train / valid / test
-
-Every check runs when the mapping is built, and its error says what to change.
+Every check runs when the mapping is built, and its error names the key and says what to change.
 """
 
 from __future__ import annotations
@@ -366,11 +328,12 @@ def mapping_from_dict(raw: Mapping, where: str = "") -> ImportMapping:
         _known(raw, _TOP, "the mapping's top level")
         if "input" not in raw:
             raise _fail("[input]", "missing: give [input] files = [\"<the impressions file>\"] (or --input)")
-        for section in ("input", "columns", "items", "split"):
+        for section in ("input", "columns", "items", "split", "dense", "categorical", "sequences"):
             if section in raw:
                 if not isinstance(raw[section], dict):
                     raise _fail(f"[{section}]", f"must be a table, got {raw[section]!r}")
-                _known(raw[section], _KEYS[section], f"[{section}]")
+                if section in _KEYS:
+                    _known(raw[section], _KEYS[section], f"[{section}]")
         columns = raw.get("columns", {})
         items = None
         if "items" in raw:
@@ -397,8 +360,8 @@ def mapping_from_dict(raw: Mapping, where: str = "") -> ImportMapping:
             label=_get(columns, "label", str, "[columns]", True), timestamp=_get(columns, "timestamp", str, "[columns]", True),
             item_text=_get(columns, "item_text", str, "[columns]"), items=items, dense=dense, categorical=categorical,
             sequences=sequences, split=split, hash_ids=tuple(hash_ids),
-            dataset=_get(raw, "dataset", str, "dataset") or "imported",
-            batch_rows=_get(raw, "batch_rows", int, "batch_rows") or 65_536)
+            **{k: v for k, v in (("dataset", _get(raw, "dataset", str, "dataset")),
+                                 ("batch_rows", _get(raw, "batch_rows", int, "batch_rows"))) if v is not None})
     except MappingError as err:
         raise MappingError(f"mapping {where}: {err}" if where else f"mapping: {err}") from None
 

@@ -109,6 +109,8 @@ BAD_MAPPINGS = {
     "hash-ids": ({"hash_ids": ["user"]}, "hash_ids: ['user'] are not id columns"),
     "format": ({"input": {"files": ["log.xlsx"]}}, "cannot tell the format of log.xlsx"),
     "dense-fill-key": ({"dense": {"price": {"column": "price", "default": 0}}}, "unknown key 'default'"),
+    "dense-not-a-table": ({"dense": "price"}, "[dense]: must be a table, got 'price'"),
+    "batch-rows-zero": ({"batch_rows": 0}, "batch_rows: must be a positive integer, got 0"),
 }
 
 
