@@ -55,8 +55,13 @@ class NpyWriter:
         self.expected, self.written = int(np.prod(self.shape)), 0
         with writing(self.path):
             self.handle = open(self.path, "wb")  # noqa: SIM115 (closed by __exit__)
-            np.lib.format.write_array_header_1_0(self.handle, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                              "fortran_order": False, "shape": self.shape})
+        try:
+            with writing(self.path):
+                np.lib.format.write_array_header_1_0(self.handle, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                                  "fortran_order": False, "shape": self.shape})
+        except BaseException:
+            self.handle.close()
+            raise
 
     def write(self, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, dtype=self.dtype).reshape(-1)

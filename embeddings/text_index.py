@@ -7,12 +7,16 @@ four plain ``.npy`` files, memory-mapped read-only by every reader and covered b
     text_rows.npy      int64  [texts]     the row of each hash, in the same order (rows ascending among equal hashes)
     text_offsets.npy   int64  [rows + 1]  where row i's UTF-8 bytes start in text_bytes.npy (the reserved rows too)
     text_bytes.npy     uint8  [bytes]     every row's text, concatenated in row order
+    text_buckets.npy   int64  [2^b + 1]   where the hashes whose top b bits are j start in text_hashes.npy (about
+                                          8 to 16 texts a bucket: b = bucket_bits(texts), in the manifest)
 
 :meth:`TextIndex.lookup_array` resolves a batch of texts with today's semantics (normalised first; the empty
 text -> ``PAD_ID``; a text the store has not encoded -> ``UNKNOWN_ID``, counted): the batch's distinct texts
-are hashed, looked up by ``numpy.searchsorted`` in ``text_hashes.npy`` and each candidate row's bytes are
-compared with the text's own bytes. The cost per batch follows the batch, not the store (a binary search
-over the mapped hashes: log2(rows) probes, most of them in pages every batch touches).
+are normalised and hashed once each, found in their bucket of ``text_hashes.npy`` (a vectorised binary search
+of a few probes within a few cache lines, where a search over the whole array would miss the cache about
+log2(texts) - 12 times) and each candidate row's bytes are compared with the text's own bytes. The cost per
+batch follows the batch's distinct texts, not the store: a handful of random reads per text. The maps are
+advised MADV_RANDOM, so a lookup pages in what it reads and not the pages around it.
 
 **Collisions cannot give a wrong row.** A hash only proposes a row: the row is taken when its bytes equal the
 text's, so an unseen text whose hash equals a store text's stays unknown, and two store texts with one hash
@@ -41,6 +45,7 @@ little-endian unsigned 64-bit integer: any language reproduces it.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import sys
 import threading
 from collections.abc import Sequence
@@ -55,8 +60,9 @@ from bahe.embeddings.vocabulary import PAD_ID, RESERVED, UNKNOWN_ID, normalize_t
 FORMAT = "bahe-text-index/1"
 HASH = "blake2b-64-le"  # BLAKE2b, digest_size=8, of the UTF-8 bytes, read little-endian
 SECTION = "text_index"  # the manifest's section: format, hash, texts, equal_hash_pairs
-HASHES, ROWS, OFFSETS, BYTES = "text_hashes.npy", "text_rows.npy", "text_offsets.npy", "text_bytes.npy"
-FILES = (HASHES, ROWS, OFFSETS, BYTES)
+HASHES, ROWS, OFFSETS, BYTES, BUCKETS = ("text_hashes.npy", "text_rows.npy", "text_offsets.npy", "text_bytes.npy",
+                                         "text_buckets.npy")
+FILES = (HASHES, ROWS, OFFSETS, BYTES, BUCKETS)
 BLOCK = 1 << 20  # entries per block when the writer streams a parent's index
 
 
@@ -87,6 +93,18 @@ def string_parts(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndar
     return raw.astype(np.int64) - int(raw[0]), data
 
 
+def bucket_bits(texts: int) -> int:
+    """Bits of the hash that pick a bucket: 2^b buckets of 8 to 16 texts on average (b = 0 below 16 texts)."""
+    return max(0, (texts // 8).bit_length() - 1)
+
+
+def bucket_of(hashes: np.ndarray, bits: int) -> np.ndarray:
+    """The bucket of each hash: its top ``bits`` bits."""
+    if bits == 0:
+        return np.zeros(len(hashes), dtype=np.int64)
+    return (hashes >> np.uint64(64 - bits)).astype(np.int64)
+
+
 def distinct_texts(texts: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
     """``texts`` dictionary-encoded: each distinct text once (``.dictionary``) and where each value is (``.indices``)."""
     if isinstance(texts, pa.ChunkedArray):
@@ -104,21 +122,33 @@ def _from_parts(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
 
 
 def _load_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """Memory-map an index file of this dtype and shape (an empty one is read, not mapped); refused otherwise."""
+    """An index file of this dtype and shape, memory-mapped read-only and advised MADV_RANDOM (an empty one is
+    read); refused otherwise."""
     try:
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
             found_shape, fortran, found_dtype = read_header(handle)
-        array = np.load(path, mmap_mode="r" if int(np.prod(found_shape)) else None, allow_pickle=False)
+            offset = handle.tell()
+            if found_dtype != dtype or tuple(found_shape) != tuple(shape) or fortran:
+                raise StoreError(f"{path} holds {tuple(found_shape)} {found_dtype}, the manifest calls for "
+                                 f"{tuple(shape)} {np.dtype(dtype)}: the store's text index is corrupt; rebuild this "
+                                 "version with bahe-encode")
+            count = int(np.prod(shape))
+            if offset + count * dtype.itemsize != path.stat().st_size:
+                raise ValueError(f"{path.stat().st_size - offset} bytes of data for {count} values")
+            if count == 0:
+                return np.zeros(shape, dtype=dtype)
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except StoreError:
+        raise
     except (OSError, ValueError) as err:
         raise StoreError(f"{path} is not the .npy array the store's text index needs ({err}); rebuild this version "
                          "with bahe-encode") from None
-    if found_dtype != dtype or tuple(found_shape) != tuple(shape) or fortran:
-        raise StoreError(f"{path} holds {tuple(found_shape)} {found_dtype}, the manifest calls for {tuple(shape)} "
-                         f"{np.dtype(dtype)}: the store's text index is corrupt; rebuild this version with bahe-encode")
-    return array
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)  # a lookup reads a few bytes here and there: no read-ahead around them
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 class TextIndex:
@@ -134,11 +164,11 @@ class TextIndex:
     _lock = threading.Lock()
     _warned: set[str] = set()
 
-    def __init__(self, path: Path, hashes: np.ndarray, rows: np.ndarray, offsets: np.ndarray, data: np.ndarray, *,
-                 on_disk: bool):
+    def __init__(self, path: Path, hashes: np.ndarray, rows: np.ndarray, offsets: np.ndarray, data: np.ndarray,
+                 buckets: np.ndarray, *, on_disk: bool):
         self.path = path
-        # plain ndarray views of the maps (no copy): indexing them skips np.memmap's per-call overhead
-        self.hashes, self.rows, self.offsets, self.data = (np.asarray(a) for a in (hashes, rows, offsets, data))
+        self.hashes, self.rows, self.offsets, self.data, self.buckets = hashes, rows, offsets, data, buckets
+        self.bits = (len(buckets) - 1).bit_length() - 1  # 2^bits + 1 bucket starts
         self.on_disk = on_disk  # False: a store written before text indexes, indexed in memory
         self.unknown_lookups = 0
         self.hash_collisions_seen = 0  # texts whose hash matched a row of other bytes (told apart, not taken)
@@ -177,13 +207,15 @@ class TextIndex:
                                      "a store)")
                 store.verified_files.add(name)
         texts = int(section["texts"])
-        if texts != store.rows_count - len(RESERVED):
-            raise StoreError(f"{store.path / 'manifest.json'}: a text index of {texts} texts for {store.rows_count} "
-                             "rows; rebuild this version with bahe-encode")
+        if texts != store.rows_count - len(RESERVED) or section.get("bucket_bits") != bucket_bits(texts):
+            raise StoreError(f"{store.path / 'manifest.json'}: a text index of {texts} texts in 2^"
+                             f"{section.get('bucket_bits')} buckets for {store.rows_count} rows; rebuild this version "
+                             "with bahe-encode")
         offsets = _load_npy(store.path / OFFSETS, np.dtype(np.int64), (store.rows_count + 1,))
-        data = _load_npy(store.path / BYTES, np.dtype(np.uint8), (int(offsets[-1]),))
         return cls(store.path, _load_npy(store.path / HASHES, np.dtype(np.uint64), (texts,)),
-                   _load_npy(store.path / ROWS, np.dtype(np.int64), (texts,)), offsets, data, on_disk=True)
+                   _load_npy(store.path / ROWS, np.dtype(np.int64), (texts,)), offsets,
+                   _load_npy(store.path / BYTES, np.dtype(np.uint8), (int(offsets[-1]),)),
+                   _load_npy(store.path / BUCKETS, np.dtype(np.int64), ((1 << bucket_bits(texts)) + 1,)), on_disk=True)
 
     @classmethod
     def _in_memory(cls, store) -> TextIndex:
@@ -203,7 +235,7 @@ class TextIndex:
                   f"{store.rows_count - len(RESERVED):,} texts are indexed in this process's memory ({size:,.0f} MiB); "
                   f"the next `bahe-encode build --store {store.path.parent} --data ...` that adds texts writes the "
                   "index with the new version", file=sys.stderr, flush=True)
-        return cls(store.path, hashes, rows, offsets, data, on_disk=False)
+        return cls(store.path, hashes, rows, offsets, data, bucket_starts([hashes], len(hashes)), on_disk=False)
 
     # reading ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -245,7 +277,7 @@ class TextIndex:
         if not len(real) or not len(self.hashes):
             return out
         wanted = hash_texts(texts.take(pa.array(real)))
-        at = np.searchsorted(self.hashes, wanted)
+        at = self._search(wanted)
         hit = at < len(self.hashes)
         hit[hit] = np.asarray(self.hashes[at[hit]]) == wanted[hit]
         queries, at = real[hit], at[hit]
@@ -255,6 +287,20 @@ class TextIndex:
         for query, first, h in zip(queries[~same].tolist(), at[~same].tolist(), wanted[hit][~same].tolist()):
             out[query] = self._walk_equal_hashes(offsets, data, query, first, h)
         return out
+
+    def _search(self, wanted: np.ndarray) -> np.ndarray:
+        """``np.searchsorted(self.hashes, wanted)`` (the first entry >= each hash), searched within each hash's
+        bucket: every probe of a text falls in the same few cache lines."""
+        bucket = bucket_of(wanted, self.bits)
+        lo, hi = self.buckets[bucket], self.buckets[bucket + 1]
+        active = np.flatnonzero(lo < hi)
+        while len(active):
+            mid = (lo[active] + hi[active]) >> 1
+            right = self.hashes[mid] < wanted[active]
+            lo[active[right]] = mid[right] + 1
+            hi[active[~right]] = mid[~right]
+            active = active[lo[active] < hi[active]]
+        return lo
 
     def _same_bytes(self, offsets: np.ndarray, data: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Whether text ``queries[i]`` (of offsets / data) has the bytes of store row ``rows[i]``, vectorised."""
@@ -294,10 +340,21 @@ class TextIndex:
                              "text index is corrupt; rebuild this version with bahe-encode")
         hashes, rows = sorted_hashes(_from_parts(offsets[len(RESERVED):] - offsets[len(RESERVED)],
                                                  data[offsets[len(RESERVED)]:]), len(RESERVED))
-        for name, mine, expected in ((HASHES, self.hashes, hashes), (ROWS, self.rows, rows)):
+        for name, mine, expected in ((HASHES, self.hashes, hashes), (ROWS, self.rows, rows),
+                                     (BUCKETS, self.buckets, bucket_starts([hashes], len(hashes)))):
             if not np.array_equal(mine, expected):
                 raise StoreError(f"{self.path / name} is not the sorted {HASH} index of the store's texts: the "
                                  "store's text index is corrupt; rebuild this version with bahe-encode")
+
+
+def bucket_starts(blocks, texts: int) -> np.ndarray:
+    """``text_buckets.npy`` of sorted hashes given in blocks: where each of the 2^bucket_bits(texts) buckets starts,
+    and the end."""
+    bits = bucket_bits(texts)
+    sizes = np.zeros(1 << bits, dtype=np.int64)
+    for block in blocks:
+        sizes += np.bincount(bucket_of(np.asarray(block), bits), minlength=len(sizes))
+    return np.concatenate([[0], np.cumsum(sizes)])
 
 
 def sorted_hashes(texts: pa.Array, first_row: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +393,8 @@ def write_text_index(folder: Path, texts: Sequence[str], parent_rows: int, paren
             out.write(head_offsets[start:start + BLOCK])
         out.write(new_offsets[1:] + int(head_offsets[-1]))
     texts_count = len(parent_hashes) + len(new_hashes)
-    equal_pairs = 0
+    bits = bucket_bits(texts_count)
+    equal_pairs, sizes = 0, np.zeros(1 << bits, dtype=np.int64)
     with NpyWriter(folder / HASHES, np.uint64, (texts_count,)) as hashes_out, \
             NpyWriter(folder / ROWS, np.int64, (texts_count,)) as rows_out:
         previous = None
@@ -344,9 +402,12 @@ def write_text_index(folder: Path, texts: Sequence[str], parent_rows: int, paren
             if len(hashes):
                 equal_pairs += int(np.count_nonzero(hashes[1:] == hashes[:-1])) + int(previous == hashes[0])
                 previous = hashes[-1]
+                sizes += np.bincount(bucket_of(hashes, bits), minlength=len(sizes))
             hashes_out.write(hashes)
             rows_out.write(rows)
-    return {"format": FORMAT, "hash": HASH, "texts": texts_count, "equal_hash_pairs": equal_pairs}
+    with NpyWriter(folder / BUCKETS, np.int64, (len(sizes) + 1,)) as out:
+        out.write(np.concatenate([[0], np.cumsum(sizes)]))
+    return {"format": FORMAT, "hash": HASH, "texts": texts_count, "bucket_bits": bits, "equal_hash_pairs": equal_pairs}
 
 
 def _merged(parent_hashes: np.ndarray, parent_rows: np.ndarray, new_hashes: np.ndarray, new_rows: np.ndarray):

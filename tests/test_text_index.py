@@ -263,3 +263,63 @@ def test_the_cache_is_per_version_and_store(stores, store_copy):
     assert BehaviourStore.open(stores, "v000001").text_index is not BehaviourStore.open(stores).text_index
     assert BehaviourStore.open(store_copy).text_index is not BehaviourStore.open(stores).text_index
     assert isinstance(BehaviourStore.open(stores).text_index, TextIndex)
+
+
+def test_a_refresh_failing_while_writing_the_index_keeps_the_parent_current(store_copy, model, tmp_path, monkeypatch):
+    """A full disk while the new version's index is written: StoreWriteError naming the file, LATEST and the parent
+    untouched, no half version; the same build run again publishes a complete one."""
+    import errno
+
+    from bahe.embeddings import build_io
+    from bahe.embeddings.store import StoreWriteError
+
+    (store_copy / "LATEST").write_text("v000001\n")
+    shutil.rmtree(store_copy / "v000002")
+    parent = {name: (store_copy / "v000001" / name).read_bytes() for name in FILES}
+    class FullDisk:
+        """A file whose writes fail as on a full disk."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def fill_up(path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 (the writer closes it)
+        return FullDisk(handle) if Path(path).name == "text_hashes.npy" and "w" in mode else handle
+
+    monkeypatch.setattr(build_io, "open", fill_up, raising=False)  # the index writer's files (build_io.NpyWriter)
+    data = write_samples(tmp_path / "day2.parquet", SCHEMA, DAY2["liked"], DAY2["titles"])
+    with pytest.raises(StoreWriteError, match=r"text_hashes.npy: No space left on device.*v000001 is intact"):
+        build_store(store_copy, [data], config(model), chunk_texts=4, show_progress=False)
+    assert (store_copy / "LATEST").read_text().strip() == "v000001" and not (store_copy / "v000002").exists()
+    assert {name: (store_copy / "v000001" / name).read_bytes() for name in FILES} == parent
+    monkeypatch.delattr(build_io, "open")
+    build_store(store_copy, [data], config(model), chunk_texts=4, show_progress=False)
+    store = BehaviourStore.open(store_copy)
+    assert store.version == "v000002"
+    store.verify()
+
+
+@pytest.mark.parametrize("texts", [0, 1, 15, 16, 1000, 100_000])
+def test_the_bucket_search_is_searchsorted(texts):
+    """The search within buckets finds what numpy.searchsorted over the whole array finds, for hashes present,
+    absent, at both ends and between buckets, with runs of equal hashes."""
+    from bahe.embeddings.text_index import bucket_bits, bucket_starts
+
+    rng = np.random.default_rng(texts)
+    hashes = np.sort(rng.integers(0, 2**64, texts, dtype=np.uint64, endpoint=False))
+    if texts > 10:
+        hashes[5:9] = hashes[5]  # a run of equal hashes
+    buckets = bucket_starts([hashes], texts)
+    assert len(buckets) == 2 ** bucket_bits(texts) + 1 and buckets[-1] == texts
+    index = TextIndex(Path("."), hashes, np.arange(texts), np.zeros(texts + 1, np.int64), np.zeros(0, np.uint8),
+                      buckets, on_disk=False)
+    edges = np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64)
+    wanted = np.concatenate([hashes, hashes + np.uint64(1), hashes - np.uint64(1), edges,
+                             rng.integers(0, 2**64, 1000, dtype=np.uint64)])
+    assert index._search(wanted).tolist() == np.searchsorted(hashes, wanted).tolist()
