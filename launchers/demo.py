@@ -4,7 +4,8 @@
 2. store  -- every distinct title encoded ONCE by SmolLM2's first k layers (TorchX, 2 local ranks);
 3. train  -- BAHE on 2 local gloo ranks through TorchX: DMP-sharded frozen behaviour table + ID
              tables, SmolLM2's next layer(s) trained over the title sequences, DLRM head;
-4. evaluate -- test AUC / NE / log loss / calibration (the trainer's final evaluation), and the
+4. evaluate -- test AUC / NE / log loss / calibration (the trainer's final evaluation), per segment of
+             item popularity in the training split (cold / tail / the rest: training/segments.py), and the
              non-learned floor (the strongest standard heuristic on valid, training/baselines.py);
 5. report.
 
@@ -129,11 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  non-learned floor {floor['test']:.4f} ({floor['chosen']}, the heuristic best on valid), "
           f"gain {report['auc_gain_over_floor']:+.4f}")
     print(f"  test NE {test['ne']:.4f}, log loss {test['logloss']:.4f}, calibration {test['calibration']:.3f}")
+    if test.get("segments"):
+        print(f"  {segment_line(test['segments'])}")
     print(f"  training throughput {samples_per_s:,.0f} samples/s across 2 ranks")
     print(f"  TensorBoard: tensorboard --logdir {run / 'tensorboard'}")
     print(f"  checkpoints: {run / 'checkpoints'}   report: {out / 'report.json'}")
     print(f"  wall time {report['total_seconds']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
     return 0
+
+
+def segment_line(segments: dict) -> str:
+    """The demo's per-segment line: test rows and AUC (90% bootstrap interval) of cold, tail and the rest
+    (torso and head) of the items by their training rows (training/segments.py)."""
+    from bahe.training.segments import format_line
+
+    spec = segments["spec"]
+    return (f"test by item popularity in train (rows, AUC [{spec['confidence']:.0%} interval]): "
+            f"{format_line(segments, 'item_popularity')}")
 
 
 def _samples_per_s(run: Path) -> float:

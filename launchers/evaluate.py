@@ -8,6 +8,11 @@ weights, not the architecture. Those left out default to the run's record (<run>
 one given that differs is refused, naming it. The run is restored exactly as a resumed training would be, nothing
 is trained, and the metrics go to <out>/evaluation.json (default: <run>/evaluation/; the run's own
 metrics.json and TensorBoard logs are left as they are).
+
+Each split's metrics also hold ``segments``: AUC and log loss per item popularity segment (training rows of
+the item in the run's train split, as the run recorded them in <run>/item_counts.parquet; cold = 0, tail
+<= 20, torso <= 200, head: --segment-thresholds) and per history length segment (behaviours in the row's
+sequences: --history-thresholds), each with its rows and a bootstrap interval (docs/segments.md).
 """
 
 from __future__ import annotations
@@ -32,12 +37,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="best: the checkpoint the run selected on valid (its BEST.json; the latest when it "
                              "made no selection); latest: the last checkpoint")
+    add_segment_flags(parser)
     for action in parser._actions:  # --out is optional here: the metrics default to the run folder
         if action.dest == "out":
             action.required = False
         if action.dest in ("init_from", "init_optimizer", "frozen_text_from", "data_lanes"):  # training only
             action.help = argparse.SUPPRESS
     return parser
+
+
+def add_segment_flags(parser: argparse.ArgumentParser) -> None:
+    """--segment-thresholds, --history-thresholds, --bootstrap, --confidence, --segment-seed (training/segments.py)."""
+    from bahe.training.segments import SegmentSpec
+
+    d = SegmentSpec()
+    g = parser.add_argument_group("segment metrics (docs/segments.md)")
+    g.add_argument("--segment-thresholds", type=int, nargs="+", default=list(d.item_thresholds), metavar="N",
+                   help="ascending training-row counts bounding the item popularity segments (default "
+                        f"{' '.join(map(str, d.item_thresholds))}: cold 0, tail <= 20, torso <= 200, head above)")
+    g.add_argument("--history-thresholds", type=int, nargs="+", default=list(d.history_thresholds), metavar="N",
+                   help="ascending behaviour counts (all of the row's sequences) bounding the history length "
+                        f"segments (default {' '.join(map(str, d.history_thresholds))})")
+    g.add_argument("--bootstrap", type=int, default=d.bootstrap,
+                   help=f"bootstrap resamples per segment interval (default {d.bootstrap}; 0: no intervals)")
+    g.add_argument("--confidence", type=float, default=d.confidence,
+                   help=f"the intervals' central share (default {d.confidence})")
+    g.add_argument("--segment-seed", type=int, default=d.seed, help=f"the resampling seed (default {d.seed})")
+
+
+def segment_spec(args: argparse.Namespace):
+    from bahe.training.segments import SegmentSpec
+
+    return SegmentSpec(item_thresholds=tuple(args.segment_thresholds), history_thresholds=tuple(args.history_thresholds),
+                       bootstrap=args.bootstrap, confidence=args.confidence, seed=args.segment_seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from bahe.training.selection import recorded_metric
 
     try:
+        segments = segment_spec(args)  # bad thresholds: one line, before any work
         latest = Checkpointer(run / "checkpoints").latest()  # a damaged LATEST: one line, below
         if latest is None:
             raise FileNotFoundError(f"{run} holds no checkpoint (no checkpoints/LATEST); pass a training run's --out")
@@ -67,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-evaluate: error: {err}", file=sys.stderr)
         return 2
+    from bahe.model.sharding import use_behaviour_sharding
     from bahe.training.loop import run_training
 
     fresh = not args.out.exists()
     try:
-        summary = run_training(config)  # restores step `step` of `step`: evaluation only
+        with use_behaviour_sharding(config.behaviour_sharding):  # --behaviour-sharding (bahe-train's parser)
+            summary = run_training(config, segments=segments)  # restores step `step` of `step`: evaluation only
     except (ValueError, FileNotFoundError) as err:  # a damaged or foreign checkpoint: one line on every rank
         if fresh and os.environ.get("RANK", "0") == "0":  # the folder the run's lock made: nothing left behind
             _remove_if_only_a_lock(args.out)

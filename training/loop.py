@@ -1,7 +1,8 @@
 """The trainer: DistributedModelParallel + TrainPipelineSparseDist, evaluation, TensorBoard, checkpoints.
 
 One process per rank (torchrun / TorchX). gloo on CPU, nccl on CUDA. Rank 0 writes TensorBoard
-(train loss and NE, eval AUC / NE / log loss / calibration, samples/s across ranks, step time,
+(train loss and NE, eval AUC / NE / log loss / calibration, AUC and log loss per segment (item popularity
+in the training split, history length: training/segments.py), samples/s across ranks, step time,
 data wait, peak memory, learning rates, and the final hparams) and ``metrics.json``.
 """
 
@@ -28,7 +29,7 @@ from bahe.training.checkpoint import Checkpointer
 from bahe.training.config import TrainConfig
 from bahe.training.faults import inject_fault
 from bahe.training.health import check_loss
-from bahe.training.metrics import CtrMetrics
+from bahe.training.metrics import CtrMetrics, SegmentRows, segment_tagger
 from bahe.training.optimizers import attach_sparse_optimizer, build_optimizer
 from bahe.training.preflight import preflight
 from bahe.training.run_record import (
@@ -39,6 +40,7 @@ from bahe.training.run_record import (
     store_record,
     write_record,
 )
+from bahe.training.segments import DEFAULT_SPEC, KINDS, SegmentSpec, TaggingBatcher
 from bahe.training.selection import Selection, epochs_to_steps, passes_warning
 from bahe.training.sources import ParquetData, RandomData, criteo_data
 from torch.utils.tensorboard import SummaryWriter
@@ -94,18 +96,28 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def evaluate(model, source, split: str, batcher, config: TrainConfig, rank: int, world: int, device,
-             max_batches: int | None) -> dict[str, float]:
-    """Metrics of the model on a split, every rank scoring its own rows (no train pipeline attached)."""
+             max_batches: int | None, segments=None) -> dict[str, float]:
+    """Metrics of the model on a split, every rank scoring its own rows (no train pipeline attached).
+    With a ``segments`` tagger (training/segments.py) the result also holds ``segments``: AUC and log loss
+    per item popularity and history length segment, over every rank's rows."""
     model.eval()
     metrics = CtrMetrics(device)
+    rows = SegmentRows(segments) if segments is not None else None
+    feed = TaggingBatcher(batcher, segments) if segments is not None else batcher
     with torch.no_grad():
-        for n, (batch, real) in enumerate(source.evaluate(split, batcher, config.batch_size, rank, world)):
+        for n, (batch, real) in enumerate(source.evaluate(split, feed, config.batch_size, rank, world)):
             if max_batches is not None and n >= max_batches:
                 break  # every rank holds the same number of batches, so all stop together
             _, (_, logits, labels) = model(batch.to(device))
-            metrics.update(torch.sigmoid(logits[:real]), labels[:real])
+            probabilities = torch.sigmoid(logits[:real])
+            metrics.update(probabilities, labels[:real])
+            if rows is not None:
+                rows.update(probabilities, labels[:real], *feed.pop(real))
     model.train()
-    return metrics.compute()
+    result = metrics.compute()
+    if rows is not None:
+        result["segments"] = rows.compute()
+    return result
 
 
 def open_source(config: TrainConfig, rank: int):
@@ -131,7 +143,7 @@ RUN_BUSY = ("run folder {folder} is being written by {holder}: another bahe-trai
             "it or pass another --out")
 
 
-def run_training(config: TrainConfig) -> dict:
+def run_training(config: TrainConfig, *, segments: SegmentSpec | None = DEFAULT_SPEC) -> dict:
     """:func:`_train` holding the run folder's lock (rank 0; every rank fails together if another process
     holds it). A restarted torchrun attempt waits up to 30 s for the dead attempt's rank 0 to let go."""
     from bahe.embeddings.folder_lock import rank0_folder_lock
@@ -139,7 +151,7 @@ def run_training(config: TrainConfig) -> dict:
     setup_distributed(config.device)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     with rank0_folder_lock(config.out_dir, RUN_BUSY, wait_s=30.0 if restarted else 0.0):
-        return _train(config)
+        return _train(config, segments)
 
 
 @dataclasses.dataclass
@@ -218,8 +230,9 @@ def start_model(config: TrainConfig, source, rank: int, device: torch.device) ->
     return Started(dmp, batcher, optimizer, schedulers, groups, checkpointer, start, initialized)
 
 
-def _train(config: TrainConfig) -> dict:
-    """Train, evaluate and checkpoint; returns the final metrics (on every rank)."""
+def _train(config: TrainConfig, segment_spec: SegmentSpec | None = DEFAULT_SPEC) -> dict:
+    """Train, evaluate and checkpoint; returns the final metrics (on every rank), with segment metrics
+    (training/segments.py) per ``segment_spec`` (None: none)."""
     rank, world, device = setup_distributed(config.device)
     torch.manual_seed(config.seed)
     source = open_source(config, rank)
@@ -232,6 +245,9 @@ def _train(config: TrainConfig) -> dict:
                                                    started.schedulers, started.groups)
     checkpointer, start, initialized = started.checkpointer, started.start, started.initialized
     selection = Selection.load(config.checkpoint_dir, config.select_by, config.patience)
+    # the item popularity of the run's training split: recorded once (a run that trains), read by evaluations
+    segments = segment_tagger(segment_spec, config.checkpoint_dir.parent, getattr(source, "paths", {}).get("train"),
+                              rank, record=start < config.steps, on_rank0=checkpointer.on_rank0)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
     data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip_rows=checkpointer.rows_seen,
                                       seed=config.seed, shuffle=config.shuffle))
@@ -266,7 +282,8 @@ def _train(config: TrainConfig) -> dict:
         evaluated = bool(config.eval_every) and (step % config.eval_every == 0 or step == config.steps)
         best = False
         if evaluated:
-            result = evaluate(dmp, source, "valid", batcher, config, rank, world, device, config.eval_batches)
+            result = evaluate(dmp, source, "valid", batcher, config, rank, world, device, config.eval_batches,
+                              segments)
             history.append({"step": step, **result})
             _log_eval(writer, "eval", result, step)
             best = selection.update(step, result)
@@ -290,7 +307,7 @@ def _train(config: TrainConfig) -> dict:
     selected = selection.step if config.use_best and selection.step is not None else step
     if selected != step:  # the best checkpoint by valid, not the last step
         checkpointer.restore(dmp, optimizer, schedulers, name=f"step-{selected:07d}")
-    final = {split: evaluate(dmp, source, split, batcher, config, rank, world, device, None)
+    final = {split: evaluate(dmp, source, split, batcher, config, rank, world, device, None, segments)
              for split in ("valid", "test")}
     if not history or history[-1]["step"] != step:  # no periodic evaluation logged it
         _log_eval(writer, "eval", final["valid"], step)
@@ -304,7 +321,7 @@ def _train(config: TrainConfig) -> dict:
     if writer is not None:
         writer.add_hparams({"arm": _arm(config), "batch_size": config.batch_size, "steps": config.steps,
                             "world_size": world, "dense_lr": config.optim.dense_lr, "llm_lr": config.optim.llm_lr},
-                           {f"hparam/test_{k}": v for k, v in final["test"].items() if k != "samples"},
+                           {f"hparam/test_{k}": v for k, v in final["test"].items() if k not in ("samples", "segments")},
                            run_name="hparams")
         writer.close()
         (config.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -397,3 +414,8 @@ def _log_eval(writer, prefix: str, result: dict, step: int) -> None:
         return
     for key in ("auc", "ne", "logloss", "calibration"):
         writer.add_scalar(f"{prefix}/{key}", result[key], step)
+    for kind in KINDS if "segments" in result else ():  # e.g. eval_segments/item_popularity/cold/auc
+        for name, entry in result["segments"][kind].items():
+            for key in ("auc", "logloss"):
+                if entry[key] is not None:  # an undefined AUC (one class, no rows) is left out, not logged as 0
+                    writer.add_scalar(f"{prefix}_segments/{kind}/{name}/{key}", entry[key], step)

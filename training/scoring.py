@@ -12,6 +12,11 @@ Scores are the model's forward in eval mode under ``no_grad``, exactly what ``ba
 (``training/loop.py`` ``evaluate``): ``score = sigmoid(logit)`` in float32. The rows, their split over
 ranks and the output file: ``training/scoring_io.py``. With ``features`` (``--features EXPORT``) the text
 features come from a bahe-export folder instead of the LLM's deep layers (serving/cached_scoring.py).
+
+The summary also holds ``segments`` (None: ``segments=None``): AUC and log loss of the scored rows against
+their labels, overall and per item popularity and history length segment, with row counts and bootstrap
+intervals (training/segments.py, docs/segments.md); the item popularity is the run's own, recorded at its
+train start (``<run>/item_counts.parquet``; a run without one: its train split counted now).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from bahe.training.scoring_io import (
     read_rows,
     remove_stale_parts,
 )
+from bahe.training.segments import DEFAULT_SPEC, SegmentSpec
 
 WHICH = ("best", "latest")
 
@@ -61,6 +67,7 @@ class ScoringConfig:
         show_progress: a progress bar on rank 0 (stderr).
         features: a bahe-export folder (its LATEST version) or version folder whose cached text features
             replace the LLM's deep layers (serving/cached_scoring.py); None: the full model runs.
+        segments: the segment metrics of the summary (training/segments.py); None: none.
     """
 
     run: Path
@@ -75,6 +82,7 @@ class ScoringConfig:
     device: str = "auto"
     show_progress: bool = True
     features: Path | None = None
+    segments: SegmentSpec | None = DEFAULT_SPEC
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", Path(self.run))
@@ -138,20 +146,23 @@ def _token(rank: int, world: int, out: Path) -> str:
 
 def score_files(run, files, out, *, which: str = "best", batch_size: int | None = None, data_dir=None,
                 store: str | None = None, llm: str | None = None, llm_precision: str = "auto", device: str = "auto",
-                show_progress: bool = True, features=None) -> dict:
+                show_progress: bool = True, features=None, segments: SegmentSpec | None = DEFAULT_SPEC) -> dict:
     """Score sample files with a trained run; every rank of the process group calls it (see the module doc).
     ``features``: a bahe-export folder whose cached text features replace the LLM's deep layers.
+    ``segments``: the spec of the summary's segment metrics (None: none).
 
     Returns the summary (on every rank): rows, out, checkpoint, step, which, world_size, rows_per_s,
-    text_features (where they came from), ...
+    text_features (where they came from), segments (AUC and log loss per segment), ...
     Raises ValueError / FileNotFoundError (one line) for bad input; nothing is left at or beside ``out``.
     """
+    from bahe.ctr_data.schema import LABEL
     from bahe.training.loop import peak_memory_mb, setup_distributed
+    from bahe.training.metrics import SegmentRows, segment_tagger
     from tqdm import tqdm
 
     config = ScoringConfig(run=run, files=tuple(files), out=out, which=which, batch_size=batch_size,
                            data_dir=data_dir, store=store, llm=llm, llm_precision=llm_precision, device=device,
-                           show_progress=show_progress, features=features)
+                           show_progress=show_progress, features=features, segments=segments)
     rank, world, dev = setup_distributed(config.device)
     began = time.perf_counter()
     plan = plan_scoring(config)
@@ -172,6 +183,8 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
     start, stop = rank_share(total, rank, world)
     ids = tuple(batcher.id_features)
     parts = ScoreFiles(config.out, _token(rank, world, config.out), rank, world)
+    tagger = segment_tagger(config.segments, config.run, plan.train, rank, record=False)
+    rows = SegmentRows(tagger) if tagger is not None else None
     summary = {"run": str(config.run), "checkpoint": plan.checkpoint.name, "step": step, "which": config.which,
                "chosen": plan.chosen, "arm": plan.arm, "files": [str(f) for f in config.files], "rows": total,
                "world_size": world, "batch_size": batch,
@@ -205,6 +218,10 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
                     broken = nonfinite_score(values, inputs, start + done, cached)
                     if broken is None:  # never a NaN or infinite score in the output
                         parts.write(table.slice(0, real), values)
+                        if rows is not None:
+                            scored = table.slice(0, real)
+                            rows.update(torch.sigmoid(torch.from_numpy(values)),
+                                        scored.column(LABEL).to_numpy(zero_copy_only=False), *tagger(scored))
                     done += real
                 bar.update(1)
         if cached is not None:
@@ -216,6 +233,7 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
         except OSError as err:
             error = f"cannot write {parts.part} ({err.strerror or err}): free space or choose another --out folder"
         _agree(error, rank, world, dev)
+        summary["segments"] = rows.compute() if rows is not None else None  # over every rank's rows
         error = None
         if rank == 0:
             try:
