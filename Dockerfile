@@ -1,17 +1,16 @@
-# The image of the gpu-node and k8s profiles of torchx.yaml: this repository on the CUDA builds of its pins,
+# The image of the gpu-node and k8s profiles of torchx.yaml: this repository on the CUDA builds of its locked versions,
 # installed by tools/install_env.sh, the same step `make env` runs (its `gpu` kind). From the repository root:
 #
 #   docker build -t ghcr.io/your-org/bahe-torchrec:latest .
 #   docker push ghcr.io/your-org/bahe-torchrec:latest
 #
 # Another registry or tag: build with that name and set `image:` of both profiles to it (docs/launching.md).
-# The versions below must equal pyproject.toml's pins (tests/test_container.py checks them; pip refuses a
-# mismatch). TORCH_INDEX_URL picks the CUDA build: match it to the base image and the nodes' driver.
+# Every version is requirements/gpu.lock's (pyproject.toml states ranges; the install step installs the lock
+# with `pip install -c`). TORCH_INDEX_URL picks the CUDA build of the locked torch and
+# fbgemm-gpu releases: match it to the base image and the nodes' driver (tests/test_container.py checks 12.8).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
-ARG TORCH_VERSION=2.13.0
-ARG FBGEMM_GPU_VERSION=1.8.0
-ARG TORCHREC_VERSION=1.8.0
+ARG LOCK=requirements/gpu.lock
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
 LABEL org.opencontainers.image.title="bahe-torchrec" \
@@ -31,9 +30,7 @@ RUN apt-get update \
 
 WORKDIR /opt/bahe
 COPY . .
-RUN TORCH_VERSION="${TORCH_VERSION}" FBGEMM_GPU_VERSION="${FBGEMM_GPU_VERSION}" \
-    TORCHREC_VERSION="${TORCHREC_VERSION}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
-    bash tools/install_env.sh gpu /opt/bahe/.venv
+RUN LOCK="${LOCK}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" bash tools/install_env.sh gpu /opt/bahe/.venv
 
 # torchrun, bahe-train, ... of the venv first: TorchX's components start `torchrun` from PATH.
 ENV PATH=/opt/bahe/.venv/bin:${PATH}

