@@ -2,6 +2,7 @@
 
   bahe-data movielens --out data/ml-100k            # from the installed wheel
   bahe-data movielens --source ~/ml-100k --out ...  # from your own GroupLens folder
+  bahe-data movielens --split item_cold --cold-share 0.2 --seed 0 --out data/ml-cold   # 20% of items never in train
   bahe-data synthetic --out data/synth.parquet --samples 1000000
   bahe-data criteo --out data/criteo.parquet day_0.tsv [day_1.tsv ...]
   bahe-data summary data/ml-100k/*.parquet
@@ -47,7 +48,8 @@ def _check_out(args: argparse.Namespace) -> None:
 def _movielens(args: argparse.Namespace) -> list[Path]:
     from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
 
-    config = MovieLensConfig(source=args.source, max_history=args.max_history)
+    config = MovieLensConfig(source=args.source, max_history=args.max_history, protocol=args.split,
+                             cold_share=args.cold_share, seed=args.seed)
     return list(write_movielens(config, args.out).values())
 
 
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--source", type=Path, default=None,
                     help="a GroupLens ml-100k/ folder (u.data, u.item, u.user); default: the installed wheel")
     ml.add_argument("--max-history", type=int, default=50, help="most recent titles kept per sequence (default 50)")
+    ml.add_argument("--split", choices=("time", "item_cold"), default="time",
+                    help="time: a global time split 8:1:1 (default); item_cold: a seeded share of the items has every "
+                         "row in valid or test (none in train), the other items split by time (docs/segments.md)")
+    ml.add_argument("--cold-share", type=float, default=0.2,
+                    help="item_cold: the share of the items held out of train (default 0.2)")
+    ml.add_argument("--seed", type=int, default=0, help="item_cold: which items are held out (default 0)")
     ml.set_defaults(run=_movielens)
 
     syn = sub.add_parser("synthetic", help="industrial-like textual behaviours with a planted click rule")

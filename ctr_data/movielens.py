@@ -19,8 +19,22 @@ Each rating becomes one sample:
   (titles rated > 3) and ``seq_disliked`` (titles rated <= 3), each capped to its most recent
   ``max_history`` titles.
 
-Split: all ratings sorted by (timestamp, user, item), then the first 80% are train, the next 10%
-valid, the last 10% test (a global time split: nothing in train happens after valid or test).
+Split (``split="time"``, the default): all ratings sorted by (timestamp, user, item), then the first 80%
+are train, the next 10% valid, the last 10% test (a global time split: nothing in train happens after
+valid or test).
+
+Split ``"item_cold"`` (an item cold-start protocol): a seeded share of the items (``cold_share`` of the
+items with ratings, exactly, rounded) is held out -- every rating of a cold item is in valid or test, none
+in train: each cold item goes whole to valid or to test (seeded, in the valid : test proportion). The other
+items' ratings are split by time as above. No cold rating feeds any feature of any row: the user features
+and behaviour sequences are computed from the warm ratings only (a cold item's title never appears in a
+sequence, so its label cannot either), a cold item's ``dense_item_history`` is 0 and its
+``dense_item_prior_positive_rate`` falls back to the global rate (in this split every item's prior is
+smoothed toward the positive rate of the strictly earlier warm ratings, not toward 0.5, so a never-seen
+item looks the same whether it is cold or new). Genres and release decade are the item's own. Cold items'
+titles are in ``item_text`` of their rows, so ``bahe-encode build`` encodes them (never trained on). Each
+split is sorted by (timestamp, user, item); valid and test then hold cold rows from any time. The schema's
+``extra`` records the split, the share, the seed and the number of cold items.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
           "War", "Western")
 SPLITS = ("train", "valid", "test")
+PROTOCOLS = ("time", "item_cold")
 _PRIOR_WEIGHT = 5.0
 _RECENT = 20  # ratings in the user's recent positive rate  # pseudo-ratings at rate 0.5 that smooth the prior positive rates
 
@@ -52,28 +67,44 @@ class MovieLensConfig:
         source: a GroupLens ``ml-100k/`` folder (u.data, u.item, u.user); None = the copy in the
             installed recbole wheel.
         max_history: keep at most this many most-recent titles per behaviour sequence.
-        split: train / valid / test fractions of the time-ordered ratings.
+        split: train / valid / test fractions of the time-ordered ratings (of the warm items' ratings
+            with ``protocol="item_cold"``).
+        protocol: ``time`` (a global time split) or ``item_cold`` (a share of the items held out of
+            train entirely; see the module doc).
+        cold_share: the share of the items held out (``item_cold``).
+        seed: which items are held out, and which of them go to valid or test (``item_cold``).
     """
 
     source: Path | None = None
     max_history: int = 50
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    protocol: str = "time"
+    cold_share: float = 0.2
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_history < 0:
             raise ValueError(f"MovieLensConfig.max_history must be >= 0, got {self.max_history}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"MovieLensConfig.protocol must be one of {PROTOCOLS} (--split), got {self.protocol!r}")
+        if not 0.0 < self.cold_share < 1.0:
+            raise ValueError(f"MovieLensConfig.cold_share must be a share of the items in (0, 1) (--cold-share), "
+                             f"got {self.cold_share}")
         if len(self.split) != 3 or any(f <= 0 for f in self.split) or not math.isclose(sum(self.split), 1.0):
             raise ValueError(f"MovieLensConfig.split must be three positive fractions summing to 1, got {self.split}")
 
 
-def movielens_schema(config: MovieLensConfig) -> SampleSchema:
+def movielens_schema(config: MovieLensConfig, cold_items: int | None = None) -> SampleSchema:
+    extra = {"max_history": config.max_history, "label": "rating > 3"}
+    if config.protocol == "item_cold":
+        extra.update(split="item_cold", cold_share=config.cold_share, seed=config.seed, cold_items=cold_items)
     return SampleSchema(
         categorical=("gender", "age_band", "occupation", "zip_region", "genres", "release_decade"),
         dense=("user_age", "user_history", "user_prior_positive_rate", "user_recent_positive_rate", "item_history",
                "item_prior_positive_rate"),
         sequences=("liked", "disliked"),
         dataset="movielens-100k",
-        extra={"max_history": config.max_history, "label": "rating > 3"},
+        extra=extra,
     )
 
 
@@ -195,10 +226,28 @@ def _code(table: dict[str, int], key: str) -> int:
     return table.setdefault(key, len(table) + 1)
 
 
+def cold_items(config: MovieLensConfig, rated: set[int]) -> tuple[set[int], set[int]]:
+    """The held-out items of ``item_cold``: (those whose rows go to valid, those whose rows go to test);
+    ``round(cold_share * items)`` of the rated items, drawn with ``seed``."""
+    items = np.array(sorted(rated), dtype=np.int64)
+    count = int(round(config.cold_share * len(items)))
+    if not 0 < count < len(items):
+        raise ValueError(f"--cold-share {config.cold_share} of {len(items)} items holds out {count}: choose a share "
+                         "that leaves at least one item cold and one warm")
+    rng = np.random.default_rng(config.seed)
+    cold = rng.choice(items, size=count, replace=False)
+    valid, test = config.split[1:]
+    to_valid = int(round(count * valid / (valid + test)))
+    return {int(i) for i in cold[:to_valid]}, {int(i) for i in cold[to_valid:]}
+
+
 def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
     """All samples, time-ordered and split; returns {"train": table, "valid": ..., "test": ...}."""
     raw = read_raw(config.source)
     ratings = sorted(raw.ratings)  # (timestamp, user, item, rating): a total, deterministic order
+    cold_valid, cold_test = cold_items(config, {r[2] for r in ratings}) if config.protocol == "item_cold" \
+        else (set(), set())
+    cold = cold_valid | cold_test
     genre_codes = {g: i + 1 for i, g in enumerate(GENRES)}
     occupations: dict[str, int] = {}
     for name in sorted({u[2] for u in raw.users.values()}):
@@ -213,6 +262,7 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
     user_seen: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # [ratings, positives]
     item_seen: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     user_recent: dict[int, deque] = defaultdict(lambda: deque(maxlen=_RECENT))
+    seen = [0, 0]  # [ratings, positives] of every rating the features may use (item_cold: the warm ones)
     cap = config.max_history
     start = 0
     while start < len(ratings):  # one group of equal timestamps at a time: features use only the past
@@ -220,6 +270,8 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
         while end < len(ratings) and ratings[end][0] == ratings[start][0]:
             end += 1
         group = ratings[start:end]
+        # item_cold: priors smoothed toward the global rate of the earlier warm ratings (0.5 before any)
+        prior = (seen[1] + 0.5 * _PRIOR_WEIGHT) / (seen[0] + _PRIOR_WEIGHT) if cold else 0.5
         for ts, user, item, rating in group:
             title, year, genres = raw.items[item]
             age, gender, occupation, zip_code = raw.users[user]
@@ -241,12 +293,16 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
             recent = user_recent[user]
             cols["dense_user_recent_positive_rate"].append(sum(recent) / len(recent) if recent else 0.5)
             cols["dense_item_history"].append(math.log1p(i_n))
-            cols["dense_item_prior_positive_rate"].append((i_pos + 0.5 * _PRIOR_WEIGHT) / (i_n + _PRIOR_WEIGHT))
+            cols["dense_item_prior_positive_rate"].append((i_pos + prior * _PRIOR_WEIGHT) / (i_n + _PRIOR_WEIGHT))
             cols["item_text"].append(title)
             cols["seq_liked"].append(liked[user][-cap:] if cap else [])
             cols["seq_disliked"].append(disliked[user][-cap:] if cap else [])
         for _, user, item, rating in group:
+            if item in cold:  # a held-out rating feeds no feature of any row: no label of it leaks
+                continue
             positive = rating > 3
+            seen[0] += 1
+            seen[1] += positive
             (liked if positive else disliked)[user].append(raw.items[item][0])
             user_recent[user].append(positive)
             user_seen[user][0] += 1
@@ -255,8 +311,15 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
             item_seen[item][1] += positive
         start = end
 
-    schema = movielens_schema(config).arrow_schema()
+    schema = movielens_schema(config, len(cold) if cold else None).arrow_schema()
     table = pa.Table.from_pydict(dict(cols), schema=schema)
+    if cold:
+        return _item_cold_split(table, config, cold_valid, cold_test)
+    return _time_split(table, config)
+
+
+def _time_split(table: pa.Table, config: MovieLensConfig) -> dict[str, pa.Table]:
+    """The time-ordered ``table`` cut at the split fractions."""
     # Cut at the split fractions, moved forward past ties so that every train timestamp is strictly
     # earlier than every valid one, and every valid one strictly earlier than every test one.
     timestamps = table.column("timestamp").to_numpy()
@@ -266,12 +329,25 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
     return {name: table.slice(cuts[i], cuts[i + 1] - cuts[i]) for i, name in enumerate(SPLITS)}
 
 
+def _item_cold_split(table: pa.Table, config: MovieLensConfig, cold_valid: set[int], cold_test: set[int]
+                     ) -> dict[str, pa.Table]:
+    """Warm items' rows split by time; every row of a cold item in valid or test (its item's split)."""
+    items = table.column("item_id").to_numpy()
+    in_valid = np.isin(items, np.fromiter(cold_valid, dtype=np.int64, count=len(cold_valid)))
+    in_test = np.isin(items, np.fromiter(cold_test, dtype=np.int64, count=len(cold_test)))
+    warm = _time_split(table.filter(pa.array(~(in_valid | in_test))), config)
+    order = [("timestamp", "ascending"), ("user_id", "ascending"), ("item_id", "ascending")]
+    return {"train": warm["train"],
+            "valid": pa.concat_tables([warm["valid"], table.filter(pa.array(in_valid))]).sort_by(order),
+            "test": pa.concat_tables([warm["test"], table.filter(pa.array(in_test))]).sort_by(order)}
+
+
 def write_movielens(config: MovieLensConfig, out_dir: str | Path) -> dict[str, Path]:
     """Write ``train/valid/test.parquet`` under ``out_dir``; returns their paths. The three appear
     together: after a failure (a full disk) none of the older splits there is replaced."""
     out = Path(out_dir)
-    schema = movielens_schema(config)
     tables = build_samples(config)
+    schema = SampleSchema.from_arrow(tables["train"].schema)  # with what the split recorded (item_cold)
     writers: dict[str, SampleWriter] = {}
     try:
         for split, table in tables.items():

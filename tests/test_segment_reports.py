@@ -12,7 +12,6 @@ import contextlib
 import json
 import shutil
 import socket
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
