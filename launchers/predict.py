@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 PRECISIONS = ("auto", "bf16", "fp32")  # bahe.model.deep_layers.PRECISIONS (checked by ScoringConfig)
+BEHAVIOUR_SHARDINGS = ("auto", "row_wise", "column_wise", "table_wise")  # bahe.model.config's (no torch import here)
 # Option strings kept for one process only: under torchrun they are refused (ambiguous with a torchrun option),
 # never taken by it; tests/test_doc_commands.py checks both.
 SINGLE_PROCESS_ALIASES = ("--run",)
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "version folder, instead of the LLM's deep layers; it must come from the checkpoint selected "
                         "here (--which)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--behaviour-sharding", choices=BEHAVIOUR_SHARDINGS, default="auto",
+                   help="how the frozen behaviour table is sharded over the ranks (as bahe-train's; it need not be "
+                        "the training run's): row_wise, column_wise, table_wise, or auto (default: row_wise for a "
+                        "table of 1 GiB or more, else the planner's choice); rank 0 prints the plan in one line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -90,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     from bahe.launchers.train import quiet_library_deprecations
 
     quiet_library_deprecations()
+    from bahe.model.sharding import use_behaviour_sharding
     from bahe.training.scoring import score_files
 
     try:
-        summary = score_files(args.run, args.data, args.out, which=args.which, batch_size=args.batch_size,
-                              data_dir=args.data_dir, store=args.store, llm=args.llm, llm_precision=args.llm_precision,
-                              device=args.device, show_progress=not args.quiet, features=args.features)
+        with use_behaviour_sharding(args.behaviour_sharding):  # what the scorer's shard_model takes
+            summary = score_files(args.run, args.data, args.out, which=args.which, batch_size=args.batch_size,
+                                  data_dir=args.data_dir, store=args.store, llm=args.llm,
+                                  llm_precision=args.llm_precision, device=args.device, show_progress=not args.quiet,
+                                  features=args.features)
     except (ValueError, FileNotFoundError) as err:  # bad input, a damaged run, a failed write: one line
         if os.environ.get("BAHE_TRACEBACK"):
             raise

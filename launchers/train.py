@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from bahe.embeddings.pretrained import DEFAULT_MODEL
+from bahe.model.config import BEHAVIOUR_SHARDINGS
 from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
 from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
 
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-dense-standardize", action="store_true",
                    help="feed log1p(dense) as it is, without z-scoring it with the train split's statistics")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--behaviour-sharding", choices=BEHAVIOUR_SHARDINGS, default="auto",
+                   help="how the frozen behaviour table is sharded over the ranks: row_wise (each rank 1/W of the "
+                        "rows), column_wise (1/W of the columns), table_wise (one rank holds it all), or auto "
+                        "(default): row_wise for a table of 1 GiB or more, else the planner's choice. Rank 0 prints "
+                        "the plan in one line. Not a model flag: a resume or evaluation may use another")
     g.add_argument("--init-from", type=Path, default=None, metavar="RUN_OR_CHECKPOINT",
                    help="warm start: every trainable weight from a previous run's selected checkpoint (best by "
                         "valid, else latest) or from RUN/checkpoints/step-NNNNNNN; the behaviour table from --store "
@@ -159,7 +165,8 @@ def config_from_args(args: argparse.Namespace):
                        max_unknown_text_rate=args.max_unknown_rate,
                        shuffle=not args.no_shuffle, data_lanes=args.data_lanes, standardize_dense=not args.no_dense_standardize, seed=args.seed,
                        init_from=args.init_from, init_optimizer=args.init_optimizer,
-                       frozen_text_from=args.frozen_text_from, device=args.device)
+                       frozen_text_from=args.frozen_text_from, device=args.device,
+                       behaviour_sharding=args.behaviour_sharding)
 
 
 def _steps(args: argparse.Namespace) -> int:
@@ -244,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-train: error: {err}", file=sys.stderr)
         return 2
+    from bahe.model.sharding import use_behaviour_sharding
     from bahe.training.checkpoint import CheckpointWriteError
     from bahe.training.loop import run_training
 
     try:
-        summary = run_training(config)
+        with use_behaviour_sharding(config.behaviour_sharding):  # what the trainer's shard_model takes
+            summary = run_training(config)
     except (CheckpointWriteError, FileNotFoundError, ValueError) as err:  # what the user can fix: one line
         if os.environ.get("BAHE_TRACEBACK"):
             raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+from bahe.embeddings.shard_reader import CHUNK_BYTES, ShardReader
 from bahe.embeddings.store import VECTORS, BehaviourStore, StoreError
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -53,10 +54,18 @@ class BehaviourLookup(nn.Module):
         if missing:
             raise ValueError(f"max_lengths lacks {missing}")
         self.keys, self.max_lengths, self.dim = list(keys), dict(max_lengths), dim
+        # Never filled with random values: the store overwrites every element (load_store_rows). Built on
+        # meta (nn.Embedding's own normal_ init and torchrec's uniform init_fn are each a full pass over the
+        # table), then, off meta, one zeroed table; init_fn zeroes too, should anything reset it.
         self.embedding_collection = EmbeddingCollection(
             tables=[EmbeddingConfig(name=BEHAVIOUR_TABLE, embedding_dim=dim, num_embeddings=num_rows,
-                                    feature_names=list(keys))],
-            device=device)
+                                    feature_names=list(keys), init_fn=nn.init.zeros_)],
+            device=torch.device("meta"))
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        if where.type != "meta":
+            self.embedding_collection.embeddings[BEHAVIOUR_TABLE].weight = nn.Parameter(
+                torch.zeros(num_rows, dim, device=where))
+            self.embedding_collection._device = where  # torchrec's record of where the collection lives
         _apply_optimizer_in_backward(torch.optim.SGD, self.embedding_collection.parameters(), {"lr": 0.0})
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -84,15 +93,19 @@ class BehaviourLookup(nn.Module):
         return out
 
 
-def load_store_rows(model: nn.Module, store: BehaviourStore) -> int:
+def load_store_rows(model: nn.Module, store: BehaviourStore, *, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Copy the store's vectors into the (sharded or plain) behaviour table of ``model``.
 
-    Call it AFTER DistributedModelParallel has wrapped the model. Each rank reads from the store
-    only the rows of the shards it holds (a rank may hold none). Returns the rows read here.
+    Call it AFTER DistributedModelParallel has wrapped the model. Each rank reads from the store only the
+    blocks its local shards hold -- their rows AND columns (row-wise, column-wise, table-wise; a rank may
+    hold none) -- in chunks of at most ``chunk_bytes`` of file span, each copied straight from the store's
+    memory map into its place in the shard (bahe.embeddings.shard_reader): no staging copy of the shard, no
+    full-size masks, so loading adds at most about one chunk to a rank's resident memory. Returns the rows
+    read here (a row counts once per local shard that holds it).
 
     The store is verified on the way: rank 0 recomputes its files' checksums against the manifest and
-    every rank checks that the rows it loads are finite; the ranks agree (one all-gather), so a corrupt
-    store raises the same one-line :class:`StoreError` on all of them.
+    every rank checks each chunk it loads for NaN / inf (stopping at the first such chunk); the ranks agree
+    (one all-gather), so a corrupt store raises the same one-line :class:`StoreError` on all of them.
     """
     suffix = f"embeddings.{BEHAVIOUR_TABLE}.weight"
     targets = [(name, t) for name, t in model.state_dict().items() if name.endswith(suffix)]
@@ -101,22 +114,21 @@ def load_store_rows(model: nn.Module, store: BehaviourStore) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     problem = _checksum_problem(store) if rank == 0 else None
     rows_read = 0
-    for name, tensor in targets:
-        shape = tensor.size() if isinstance(tensor, ShardedTensor) else tensor.shape
-        if tuple(shape) != (store.rows_count, store.dim):
-            raise ValueError(f"{name} is {tuple(shape)}, the store {store.path} is ({store.rows_count}, {store.dim}): "
-                             "build the model from this store's size, or point it at the right store")
-        if isinstance(tensor, ShardedTensor):
-            pieces = [(shard.tensor, *shard.metadata.shard_offsets, *shard.metadata.shard_sizes)
-                      for shard in tensor.local_shards()]
-        else:
-            pieces = [(tensor, 0, 0, store.rows_count, store.dim)]
-        for target, row, col, n_rows, n_cols in pieces:
-            block = store.rows(row, row + n_rows)[:, col:col + n_cols]
-            problem = problem or non_finite_problem(block, store, row)
-            with torch.no_grad():
-                target.copy_(torch.from_numpy(block))
-            rows_read += n_rows
+    with ShardReader(store, chunk_bytes) as reader:
+        for name, tensor in targets:
+            shape = tensor.size() if isinstance(tensor, ShardedTensor) else tensor.shape
+            if tuple(shape) != (store.rows_count, store.dim):
+                raise ValueError(f"{name} is {tuple(shape)}, the store {store.path} is ({store.rows_count}, "
+                                 f"{store.dim}): build the model from this store's size, or point it at the right store")
+            if isinstance(tensor, ShardedTensor):
+                pieces = [(shard.tensor, *shard.metadata.shard_offsets, *shard.metadata.shard_sizes)
+                          for shard in tensor.local_shards()]
+            else:
+                pieces = [(tensor, 0, 0, store.rows_count, store.dim)]
+            for target, row, col, n_rows, n_cols in pieces:
+                if problem is None:
+                    problem = _load_block(reader, target, store, row, col, n_rows, n_cols, rank)
+                rows_read += n_rows
     if dist.is_initialized() and dist.get_world_size() > 1:
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, problem)
@@ -124,6 +136,23 @@ def load_store_rows(model: nn.Module, store: BehaviourStore) -> int:
     if problem:
         raise StoreError(problem)
     return rows_read
+
+
+def _load_block(reader: ShardReader, target: torch.Tensor, store: BehaviourStore, row: int, col: int,
+                n_rows: int, n_cols: int, rank: int) -> str | None:
+    """Copy store rows [row, row + n_rows) x columns [col, col + n_cols) into ``target`` (that block's shard)
+    chunk by chunk, each checked for NaN / inf once in place; the first bad chunk's problem, else None."""
+    if tuple(target.shape) != (n_rows, n_cols):
+        raise ValueError(f"a local shard of {tuple(target.shape)} for a block of {n_rows} x {n_cols}")
+    with torch.no_grad():
+        for first, chunk in reader.chunks((row, row + n_rows), (col, col + n_cols)):
+            place = target[first - row:first - row + len(chunk)]
+            place.copy_(torch.from_numpy(chunk))
+            if not bool(torch.isfinite(place).all()):
+                block = place.detach().cpu().numpy()
+                return non_finite_problem(block, store, first, span=(first, first + len(chunk), col, col + n_cols),
+                                          rank=rank)
+    return None
 
 
 def _checksum_problem(store: BehaviourStore) -> str | None:
@@ -136,12 +165,18 @@ def _checksum_problem(store: BehaviourStore) -> str | None:
     return None
 
 
-def non_finite_problem(block: np.ndarray, store: BehaviourStore, first_row: int) -> str | None:
-    """The first store row in ``block`` (rows from ``first_row``) holding NaN / inf, as a message; else None."""
+def non_finite_problem(block: np.ndarray, store: BehaviourStore, first_row: int, *,
+                       span: tuple[int, int, int, int] | None = None, rank: int | None = None) -> str | None:
+    """The first store row in ``block`` (rows from ``first_row``) holding NaN / inf, as a message; else None.
+    ``span`` (row start, row stop, column start, column stop): the chunk ``block`` was read as, named too."""
     bad = ~np.isfinite(block)
     if not bad.any():
         return None
     row = int(np.flatnonzero(bad.any(axis=1))[0])
     value = block[row][bad[row]][0]
-    return (f"{store.path / VECTORS}: row {first_row + row} holds a non-finite value ({value}): the store is corrupt; "
-            "rebuild this version with bahe-encode build (bahe-encode verify STORE checks a store)")
+    where = ""
+    if span is not None:
+        who = f"rank {rank}'s" if rank is not None else "the"
+        where = f" (in rows [{span[0]}, {span[1]}) x columns [{span[2]}, {span[3]}), {who} chunk being loaded)"
+    return (f"{store.path / VECTORS}: row {first_row + row} holds a non-finite value ({value}): the store is corrupt"
+            f"{where}; rebuild this version with bahe-encode build (bahe-encode verify STORE checks a store)")

@@ -17,6 +17,8 @@ from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
 from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
 
 ARMS = ("bahe", "token_level")
+# --behaviour-sharding: the frozen behaviour table's sharding type (model/sharding.py; auto: its rule there)
+BEHAVIOUR_SHARDINGS = ("auto", "row_wise", "column_wise", "table_wise")
 
 
 # Bounds of the model's sizes: far above any model this code trains (a table of 2**34 rows of D = 8 is

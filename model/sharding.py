@@ -2,23 +2,44 @@
 
 The behaviour table (an EmbeddingCollection) and the ID tables (an EmbeddingBagCollection) are
 sharded by TorchRec's planner over the launch's topology; the deep LLM layers and MLPs are
-replicated data-parallel. ``behaviour_sharding`` pins the behaviour table's sharding type
-(table_wise, row_wise, column_wise, data_parallel), e.g. row-wise for a store too big for one rank.
+replicated data-parallel.
 
-The behaviour table is kept to table_wise / row_wise / column_wise: the planner would choose
-data_parallel for a small one, and torchrec 1.8's data-parallel EmbeddingCollection is broken
-(docs/decisions.md).
+The behaviour table's sharding (``--behaviour-sharding``, :data:`~bahe.model.config.BEHAVIOUR_SHARDINGS`):
+
+* ``row_wise``: each rank holds ceil(rows / W) rows, every column (1/W of the bytes) and reads one
+  contiguous range of the store file;
+* ``column_wise``: each rank holds one block of dim / W columns of every row (1/W of the bytes; each rank
+  reads every page of the store, since a row of 576 floats is narrower than a page);
+* ``table_wise``: one rank holds the whole table, the others none;
+* ``auto`` (default): ``row_wise`` for a table of :data:`ROW_WISE_FROM_BYTES` (1 GiB) or more, else the
+  planner's choice among the three. The rule keeps a rank's host memory for the table at 1/W of it
+  whenever the table is big enough to matter: below 1 GiB any plan costs a rank less than 1 GiB (the
+  constant of issue 28's bound, 1 GiB + 1.25 x the shard), so the planner's cost model (communication,
+  compute) decides; from 1 GiB, row-wise is the one plan whose per-rank bytes AND reads are 1/W (the
+  planner, left alone, picks column-wise on CPU ranks below ~30M rows -- in blocks that need not fall
+  evenly on the ranks -- and table-wise elsewhere).
+
+The plan chosen is printed on rank 0, one line (:func:`describe_behaviour_plan`): the table, the sharding
+type, why, and the shards of each rank. The launchers run the trainer or scorer inside
+:func:`use_behaviour_sharding` (``--behaviour-sharding``); :func:`shard_model` takes that choice unless
+given one. data_parallel is not available: torchrec 1.8's data-parallel EmbeddingCollection is broken
+(docs/decisions.md). The behaviour table's shards are never filled with random values
+(:class:`BehaviourTableSharder`): the store overwrites them (model/behaviour_lookup.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE
+from bahe.model.config import BEHAVIOUR_SHARDINGS
 from torch import nn
+from torchrec.distributed import batched_embedding_kernel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -28,9 +49,65 @@ from torchrec.distributed.planner.types import KernelConfig, ParameterConstraint
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
-# For a trainer with its own planner (dlrm_main): keep the behaviour table off data_parallel (see above)
-BEHAVIOUR_TABLE_CONSTRAINTS = {BEHAVIOUR_TABLE: ParameterConstraints(sharding_types=["table_wise", "row_wise",
-                                                                                     "column_wise"])}
+BEHAVIOUR_TYPES = ("table_wise", "row_wise", "column_wise")  # those the behaviour table may take
+ROW_WISE_FROM_BYTES = 1 << 30  # auto: row-wise for a behaviour table of at least this many bytes
+# For a trainer with its own planner (dlrm_main): keep the behaviour table off data_parallel (see above);
+# behaviour_table_constraints() applies --behaviour-sharding too
+BEHAVIOUR_TABLE_CONSTRAINTS = {BEHAVIOUR_TABLE: ParameterConstraints(sharding_types=list(BEHAVIOUR_TYPES))}
+
+_launch_choice = "auto"  # use_behaviour_sharding()
+
+
+@contextlib.contextmanager
+def use_behaviour_sharding(choice: str):
+    """Inside, :func:`shard_model` takes ``choice`` (the launch's ``--behaviour-sharding``) when not given
+    one: bahe-train, bahe-evaluate and bahe-predict build and shard their model deep inside the trainer or
+    the scorer, so their launchers wrap that call in it. The previous choice comes back on the way out."""
+    global _launch_choice
+    previous, _launch_choice = _launch_choice, check_behaviour_sharding(choice)
+    try:
+        yield
+    finally:
+        _launch_choice = previous
+
+
+def check_behaviour_sharding(choice: str) -> str:
+    if choice == "data_parallel":
+        raise ValueError("data_parallel is not available for the behaviour table: torchrec 1.8's data-parallel "
+                         "EmbeddingCollection returns one pooled row per (sample, key) instead of one per position "
+                         "(construct_jagged_tensors then fails). A frozen table gains nothing from replication's "
+                         "gradient sync anyway; use table_wise (one full copy) or row_wise / column_wise")
+    if choice not in BEHAVIOUR_SHARDINGS:
+        raise ValueError(f"--behaviour-sharding {choice!r} is not one of {', '.join(BEHAVIOUR_SHARDINGS)}")
+    return choice
+
+
+def choose_behaviour_sharding(choice: str, table_bytes: int) -> tuple[list[str], str]:
+    """(the sharding types the planner may give the behaviour table, why) for ``--behaviour-sharding
+    choice`` and a table of ``table_bytes`` bytes (the rule: the module's docstring)."""
+    check_behaviour_sharding(choice)
+    if choice != "auto":
+        return [choice], f"--behaviour-sharding {choice}"
+    if table_bytes >= ROW_WISE_FROM_BYTES:
+        return ["row_wise"], f"auto: row_wise from {_size(ROW_WISE_FROM_BYTES)}"
+    return list(BEHAVIOUR_TYPES), f"auto: the planner's choice below {_size(ROW_WISE_FROM_BYTES)}"
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def behaviour_table_constraints(choice: str, rows: int, dim: int, world: int, *,
+                                bytes_per_value: int = 4) -> tuple[dict[str, ParameterConstraints], str]:
+    """The planner constraints of the behaviour table (rows x dim) for ``--behaviour-sharding choice`` on
+    ``world`` ranks, and why (for :func:`describe_behaviour_plan`)."""
+    allowed, why = choose_behaviour_sharding(choice, rows * dim * bytes_per_value)
+    # column-wise asked for: one column block per rank (the planner would otherwise keep small tables whole)
+    columns = {"min_partition": max(4, dim // max(world, 1))} if allowed == ["column_wise"] else {}
+    return {BEHAVIOUR_TABLE: ParameterConstraints(sharding_types=allowed, **columns)}, why
 
 
 def _behaviour_table(module: nn.Module) -> nn.Parameter | None:
@@ -69,40 +146,101 @@ def hosts(topo) -> int:
     return topo.world_size // topo.local_world_size
 
 
+@contextlib.contextmanager
+def _no_random_init():
+    """torchrec's batched embedding kernels skip their init_parameters (uniform_ over every local row: a full
+    pass over the shard) inside: fbgemm allocates the weights zeroed, and the store overwrites them."""
+    kernel = batched_embedding_kernel.BaseBatchedEmbedding
+    original = kernel.init_parameters
+    kernel.init_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        kernel.init_parameters = original
+
+
+class BehaviourTableSharder(EmbeddingCollectionSharder):
+    """torchrec's EmbeddingCollectionSharder, except that the frozen behaviour table's shards are not filled
+    with random values at construction (one pass of uniform_ over each shard, seconds for a large store):
+    they stay fbgemm's zeros until :func:`~bahe.model.behaviour_lookup.load_store_rows` copies the store
+    into every element. Any other EmbeddingCollection is sharded as torchrec shards it."""
+
+    def shard(self, module, params, env, device=None, module_fqn=None):
+        frozen = [table.name for table in module.embedding_configs()] == [BEHAVIOUR_TABLE]
+        with _no_random_init() if frozen else contextlib.nullcontext():
+            return super().shard(module, params, env, device, module_fqn)
+
+
 def sharders() -> list:
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    return [EmbeddingBagCollectionSharder(), BehaviourTableSharder()]
+
+
+def frozen_table_sharders(given: list) -> list:
+    """``given`` (e.g. torchrec's get_default_sharders()) with its EmbeddingCollectionSharder replaced by
+    :class:`BehaviourTableSharder`, for a trainer with its own planner (examples/dlrm_main_text.py)."""
+    return [BehaviourTableSharder() if type(s) is EmbeddingCollectionSharder else s for s in given]
+
+
+def describe_behaviour_plan(plan, rows: int, dim: int, why: str, world: int) -> str | None:
+    """One line: the behaviour table, its sharding type, why, and each rank's shards (None: no such table)."""
+    found = next((sharding for tables in plan.plan.values() for name, sharding in tables.items()
+                  if name == BEHAVIOUR_TABLE), None)
+    if found is None:
+        return None
+    per_rank = defaultdict(list)
+    shards = found.sharding_spec.shards if found.sharding_spec is not None else []
+    for rank, shard in zip(found.ranks or [], shards):
+        per_rank[rank].append(tuple(shard.shard_sizes))
+    if not shards and found.ranks:  # a spec without shards: each rank named holds the whole table
+        for rank in found.ranks:
+            per_rank[rank].append((rows, dim))
+    parts = []
+    for rank in range(world):
+        held = per_rank.get(rank, [])
+        if not held:
+            parts.append(f"rank {rank}: 0")
+        elif len(set(held)) == 1:
+            parts.append(f"rank {rank}: {len(held)} x ({held[0][0]:,} x {held[0][1]:,})")
+        else:
+            parts.append(f"rank {rank}: {len(held)} ({', '.join(f'{r:,} x {c:,}' for r, c in held)})")
+    return (f"behaviour table {BEHAVIOUR_TABLE} ({rows:,} x {dim:,} float32, {_size(rows * dim * 4)}): "
+            f"{found.sharding_type} ({why}); shards per rank: {'; '.join(parts)}")
+
+
+def log_behaviour_plan(plan, rows: int, dim: int, why: str) -> None:
+    """Print :func:`describe_behaviour_plan` on rank 0 (nothing for a model without the table)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    line = describe_behaviour_plan(plan, rows, dim, why, world)
+    if line and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(line, flush=True)
 
 
 def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: str | None = None,
                 id_sharding: str | None = None, id_tables: list[str] = (), batch_size: int = 512
                 ) -> DistributedModelParallel:
-    """Plan and wrap ``module`` (tables built on ``meta``) with DistributedModelParallel.
+    """Plan and wrap ``module`` (tables built on ``meta``) with DistributedModelParallel; rank 0 prints the
+    behaviour table's plan (one line).
 
     Args:
         module: e.g. ``BAHETrain(model)``; in-backward optimizers must already be attached.
         device: this rank's device (cpu, or cuda:LOCAL_RANK).
-        behaviour_sharding: pin the behaviour table's sharding type (None: the planner chooses among
-            table_wise, row_wise and column_wise).
+        behaviour_sharding: the behaviour table's sharding: one of
+            :data:`~bahe.model.config.BEHAVIOUR_SHARDINGS` (``auto``: the rule in the module's docstring); None:
+            the launch's (:func:`use_behaviour_sharding`; ``auto`` unless a launcher set it).
         id_sharding: pin the sharding type of the ``id_tables`` (None: the planner chooses).
         batch_size: per-rank batch size, for the planner's cost model.
     """
-    for choice in (behaviour_sharding, id_sharding):
-        if choice is not None and choice not in SHARDING_TYPES:
-            raise ValueError(f"sharding type {choice!r} is not one of {SHARDING_TYPES}")
-    if behaviour_sharding == "data_parallel":
-        raise ValueError("data_parallel is not available for the behaviour table: torchrec 1.8's data-parallel "
-                         "EmbeddingCollection returns one pooled row per (sample, key) instead of one per position "
-                         "(construct_jagged_tensors then fails). A frozen table gains nothing from replication's "
-                         "gradient sync anyway; use table_wise (one full copy) or row_wise / column_wise")
+    behaviour_sharding = check_behaviour_sharding(_launch_choice if behaviour_sharding is None
+                                                  else behaviour_sharding)
+    if id_sharding is not None and id_sharding not in SHARDING_TYPES:
+        raise ValueError(f"sharding type {id_sharding!r} is not one of {SHARDING_TYPES}")
     world = dist.get_world_size() if dist.is_initialized() else 1
-    # the planner would pick data_parallel for a small behaviour table: keep it to the working types
-    allowed = [behaviour_sharding] if behaviour_sharding else ["table_wise", "row_wise", "column_wise"]
-    # column-wise: one column block per rank (the planner would otherwise keep small tables whole)
     table = _behaviour_table(module)
-    columns = {"min_partition": max(4, int(table.shape[1]) // world)} \
-        if behaviour_sharding == "column_wise" and table is not None else {}
-    constraints = {BEHAVIOUR_TABLE: ParameterConstraints(sharding_types=allowed, **columns)} \
-        if table is not None else {}
+    constraints, why = {}, ""
+    if table is not None:
+        rows, dim = int(table.shape[0]), int(table.shape[1])
+        constraints, why = behaviour_table_constraints(behaviour_sharding, rows, dim, world,
+                                                       bytes_per_value=table.element_size())
     if id_sharding:
         constraints.update({name: ParameterConstraints(sharding_types=[id_sharding]) for name in id_tables})
     with warnings.catch_warnings():  # its constructor warns to pass an estimate, which we do
@@ -115,4 +253,6 @@ def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: 
                                        constraints=constraints, storage_reservation=reservation)
     pg = dist.GroupMember.WORLD if dist.is_initialized() else None
     plan = planner.collective_plan(module, sharders(), pg) if pg is not None else planner.plan(module, sharders())
+    if table is not None:
+        log_behaviour_plan(plan, rows, dim, why)
     return DistributedModelParallel(module, device=device, plan=plan, sharders=sharders())

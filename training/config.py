@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bahe.model.config import BaheModelConfig
+from bahe.model.config import BEHAVIOUR_SHARDINGS, BaheModelConfig
 from bahe.training.selection import Selection
 
 
@@ -93,6 +93,11 @@ class TrainConfig:
             and over arch train from the seed. Its text settings and store lineage must be this run's.
             BAHE arm only; not with ``init_from``. None: the text arch trains as usual.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        behaviour_sharding: how DistributedModelParallel shards the frozen behaviour table: ``row_wise``,
+            ``column_wise``, ``table_wise``, or ``auto`` (default: row-wise for a table of 1 GiB or more, so that
+            every rank holds and reads 1/W of the store; the planner's choice below that; model/sharding.py).
+            A launch property, not the model's: not recorded in run_config.json, and a resume, an evaluation
+            or a warm start may use another (checkpoints leave the frozen table out, the store supplies it).
     """
 
     data_dir: Path
@@ -122,6 +127,7 @@ class TrainConfig:
     init_optimizer: bool = False
     frozen_text_from: Path | None = None
     device: str = "auto"
+    behaviour_sharding: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -171,6 +177,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.data_lanes: lanes deal a Parquet train split; leave --data-lanes at 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.behaviour_sharding not in BEHAVIOUR_SHARDINGS:
+            raise ValueError(f"TrainConfig.behaviour_sharding={self.behaviour_sharding!r}: give one of "
+                             f"{', '.join(BEHAVIOUR_SHARDINGS)} (--behaviour-sharding; data_parallel is not available "
+                             "for the behaviour table)")
         object.__setattr__(self, "criteo_tsv", tuple(Path(p) for p in self.criteo_tsv))
         if self.data not in ("parquet", "criteo_tsv", "random"):
             raise ValueError(f"TrainConfig.data must be parquet, criteo_tsv or random, got {self.data!r}")
