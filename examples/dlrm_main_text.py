@@ -26,7 +26,8 @@ from bahe.model.batch import SampleBatcher, id_feature_names
 from bahe.model.behaviour_lookup import load_store_rows
 from bahe.model.config import TextConfig
 from bahe.model.factory import build_text_arch
-from bahe.model.sharding import BEHAVIOUR_TABLE_CONSTRAINTS
+from bahe.model.config import BEHAVIOUR_SHARDINGS
+from bahe.model.sharding import behaviour_table_constraints, frozen_table_sharders, log_behaviour_plan
 from bahe.training.dataloader import BaheDataLoader
 from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -71,6 +72,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--store", required=True, help="the behaviour store (bahe-encode build)")
     parser.add_argument("--llm", default="smollm2-135m", help="the model the store was encoded with")
     parser.add_argument("--max_behaviours", type=int, default=50, help="M: most recent behaviours per sequence")
+    parser.add_argument("--behaviour_sharding", choices=BEHAVIOUR_SHARDINGS, default="auto",
+                        help="the frozen behaviour table's sharding (auto: row_wise from 1 GiB, else the planner's)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=0.05)
@@ -143,15 +146,19 @@ def main(argv: list[str]) -> dict:
     train_model = BAHETrain(dlrm_model)
     apply_optimizer_in_backward(torch.optim.Adagrad, train_model.model.sparse_arch.parameters(),
                                 {"lr": args.learning_rate})
+    constraints, why = behaviour_table_constraints(args.behaviour_sharding, store.rows_count, store.dim,
+                                                   dist.get_world_size())
     planner = EmbeddingShardingPlanner(
         topology=Topology(local_world_size=get_local_size(), world_size=dist.get_world_size(),
                           compute_device=device.type),
         batch_size=args.batch_size,
         storage_reservation=HeuristicalStorageReservation(percentage=0.05),
-        constraints=BEHAVIOUR_TABLE_CONSTRAINTS,
+        constraints=constraints,
     )
-    plan = planner.collective_plan(train_model, get_default_sharders(), dist.GroupMember.WORLD)
-    model = DistributedModelParallel(module=train_model, device=device, plan=plan)
+    sharders = frozen_table_sharders(get_default_sharders())  # the frozen table is not randomly initialised
+    plan = planner.collective_plan(train_model, sharders, dist.GroupMember.WORLD)
+    log_behaviour_plan(plan, store.rows_count, store.dim, why)  # one line on rank 0
+    model = DistributedModelParallel(module=train_model, device=device, plan=plan, sharders=sharders)
     load_store_rows(model, store)
 
     dense_optimizer = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
