@@ -64,7 +64,8 @@ def test_every_sharding_holds_the_store_bit_for_bit_and_each_rank_read_only_its_
     results, _ = ranks
     mine = [r["exact"][sharding] for r in results]
     assert all(m["exact"] for m in mine)  # float32 bits equal, shard by shard
-    assert all(m["zeros_before"] for m in mine)  # no random init: fbgemm's zeros until the store is copied in
+    # no random init: torchrec's uniform_ pass over the shards skipped, fbgemm's zeros until the store is copied in
+    assert all(m["random_inits"] == 0 and m["zeros_before"] for m in mine)
     for m in mine:
         assert m["delivered"] == m["shards"], "a rank read blocks (rows x columns) other than its own shards"
         assert m["delivered_bytes"] == m["shard_bytes"]
@@ -138,12 +139,17 @@ def test_the_reader_walks_a_block_in_chunks_of_its_rows_and_columns_only(stores)
         next(reader.chunks((0, SMALL + 1)))
 
 
-def test_a_plain_table_loads_in_chunks_bit_for_bit_and_a_nan_in_a_later_chunk_names_its_row(stores):
+def test_a_plain_table_loads_in_chunks_bit_for_bit_and_a_nan_in_a_later_chunk_names_its_row(stores, monkeypatch):
     from bahe.model.behaviour_lookup import BehaviourLookup, load_store_rows
 
+    initialised = []  # nn.Embedding's own init (normal_ over the table) runs only on meta, where it costs nothing
+    reset = torch.nn.Embedding.reset_parameters
+    monkeypatch.setattr(torch.nn.Embedding, "reset_parameters",
+                        lambda self: (initialised.append(self.weight.device.type), reset(self))[1])
     store = stores["small"]
     lookup = BehaviourLookup(store.rows_count, store.dim, ["item_text"], {"item_text": 1})
     weight = lookup.embedding_collection.embeddings["behaviours"].weight
+    assert set(initialised) == {"meta"} and weight.device.type == "cpu"
     assert not weight.detach().any()  # zeros: never filled with random values
     assert load_store_rows(lookup, store, chunk_bytes=5000) == SMALL
     assert torch.equal(weight.detach().view(torch.int32), torch.from_numpy(np.load(store.path / "vectors.npy")).view(torch.int32))

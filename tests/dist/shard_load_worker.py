@@ -1,10 +1,10 @@
 """Run by torchrun (2 gloo ranks) from tests/test_shard_load.py; writes one JSON per rank.
 
-Stores of random rows (bench/store_scale.py's writer). For each sharding of the behaviour table: the local
-shards right after sharding (zeros: no random init), the blocks the store reader handed out and their bytes
-(a spy on ShardReader), the shards against the store bit for bit; auto's choice with the row-wise threshold
-lowered; the growth of resident memory while a modest store loads (row-wise and column-wise); the message
-of a store holding a NaN row.
+Stores of random rows (bench/store_scale.py's writer). For each sharding of the behaviour table: the
+torchrec kernels that ran their random init on its shards (none) and the shards right after sharding
+(zeros), the blocks the store reader handed out and their bytes (a spy on ShardReader), the shards against
+the store bit for bit; auto's choice with the row-wise threshold lowered; the growth of resident memory
+while a modest store loads (row-wise and column-wise); the message of a store holding a NaN row.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import batched_embedding_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -40,6 +41,16 @@ class SpyReader(behaviour_lookup.ShardReader):
 
 
 behaviour_lookup.ShardReader = SpyReader
+RANDOM_INITS = []  # the tables of every torchrec kernel that ran its random init (uniform_ over its shards)
+_init_parameters = batched_embedding_kernel.BaseBatchedEmbedding.init_parameters
+
+
+def spy_init_parameters(self):
+    RANDOM_INITS.append([table.name for table in self._config.embedding_tables])
+    return _init_parameters(self)
+
+
+batched_embedding_kernel.BaseBatchedEmbedding.init_parameters = spy_init_parameters
 
 
 class Table(nn.Module):
@@ -68,7 +79,9 @@ def shard(store: BehaviourStore, choice: str):
 
 def exactness(store_root: str, choice: str) -> dict:
     store = BehaviourStore.open(store_root)
+    RANDOM_INITS.clear()
     dmp = shard(store, choice)
+    random_inits = sum(BEHAVIOUR_TABLE in tables for tables in RANDOM_INITS)
     shards = local_shards(dmp)
     zeros_before = all(bool((t == 0).all()) for t, *_ in shards)
     READERS.clear()
@@ -76,7 +89,7 @@ def exactness(store_root: str, choice: str) -> dict:
     reference = np.load(store.path / "vectors.npy", mmap_mode="r")
     exact = all(np.array_equal(t.detach().numpy().view(np.int32), reference[r:r + n, c:c + m].view(np.int32))
                 for t, r, c, n, m in shards)
-    return {"rows_loaded": rows, "zeros_before": zeros_before, "exact": exact,
+    return {"rows_loaded": rows, "zeros_before": zeros_before, "random_inits": random_inits, "exact": exact,
             "shards": sorted([r, r + n, c, c + m] for _, r, c, n, m in shards),
             "delivered": sorted(list(b) for reader in READERS for b in reader.delivered.blocks),
             "delivered_bytes": sum(reader.delivered.bytes for reader in READERS),
