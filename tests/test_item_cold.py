@@ -167,3 +167,7 @@ def test_the_command(tmp_path, capsys):
                           "1.5"]) == 2
     assert "cold_share must be a share of the items in (0, 1) (--cold-share), got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    assert data_cli.main(["movielens", "--out", str(tmp_path / "bad"), "--split", "item_cold", "--cold-share",
+                          "0.0001"]) == 2
+    assert "--cold-share 0.0001 of 1682 items holds out 0: choose a share" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

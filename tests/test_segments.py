@@ -241,3 +241,15 @@ def test_evaluate_on_1_and_2_ranks_gives_scikit_learns_numbers_per_segment_over_
     assert results[1]["evaluate"]["segments"]["item_popularity"]["cold"]["rows"] > 0
     one, two = ({k: v for k, v in results[r]["evaluate"]["segments"].items() if k != "item_counts"} for r in (1, 2))
     assert two == one  # intervals too
+
+
+def test_bahe_evaluate_refuses_bad_segment_flags_in_one_line(tmp_path, capsys):
+    from bahe.launchers.evaluate import main
+
+    for flags, flag in ((["--segment-thresholds", "20", "0"], "--segment-thresholds"),
+                        (["--history-thresholds", "-1"], "--history-thresholds"), (["--bootstrap", "-5"], "--bootstrap"),
+                        (["--confidence", "1.5"], "--confidence")):
+        assert main(["--checkpoint", str(tmp_path / "run"), "--data-dir", str(tmp_path), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("bahe-evaluate: error: SegmentSpec.") and flag in err[0], err
+    assert not (tmp_path / "run").exists()
