@@ -142,6 +142,6 @@ def test_the_install_step_refuses_a_missing_lock_or_one_without_a_pin(kind, tmp_
     assert done.returncode == 2 and "pins no torchrec" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("path", [".venv", "runs", ".git"])
+@pytest.mark.parametrize("path", [".venv", ".venv-range-max", "runs", ".git"])
 def test_the_build_context_leaves_out_environments_and_outputs(path):
     assert path in (ROOT / ".dockerignore").read_text().splitlines()
