@@ -1,7 +1,7 @@
 """Peak resident memory per rank while a behaviour store loads into its sharded table (issue 28, item 6:
 the memory part; the lookup, start-up CPU and checksum parts are not measured here).
 
-  python -m bench.store_scale                                   # 250k and 1M rows x 576, W = 1 and 2, RW and CW
+  python -m bench.store_scale --loaders new legacy              # 250k and 1M rows x 576, W = 1 and 2, RW, CW, auto
   python -m bench.store_scale --rows 10000 --worlds 1 2 --out /tmp/scale   # a quick look
 
 For each size a store of random rows is written once under ``--work`` (:func:`write_random_store`: BENCH
@@ -13,10 +13,12 @@ the store with :func:`~bahe.model.behaviour_lookup.load_store_rows` (rank 0 also
 checksums, as the trainer does). Per rank:
 
 * ``base``: resident memory (RSS) before the table exists (Python, torch, torchrec);
-* ``table``: RSS once the table is sharded (its shards allocated), and the seconds sharding took;
-* ``peak``: the high-water mark of RSS from just before sharding to the end of the load (VmHWM, reset
-  through /proc/self/clear_refs), with the maxima of its anonymous and file-backed parts sampled every
-  2 ms during the load;
+* ``table``: RSS once the table is sharded (its shards allocated), the peak while sharding (planner,
+  DistributedModelParallel) and the seconds it took;
+* ``load peak``: the high-water mark of RSS during the load (VmHWM, reset through /proc/self/clear_refs
+  just before it), with the maxima of its anonymous and file-backed parts sampled every 2 ms (file-backed
+  includes the mapped libraries: torch's alone are ~0.15 GiB);
+* ``peak``: the larger of the two peaks, the rank's peak from before the table existed to the end;
 * the shard's bytes, the load's wall and CPU seconds.
 
 Item 2's bound: ``peak <= 1 GiB + 1.25 x shard bytes``. ``--loader legacy`` measures the loader as it was
@@ -46,13 +48,14 @@ BOUND_CONSTANT, BOUND_FACTOR = GIB, 1.25  # item 2: peak <= 1 GiB + 1.25 x the s
 # BENCH ONLY: a store of random rows, through the store's real writer
 # --------------------------------------------------------------------------------------------------------
 def write_random_store(root: Path, rows: int, dim: int = 576, *, seed: int = 0, chunk_rows: int = 65_536,
-                       non_finite_row: int | None = None):
+                       non_finite_row: int | None = None, huge_row: int | None = None):
     """BENCH AND TEST ONLY: a one-version store at ``root`` whose ``rows`` rows (the two reserved rows, zero,
     then ``rows - 2`` distinct texts ``"bench text N"``) hold standard-normal float32 vectors of ``dim``, not
     an LLM's. Everything else is the real writer's (bahe.embeddings.build: the chunk files, vectors.npy,
     vocab.parquet, the text index, checksums, the manifest and its digest, the atomic publish). Its manifest
     names the model ``bench-random-rows`` (no LLM was run), so no trainer accepts it as an LLM's store.
-    ``non_finite_row``: that row holds a NaN (with the checksums matching: a store *built* with it).
+    ``non_finite_row``: that row holds a NaN (with the checksums matching: a store *built* with it);
+    ``huge_row``: that row holds 3e38 in every column (finite; its float32 sum is not).
     Returns the opened :class:`~bahe.embeddings.store.BehaviourStore`."""
     import numpy as np
     from bahe.embeddings import build
@@ -73,6 +76,8 @@ def write_random_store(root: Path, rows: int, dim: int = 576, *, seed: int = 0, 
         block = rng.standard_normal((min(chunk_rows, len(texts) - start), dim), dtype=np.float32)
         if non_finite_row is not None and start <= non_finite_row - len(RESERVED) < start + len(block):
             block[non_finite_row - len(RESERVED) - start, dim // 2] = np.nan
+        if huge_row is not None and start <= huge_row - len(RESERVED) < start + len(block):
+            block[huge_row - len(RESERVED) - start] = 3e38
         np.save(work / f"chunk-{n_chunks:06d}.npy", block)
         n_chunks += 1
     manifest = {"format": FORMAT, "version": version, "parent": None, "created_utc": None,
@@ -191,13 +196,14 @@ def worker(args: argparse.Namespace) -> None:
         sharding.sharders = lambda: [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     dmp = shard_model(Table(), torch.device("cpu"), behaviour_sharding=args.sharding, batch_size=512)
     shard_s = time.perf_counter() - begin
-    table = status()
+    table = status()  # VmHWM: the peak while sharding
     shard_bytes = 0
     for name, tensor in dmp.state_dict().items():
         if name.endswith(f"{BEHAVIOUR_TABLE}.weight"):
             local = [s.tensor for s in tensor.local_shards()] if isinstance(tensor, ShardedTensor) else [tensor]
             shard_bytes += sum(t.numel() * t.element_size() for t in local)
     dist.barrier()
+    reset_peak()  # the load's own peak from here
     cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     with Sampler() as sampled:
         rows = (legacy_load_store_rows if args.loader == "legacy" else load_store_rows)(dmp, store)
@@ -207,7 +213,8 @@ def worker(args: argparse.Namespace) -> None:
     result = {"rank": rank, "world": world, "sharding": args.sharding, "loader": args.loader,
               "rows": store.rows_count, "dim": store.dim, "store_bytes": store.rows_count * store.dim * 4,
               "shard_bytes": shard_bytes, "rows_loaded": rows, "base_rss": base["VmRSS"],
-              "table_rss": table["VmRSS"], "peak_rss": after["VmHWM"], "peak_anon": sampled.anon,
+              "table_rss": table["VmRSS"], "shard_peak_rss": table["VmHWM"], "load_peak_rss": after["VmHWM"],
+              "peak_rss": max(table["VmHWM"], after["VmHWM"]), "peak_anon": sampled.anon,
               "peak_file": sampled.file, "shard_s": round(shard_s, 3), "load_s": round(wall, 3),
               "load_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 3)}
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
@@ -235,14 +242,16 @@ def bound(shard_bytes: int) -> float:
 
 
 def table_md(results: list[dict]) -> str:
-    head = ("| rows | W | sharding | loader | rank | shard | RSS before | RSS with table | peak RSS | peak anon | "
-            "peak file | bound | within | shard s | load s | load CPU s |\n|" + "---|" * 16)
+    head = ("| rows | W | sharding | loader | rank | shard GiB | RSS before | RSS with table | sharding peak | "
+            "load peak | load peak anon | load peak file | peak | bound | within | shard s | load s | load CPU s |\n|"
+            + "---|" * 18)
     lines = [head]
     for r in results:
         gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
         lines.append(f"| {r['rows']:,} | {r['world']} | {r['sharding']} | {r['loader']} | {r['rank']} | "
                      f"{gib(r['shard_bytes'])} | {gib(r['base_rss'])} | {gib(r['table_rss'])} | "
-                     f"{gib(r['peak_rss'])} | {gib(r['peak_anon'])} | {gib(r['peak_file'])} | "
+                     f"{gib(r['shard_peak_rss'])} | {gib(r['load_peak_rss'])} | {gib(r['peak_anon'])} | "
+                     f"{gib(r['peak_file'])} | {gib(r['peak_rss'])} | "
                      f"{gib(bound(r['shard_bytes']))} | {'yes' if r['peak_rss'] <= bound(r['shard_bytes']) else 'NO'} | "
                      f"{r['shard_s']:.2f} | {r['load_s']:.2f} | {r['load_cpu_s']:.2f} |")
     return "\n".join(lines)
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[250_000, 1_000_000])
     p.add_argument("--dim", type=int, default=576)
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--shardings", nargs="+", default=["row_wise", "column_wise"],
+    p.add_argument("--shardings", nargs="+", default=["row_wise", "column_wise", "auto"],
                    choices=("row_wise", "column_wise", "table_wise", "auto"))
     p.add_argument("--loaders", nargs="+", default=["new"], choices=("new", "legacy"))
     p.add_argument("--legacy-max-rows", type=int, default=250_000,

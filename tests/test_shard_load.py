@@ -101,8 +101,8 @@ def test_the_plan_is_one_line_on_rank_0_naming_the_table_the_type_and_each_ranks
 @pytest.mark.parametrize("sharding", ["row_wise", "column_wise"])
 def test_loading_adds_about_one_chunk_to_a_ranks_peak_memory_not_a_copy_of_its_shard(ranks, sharding):
     """Peak RSS during load_store_rows over the RSS just before it (the shard itself already allocated):
-    one 4 MiB chunk of mapped file pages, the chunk's finiteness mask, and on rank 0 the checksum's 16 MiB
-    read buffer. Before issue 28 this was about 2.5 x the shard (a copy of its rows with every column, the
+    one 4 MiB chunk of mapped file pages (the finiteness check sums the chunk: no mask) and, on rank 0, the
+    checksum's 16 MiB read buffer. Before issue 28 this was about 2.5 x the shard (a copy of its rows with every column, the
     mapped pages, two full-size masks): 250 MB and more here."""
     results, _ = ranks
     for rank, r in enumerate(results):
@@ -235,3 +235,15 @@ def test_the_flag_reaches_the_plan_of_train_evaluate_and_predict_and_a_restore_m
     for split in ("valid", "test"):
         assert summaries["evaluate"][split]["auc"] == pytest.approx(summaries["train"][split]["auc"], abs=1e-6)
     assert summaries["predict"]["rows"] > 0
+
+
+def test_finite_values_whose_sum_overflows_load_and_are_not_taken_for_a_corrupt_store(tmp_path):
+    """The per-chunk check sums the chunk (no chunk-sized masks); a row of 3e38s sums to inf in float32, so
+    the exact check decides: every value is finite, the store loads."""
+    from bahe.model.behaviour_lookup import BehaviourLookup, load_store_rows
+
+    store = write_random_store(tmp_path / "huge", 300, DIM, huge_row=100)
+    lookup = BehaviourLookup(store.rows_count, store.dim, ["item_text"], {"item_text": 1})
+    assert load_store_rows(lookup, store, chunk_bytes=4096) == 300
+    weight = lookup.embedding_collection.embeddings["behaviours"].weight.detach()
+    assert float(weight[100].sum()) == float("inf") and bool(weight[100].eq(3e38).all())
