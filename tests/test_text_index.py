@@ -323,3 +323,29 @@ def test_the_bucket_search_is_searchsorted(texts):
     wanted = np.concatenate([hashes, hashes + np.uint64(1), hashes - np.uint64(1), edges,
                              rng.integers(0, 2**64, 1000, dtype=np.uint64)])
     assert index._search(wanted).tolist() == np.searchsorted(hashes, wanted).tolist()
+
+
+def test_the_text_lookup_bench_runs_and_its_tables_are_its_numbers(tmp_path):
+    """bench/text_lookup_bench.py at toy sizes: every cell measured, the three resolvers give batches of the same
+    size, and the page's ratios are those of the recorded numbers. Timings are not asserted."""
+    import statistics
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "bench.text_lookup_bench", "--sizes", "300", "3000", "--batches", "2",
+                           "--rounds", "1", "--batch-size", "16", "--seq-len", "5", "--distinct", "200", "--work",
+                           str(tmp_path / "work"), "--out", str(tmp_path / "page")], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads((tmp_path / "page.json").read_text())
+    cells = {(c["size"], c["mode"]): c for c in found["cells"]}
+    assert set(cells) == {(n, m) for n in (300, 3000) for m in ("before", "vocab_dict", "index")}
+    for n in (300, 3000):
+        assert len({cells[(n, m)]["values_per_batch"] for m in ("before", "vocab_dict", "index")}) == 1
+    page = (tmp_path / "page.md").read_text()
+    cpu = {int(n): statistics.median(v) for n, v in found["interleaved"]["cpu_s"].items()}
+    assert f"| 3,000 | {statistics.median(found['interleaved']['wall_s']['3000']) * 1e3:.1f} |" in page
+    assert f"{cpu[3000] / cpu[300]:.2f}x |" in page
+    ratio = cells[(3000, "index")]["median_batch_s"] / cells[(300, "index")]["median_batch_s"]
+    assert f"| 3,000 | index | {cells[(3000, 'index')]['median_batch_s'] * 1e3:.1f} | {ratio:.2f}x |" in page
