@@ -1,0 +1,85 @@
+"""One rank of the upstream-shaped examples' tests (tests/test_migration_guide.py).
+
+    torchrun --nproc_per_node 2 tests/dist/dlrm_main_upstream_worker.py upstream|upstream_text OUT.json SEED \\
+        -- EXAMPLE_ARGS
+
+Runs ``main`` of examples/dlrm_main_<which>.py unchanged (torch seeded with SEED first) and records from
+outside, per rank: every training step's loss and wall time (wrapping ``TrainPipelineSparseDist.progress``),
+the val and test AUROCs, each param group's final learning rate (the model and optimizer are caught on
+their way into ``train_val_test``), the deprecation warnings raised, and, with a store, whether every
+local shard of the behaviour table still equals the store's rows bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from bahe.embeddings.store import BehaviourStore
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import TrainPipelineSparseDist
+
+
+def table_equals_store(model, store_root: str) -> tuple[bool, int]:
+    """(every local shard of the behaviour table == the store's rows, number of elements compared)."""
+    store = BehaviourStore.open(store_root)
+    same, compared = True, 0
+    for name, tensor in model.state_dict().items():
+        if name.endswith("embeddings.behaviours.weight") and isinstance(tensor, ShardedTensor):
+            for shard in tensor.local_shards():
+                (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                expected = torch.from_numpy(store.rows(row, row + rows)[:, col:col + cols])
+                same = same and torch.equal(shard.tensor, expected)
+                compared += shard.tensor.numel()
+    return same, compared
+
+
+def main() -> None:
+    which, out, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    argv = sys.argv[sys.argv.index("--") + 1:]
+    torch.manual_seed(seed)
+    example = importlib.import_module(f"examples.dlrm_main_{which}")
+    record = {"losses": [], "step_seconds": []}
+    progress = TrainPipelineSparseDist.progress
+
+    def timed_progress(self, iterator):
+        start = time.perf_counter()
+        output = progress(self, iterator)
+        if self._model.training:
+            record["step_seconds"].append(time.perf_counter() - start)
+            record["losses"].append(float(output[0]))
+        return output
+
+    caught = {}
+    train_val_test = example.train_val_test
+
+    def catching(args, model, optimizer, *rest):
+        caught.update(model=model, optimizer=optimizer)
+        return train_val_test(args, model, optimizer, *rest)
+
+    TrainPipelineSparseDist.progress = timed_progress
+    example.train_val_test = catching
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", FutureWarning)
+        warnings.simplefilter("always", DeprecationWarning)
+        results = example.main(argv)
+    record["val_aurocs"], record["test_auroc"] = results.val_aurocs, results.test_auroc
+    record["final_lrs"] = [group["lr"] for group in caught["optimizer"].param_groups]
+    record["group_sizes"] = [len(group["params"]) for group in caught["optimizer"].param_groups]
+    record["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in seen
+                                 if issubclass(w.category, FutureWarning | DeprecationWarning)})
+    if "--store" in argv:
+        store = argv[argv.index("--store") + 1]
+        record["table_equals_store"], record["table_elements"] = table_equals_store(caught["model"], store)
+    out.with_name(f"{out.stem}-rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
