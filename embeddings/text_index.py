@@ -59,7 +59,7 @@ from bahe.embeddings.vocabulary import PAD_ID, RESERVED, UNKNOWN_ID, normalize_t
 
 FORMAT = "bahe-text-index/1"
 HASH = "blake2b-64-le"  # BLAKE2b, digest_size=8, of the UTF-8 bytes, read little-endian
-SECTION = "text_index"  # the manifest's section: format, hash, texts, equal_hash_pairs
+SECTION = "text_index"  # the manifest's section: format, hash, texts, bucket_bits, equal_hash_pairs
 HASHES, ROWS, OFFSETS, BYTES, BUCKETS = ("text_hashes.npy", "text_rows.npy", "text_offsets.npy", "text_bytes.npy",
                                          "text_buckets.npy")
 FILES = (HASHES, ROWS, OFFSETS, BYTES, BUCKETS)

@@ -19,7 +19,8 @@ batches, vectorised:
 * behaviours: each sequence's texts -> store ids (all the batch's texts resolved in one lookup). Empty
   texts carry nothing and are dropped (counted); a text the store has not encoded -> the reserved
   unknown row (counted); of the rest, the ``max_behaviours`` most recent are kept, oldest first (the
-  older ones dropped are counted); an empty sequence stays empty (length 0). The item text -> one id (none when the text is empty).
+  older ones dropped are counted); an empty sequence stays empty (length 0). The item text -> one id
+  (none when the text is empty).
 
 The counts accumulate in :attr:`SampleBatcher.counters` (:class:`BatcherCounters`) for the
 trainer to log; :meth:`BatcherCounters.as_dict` gives them as flat name -> number pairs.
@@ -133,7 +134,8 @@ class SampleBatcher:
     """
 
     def __init__(self, schema: SampleSchema, table_sizes: dict[str, int],
-                 vocabulary: TextIndex | BehaviourVocabulary | None = None, sequence_names: tuple[str, ...] | None = None,
+                 vocabulary: TextIndex | BehaviourVocabulary | None = None,
+                 sequence_names: tuple[str, ...] | None = None,
                  max_behaviours: int = 50, dense_normalizer: DenseNormalizer | None = None):
         self.schema = schema
         if dense_normalizer is not None and list(dense_normalizer.columns) != list(schema.dense_columns):
