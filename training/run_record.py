@@ -183,9 +183,10 @@ STORE_DIGEST_ROWS = 4096
 def shared_rows_digest(store: BehaviourStore, rows: int) -> dict[str, str]:
     """SHA-256 of the first ``rows`` vocabulary texts (in id order) and of the vectors of
     :data:`STORE_DIGEST_ROWS` rows spread evenly over them (float32 bytes, in row order)."""
-    texts, vocabulary = hashlib.sha256(), store.vocabulary.texts
-    for start in range(0, rows, 65_536):  # JSON of 65,536 texts at a time: bounded memory, same bytes each time
-        texts.update(json.dumps(vocabulary[start:min(start + 65_536, rows)], ensure_ascii=False).encode())
+    texts = hashlib.sha256()
+    for start in range(0, rows, 65_536):  # JSON of 65,536 texts at a time, read through the store's text index:
+        # bounded memory (no vocabulary in the heap), the same bytes as the whole vocabulary's slices
+        texts.update(json.dumps(store.texts(start, min(start + 65_536, rows)), ensure_ascii=False).encode())
     picked = np.unique(np.linspace(0, rows - 1, min(rows, STORE_DIGEST_ROWS)).round().astype(np.int64))
     vectors = hashlib.sha256()
     for row in picked.tolist():
