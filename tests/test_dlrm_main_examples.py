@@ -1,5 +1,6 @@
 """The dlrm_main-shaped examples (examples/dlrm_main_swap.py, text off; examples/dlrm_main_text.py,
-text on) run end to end on 2 gloo ranks, and docs/migration.md shows their real diff.
+text on) run end to end on 2 gloo ranks, and their diff stays small. (docs/migration.md shows the diff
+from upstream's dlrm_main.py instead: examples/dlrm_main_upstream*.py, tests/test_migration_guide.py.)
 
 What a dlrm_main user hits when adding text, each checked here:
 * dlrm_main's BinaryAUROC takes the batch's labels as they are: BaheBatch labels are integers, as in
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 
 import pytest
@@ -59,13 +59,9 @@ def test_text_off_swap_example_trains_and_evaluates(tiny):
         assert 0.0 <= rank["test_auroc"] <= 1.0
 
 
-def test_the_migration_guide_shows_the_examples_real_diff_and_it_is_small():
+def test_the_examples_diff_is_the_text_change_alone_and_small():
     done = subprocess.run(["diff", "-u", "examples/dlrm_main_swap.py", "examples/dlrm_main_text.py"], cwd=ROOT,
                           capture_output=True, text=True)
     real = done.stdout.splitlines()[2:]  # without the two file-name lines (they carry dates)
-    guide = (ROOT / "docs" / "migration.md").read_text()
-    shown = re.search(r"<!-- examples-diff -->\n```diff\n(.*?)```", guide, re.S)
-    assert shown, "docs/migration.md lacks the ```diff block after <!-- examples-diff -->"
-    assert shown.group(1).splitlines()[2:] == real, "docs/migration.md's diff is stale: regenerate it"
     changed = [line for line in real if line[:1] in "+-"]
     assert 0 < len(changed) <= 40, changed

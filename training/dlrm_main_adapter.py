@@ -49,11 +49,12 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 __all__ = ["BEHAVIOUR_TABLE_CONSTRAINTS", "REFUSED", "STAGE_FILES", "add_arguments", "build_text_arch", "check_args",
-           "feature_names", "get_dataloader", "load_store_rows", "text_optimizers", "without_text"]
+           "feature_names", "get_dataloader", "load_store_rows", "start_at_zero", "text_optimizers",
+           "without_text"]
 
 STAGE_FILES = {"train": "train.parquet", "val": "valid.parquet", "test": "test.parquet"}
 DEFAULT_DEEP_LAYERS = 1  # make demo's cpu preset (launchers/demo.py): the project's measured default
-DEFAULT_TEXT_LEARNING_RATE = 1e-3  # measured: docs/migration.md, "The optimizer recipe"
+DEFAULT_TEXT_LEARNING_RATE = 3e-4  # measured: docs/migration.md, "The optimizer recipe"
 
 _CRITEO = "this trainer reads the project's Parquet (--bahe_data_dir); Criteo carries no text: convert it with " \
           "`bahe-data criteo` and pass that folder, or train Criteo .npy files with the unpatched dlrm_main.py"
@@ -189,11 +190,17 @@ def build_text_arch(args: argparse.Namespace) -> tuple[torch.nn.Module | None, B
     text = TextConfig(store=str(args.store), llm=args.llm, max_behaviours=args.max_behaviours,
                       deep_layers=args.deep_layers)
     arch, store = _build_text_arch(text, _schema(args.bahe_data_dir), args.embedding_dim, device=torch.device("meta"))
+    return start_at_zero(arch), store
+
+
+def start_at_zero(text_arch: torch.nn.Module) -> torch.nn.Module:
+    """Zero the text arch's user and item projections (weights and biases), in place; returns it. For a
+    model from :func:`bahe.model.factory.build_model`: ``start_at_zero(model.text_arch)`` before DMP."""
     with torch.no_grad():
-        for projection in (arch.user_projection, arch.item_projection):
+        for projection in (text_arch.user_projection, text_arch.item_projection):
             for parameter in projection.parameters():
                 parameter.zero_()
-    return arch, store
+    return text_arch
 
 
 def load_store_rows(model: torch.nn.Module, store: BehaviourStore | None) -> None:

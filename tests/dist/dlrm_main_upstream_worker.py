@@ -5,7 +5,7 @@
 
 Runs ``main`` of examples/dlrm_main_<which>.py unchanged (torch seeded with SEED first) and records from
 outside, per rank: every training step's loss and wall time (wrapping ``TrainPipelineSparseDist.progress``),
-the val and test AUROCs, each param group's final learning rate (the model and optimizer are caught on
+the val and test AUROCs and batch sizes, each param group's final learning rate (the model and optimizer are caught on
 their way into ``train_val_test``), the deprecation warnings raised, and, with a store, whether every
 local shard of the behaviour table still equals the store's rows bit for bit.
 """
@@ -45,7 +45,7 @@ def main() -> None:
     argv = sys.argv[sys.argv.index("--") + 1:]
     torch.manual_seed(seed)
     example = importlib.import_module(f"examples.dlrm_main_{which}")
-    record = {"losses": [], "step_seconds": []}
+    record = {"losses": [], "step_seconds": [], "eval_batch_sizes": set()}
     progress = TrainPipelineSparseDist.progress
 
     def timed_progress(self, iterator):
@@ -54,6 +54,8 @@ def main() -> None:
         if self._model.training:
             record["step_seconds"].append(time.perf_counter() - start)
             record["losses"].append(float(output[0]))
+        else:
+            record["eval_batch_sizes"].add(output[2].numel())
         return output
 
     caught = {}
@@ -69,6 +71,7 @@ def main() -> None:
         warnings.simplefilter("always", FutureWarning)
         warnings.simplefilter("always", DeprecationWarning)
         results = example.main(argv)
+    record["eval_batch_sizes"] = sorted(record["eval_batch_sizes"])
     record["val_aurocs"], record["test_auroc"] = results.val_aurocs, results.test_auroc
     record["final_lrs"] = [group["lr"] for group in caught["optimizer"].param_groups]
     record["group_sizes"] = [len(group["params"]) for group in caught["optimizer"].param_groups]
