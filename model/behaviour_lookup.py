@@ -11,7 +11,9 @@ gets its own in-backward SGD with lr=0.0 at construction (without one fbgemm wou
 default SGD), and trainers build their dense optimizer from parameters WITHOUT an in-backward
 optimizer (torchrec's ``in_backward_optimizer_filter``). The weights come from the store
 after DistributedModelParallel has sharded the table: :func:`load_store_rows` copies into every
-local shard only the rows and columns that shard holds.
+local shard only the rows and columns that shard holds, a bounded chunk at a time, straight from the
+store's memory map (bahe.embeddings.shard_reader); the table is never filled with random values first.
+Measured per rank: peak RSS = the process (~0.37 GiB) + its shard + at most one chunk (docs/bench_store_scale.md).
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ class BehaviourLookup(nn.Module):
         self.keys, self.max_lengths, self.dim = list(keys), dict(max_lengths), dim
         # Never filled with random values: the store overwrites every element (load_store_rows). Built on
         # meta (nn.Embedding's own normal_ init and torchrec's uniform init_fn are each a full pass over the
-        # table), then, off meta, one zeroed table; init_fn zeroes too, should anything reset it.
+        # table), then, off meta, one zeroed table. init_fn does nothing: a sharded table's reset_parameters
+        # calls it on shards fbgemm has just allocated zeroed (model/sharding.py skips the kernels' uniform_).
         self.embedding_collection = EmbeddingCollection(
             tables=[EmbeddingConfig(name=BEHAVIOUR_TABLE, embedding_dim=dim, num_embeddings=num_rows,
-                                    feature_names=list(keys), init_fn=nn.init.zeros_)],
+                                    feature_names=list(keys), init_fn=_filled_by_the_store)],
             device=torch.device("meta"))
         where = torch.device(device) if device is not None else torch.device("cpu")
         if where.type != "meta":
@@ -93,6 +96,10 @@ class BehaviourLookup(nn.Module):
             padded = torch.ops.fbgemm.jagged_to_padded_dense(jt.values(), [jt.offsets()], [width], 0.0)
             out[key] = (padded, lengths)
         return out
+
+
+def _filled_by_the_store(weight: torch.Tensor) -> None:
+    """The behaviour table's init_fn: nothing (load_store_rows writes every element)."""
 
 
 def load_store_rows(model: nn.Module, store: BehaviourStore, *, chunk_bytes: int = CHUNK_BYTES) -> int:
