@@ -74,6 +74,8 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two(pipeline, tmp_path, caps
     two, one = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("2x1", "1x2"))
     assert two["world_size"] == one["world_size"] == 2 and two["steps"] == one["steps"] == 6
     for split in ("valid", "test"):
+        for run in (two, one):  # each run's segment report names its own item-count file; all else is equal
+            assert run[split]["segments"]["item_counts"].pop("file").endswith("item_counts.parquet")
         assert two[split] == one[split], split  # the same rows, the same global batches: the same numbers
     assert two["rank0_data_counters"] == one["rank0_data_counters"]
 
