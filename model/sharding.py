@@ -181,7 +181,8 @@ def frozen_table_sharders(given: list) -> list:
     return [BehaviourTableSharder() if type(s) is EmbeddingCollectionSharder else s for s in given]
 
 
-def describe_behaviour_plan(plan, rows: int, dim: int, why: str, world: int) -> str | None:
+def describe_behaviour_plan(plan, rows: int, dim: int, why: str, world: int, dtype: torch.dtype = torch.float32
+                            ) -> str | None:
     """One line: the behaviour table, its sharding type, why, and each rank's shards (None: no such table)."""
     found = next((sharding for tables in plan.plan.values() for name, sharding in tables.items()
                   if name == BEHAVIOUR_TABLE), None)
@@ -203,14 +204,15 @@ def describe_behaviour_plan(plan, rows: int, dim: int, why: str, world: int) -> 
             parts.append(f"rank {rank}: {len(held)} x ({held[0][0]:,} x {held[0][1]:,})")
         else:
             parts.append(f"rank {rank}: {len(held)} ({', '.join(f'{r:,} x {c:,}' for r, c in held)})")
-    return (f"behaviour table {BEHAVIOUR_TABLE} ({rows:,} x {dim:,} float32, {_size(rows * dim * 4)}): "
+    size = rows * dim * torch.empty((), dtype=dtype).element_size()
+    return (f"behaviour table {BEHAVIOUR_TABLE} ({rows:,} x {dim:,} {str(dtype).removeprefix('torch.')}, {_size(size)}): "
             f"{found.sharding_type} ({why}); shards per rank: {'; '.join(parts)}")
 
 
-def log_behaviour_plan(plan, rows: int, dim: int, why: str) -> None:
+def log_behaviour_plan(plan, rows: int, dim: int, why: str, dtype: torch.dtype = torch.float32) -> None:
     """Print :func:`describe_behaviour_plan` on rank 0 (nothing for a model without the table)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    line = describe_behaviour_plan(plan, rows, dim, why, world)
+    line = describe_behaviour_plan(plan, rows, dim, why, world, dtype)
     if line and (not dist.is_initialized() or dist.get_rank() == 0):
         print(line, flush=True)
 
@@ -254,5 +256,5 @@ def shard_model(module: nn.Module, device: torch.device, *, behaviour_sharding: 
     pg = dist.GroupMember.WORLD if dist.is_initialized() else None
     plan = planner.collective_plan(module, sharders(), pg) if pg is not None else planner.plan(module, sharders())
     if table is not None:
-        log_behaviour_plan(plan, rows, dim, why)
+        log_behaviour_plan(plan, rows, dim, why, table.dtype)
     return DistributedModelParallel(module, device=device, plan=plan, sharders=sharders())
