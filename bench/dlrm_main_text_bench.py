@@ -11,8 +11,9 @@ quadratic decay over steps 50-100), ``--limit_train_batches`` steps of ``--batch
 (plus dlrm_main's 2 filler batches), then a validation over valid.parquet. Text on adds ``--store`` (the
 recipe: text arch on its own AdamW at ``--text_learning_rate``, outside the policy; its projections start
 at zero); text off is the same file without it. Recorded per run: the first and the highest training
-loss (and their ratio), the valid AUROC, the median step time (steps 6 on, both ranks' steps in
-parallel: wall time of one step), whether the frozen table equals the store.
+loss (and their ratio), the valid AUROC, the median step time from step 6 on (wall time of one step,
+the ranks in parallel; and rank 0's CPU time in that step, which other work on a shared machine
+inflates far less than the wall time: one thread per rank), whether the frozen table equals the store.
 
 The data (``bahe-data movielens --max-history 5``) and the store (``bahe-encode build --k K``, SmolLM2)
 are built once under ``--work``. Writes ``--out``.json and .md.
@@ -71,6 +72,7 @@ def run(out_dir: Path, data: Path, store: Path | None, lr: float, seed: int, *, 
     return {"name": name, "text": arm, "optimizer": optimizer, "lr": lr, "seed": seed, "steps": len(losses),
             "first_loss": losses[0], "peak_loss": max(losses), "peak_over_first": max(losses) / losses[0],
             "val_auroc": record["val_aurocs"][-1], "median_step_s": statistics.median(record["step_seconds"][5:]),
+            "median_step_cpu_s": statistics.median(record["step_cpu_seconds"][5:]),
             "table_equals_store": record.get("table_equals_store"), "final_lrs": record["final_lrs"],
             "run_s": time.perf_counter() - started}
 
@@ -83,14 +85,16 @@ def _env() -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# The upstream-shaped text trainer under dlrm_main's policy ({meta['command']})", "",
-             f"{meta['machine']}; MovieLens-100K, store k = {meta['k']}, SmolLM2-135M, 1 deep layer; "
-             f"{meta['steps']} steps of 32 rows x 2 gloo ranks; warm-up 10, decay 50-100.", "",
-             "| text | optimizer | lr | seed | first loss | peak loss | peak / first | valid AUROC | median step (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{meta['machine']}; MovieLens-100K, store k = {meta['k']}, SmolLM2-135M, {meta['deep_layers']} deep layer(s); "
+             f"{meta['steps']} steps of {meta['batch_size']} rows x 2 gloo ranks; warm-up 10, decay 50-100; "
+             f"load average at the start {meta['machine_record']['loadavg_start'][0]:.1f}.", "",
+             "| text | optimizer | lr | seed | first loss | peak loss | peak / first | valid AUROC | median step (s) "
+             "| median step, rank 0 CPU (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['text']} | {r['optimizer']} | {r['lr']:g} | {r['seed']} | {r['first_loss']:.3f} | "
                      f"{r['peak_loss']:.4g} | {r['peak_over_first']:.3g} | {r['val_auroc']:.4f} | "
-                     f"{r['median_step_s']:.3f} |")
+                     f"{r['median_step_s']:.3f} | {r['median_step_cpu_s']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +108,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--optimizer", choices=["adagrad", "sgd"], default="adagrad")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--text-lr", type=float, default=None, help="--text_learning_rate (default: the example's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per rank per step")
+    parser.add_argument("--deep-layers", type=int, default=None, help="--deep_layers (default: the example's)")
+    parser.add_argument("--limit-val-batches", type=int, default=None, help="validate on this many batches per rank")
     args = parser.parse_args(argv)
+    extra = ["--batch_size", str(args.batch_size)]
+    extra += ["--deep_layers", str(args.deep_layers)] if args.deep_layers is not None else []
+    extra += ["--limit_val_batches", str(args.limit_val_batches)] if args.limit_val_batches is not None else []
     args.work.mkdir(parents=True, exist_ok=True)
     data, store = prepare(args.work, args.k)
     rows = []
@@ -112,14 +122,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in args.seeds:
             for arm_store in (None, store):
                 rows.append(run(args.work, data, arm_store, lr, seed, optimizer=args.optimizer, steps=args.steps,
-                                text_lr=args.text_lr))
+                                text_lr=args.text_lr, extra=tuple(extra)))
                 print(json.dumps(rows[-1]), flush=True)
     from bench.machine import machine, versions
 
     info = machine()
     meta = {"command": "python -m bench.dlrm_main_text_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{info['cpu_model']}, {info['cpu_affinity']} CPU cores (shared), 1 thread per rank",
-            "machine_record": info, "versions": versions(), "k": args.k, "steps": args.steps}
+            "machine_record": info, "versions": versions(), "k": args.k, "steps": args.steps,
+            "batch_size": args.batch_size, "deep_layers": args.deep_layers or 1}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(rows, meta))

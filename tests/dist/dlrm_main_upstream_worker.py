@@ -4,7 +4,7 @@
         -- EXAMPLE_ARGS
 
 Runs ``main`` of examples/dlrm_main_<which>.py unchanged (torch seeded with SEED first) and records from
-outside, per rank: every training step's loss and wall time (wrapping ``TrainPipelineSparseDist.progress``),
+outside, per rank: every training step's loss, wall time and this rank's CPU time (wrapping ``TrainPipelineSparseDist.progress``),
 the val and test AUROCs and batch sizes, each param group's final learning rate (the model and optimizer are caught on
 their way into ``train_val_test``), the deprecation warnings raised, and, with a store, whether every
 local shard of the behaviour table still equals the store's rows bit for bit.
@@ -45,14 +45,15 @@ def main() -> None:
     argv = sys.argv[sys.argv.index("--") + 1:]
     torch.manual_seed(seed)
     example = importlib.import_module(f"examples.dlrm_main_{which}")
-    record = {"losses": [], "step_seconds": [], "eval_batch_sizes": set()}
+    record = {"losses": [], "step_seconds": [], "step_cpu_seconds": [], "eval_batch_sizes": set()}
     progress = TrainPipelineSparseDist.progress
 
     def timed_progress(self, iterator):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         output = progress(self, iterator)
         if self._model.training:
             record["step_seconds"].append(time.perf_counter() - start)
+            record["step_cpu_seconds"].append(time.process_time() - cpu)
             record["losses"].append(float(output[0]))
         else:
             record["eval_batch_sizes"].add(output[2].numel())
@@ -63,14 +64,16 @@ def main() -> None:
 
     def catching(args, model, optimizer, *rest):
         caught.update(model=model, optimizer=optimizer)
-        return train_val_test(args, model, optimizer, *rest)
+        caught["results"] = train_val_test(args, model, optimizer, *rest)
+        return caught["results"]
 
     TrainPipelineSparseDist.progress = timed_progress
     example.train_val_test = catching
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", FutureWarning)
         warnings.simplefilter("always", DeprecationWarning)
-        results = example.main(argv)
+        example.main(argv)  # upstream's main returns nothing: the results are caught on their way out
+    results = caught["results"]
     record["eval_batch_sizes"] = sorted(record["eval_batch_sizes"])
     record["val_aurocs"], record["test_auroc"] = results.val_aurocs, results.test_auroc
     record["final_lrs"] = [group["lr"] for group in caught["optimizer"].param_groups]
