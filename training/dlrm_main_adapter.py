@@ -60,16 +60,17 @@ _CRITEO = "this trainer reads the project's Parquet (--bahe_data_dir); Criteo ca
           "`bahe-data criteo` and pass that folder, or train Criteo .npy files with the unpatched dlrm_main.py"
 _MULTI_HOT = "upstream's Multihot rebuilds the batch from Criteo's 26 keys and would drop the behaviours: run without it"
 
-# (option, when it is refused, what to do): checked by check_args, in this order
+# (option, when it is refused, what to do): checked by check_args, in this order (getattr: a dlrm_main of
+# another commit may lack an option)
 REFUSED = (
-    ("--in_memory_binary_criteo_path", lambda a: a.in_memory_binary_criteo_path is not None, _CRITEO),
-    ("--synthetic_multi_hot_criteo_path", lambda a: a.synthetic_multi_hot_criteo_path is not None, _CRITEO),
-    ("--multi_hot_sizes", lambda a: a.multi_hot_sizes is not None, _MULTI_HOT),
-    ("--collect_multi_hot_freqs_stats", lambda a: bool(a.collect_multi_hot_freqs_stats), _MULTI_HOT),
-    ("--interaction_type", lambda a: str(a.interaction_type) != "original",
+    ("--in_memory_binary_criteo_path", lambda a: getattr(a, "in_memory_binary_criteo_path", None) is not None, _CRITEO),
+    ("--synthetic_multi_hot_criteo_path", lambda a: getattr(a, "synthetic_multi_hot_criteo_path", None) is not None, _CRITEO),
+    ("--multi_hot_sizes", lambda a: getattr(a, "multi_hot_sizes", None) is not None, _MULTI_HOT),
+    ("--collect_multi_hot_freqs_stats", lambda a: bool(getattr(a, "collect_multi_hot_freqs_stats", False)), _MULTI_HOT),
+    ("--interaction_type", lambda a: str(getattr(a, "interaction_type", "original")) != "original",
      "BAHE has DLRM's dot-product interaction only (no DCN or projection counterpart): use --interaction_type "
      "original, or train dcn / projection without text"),
-    ("--undersampling_rate", lambda a: a.undersampling_rate is not None,
+    ("--undersampling_rate", lambda a: getattr(a, "undersampling_rate", None) is not None,
      "not applied to Parquet input (upstream's loaders ignore it too): undersample when you build the data"),
     ("--bahe_data_dir", lambda a: a.bahe_data_dir is None,
      "required: the folder of train/valid/test.parquet written by bahe-data"),
@@ -108,7 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
         if refused(args):
             raise SystemExit(f"{option}: {what_to_do}")
     for option in ("batch_size", "test_batch_size", "max_behaviours", "deep_layers", "epochs"):
-        value = getattr(args, option)
+        value = getattr(args, option, None)
         if value is not None and value < 1:
             raise SystemExit(f"--{option} {value}: must be at least 1")
     for stage in STAGE_FILES:
@@ -164,10 +165,11 @@ def get_dataloader(args: argparse.Namespace, backend: str, stage: str) -> BaheDa
                             sequences, args.max_behaviours)
     if getattr(args, "pin_memory", None):
         batcher = _pinned(batcher)
-    batch_size = args.test_batch_size if stage != "train" and args.test_batch_size is not None else args.batch_size
+    test_batch_size = getattr(args, "test_batch_size", None)
+    batch_size = test_batch_size if stage != "train" and test_batch_size is not None else args.batch_size
     return BaheDataLoader(args.bahe_data_dir / STAGE_FILES[stage], batcher, batch_size=batch_size,
                           rank=dist.get_rank(), world=dist.get_world_size(), shuffle=stage == "train",
-                          seed=args.seed or 0)
+                          seed=getattr(args, "seed", None) or 0)
 
 
 def _pinned(batcher):
