@@ -164,9 +164,8 @@ def legacy_load_store_rows(model, store) -> int:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from torch import nn
-
     from bahe.launchers.train import quiet_library_deprecations
+    from torch import nn
 
     quiet_library_deprecations()
     dist.init_process_group("gloo")

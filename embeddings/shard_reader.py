@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Iterator
@@ -110,10 +111,8 @@ class ShardReader:
     def close(self) -> None:
         self._array = None
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a caller still holds a view: the map goes with it
                 self._map.close()
-            except BufferError:  # a caller still holds a view: the map goes with it
-                pass
             self._map = None
 
     def __enter__(self) -> ShardReader:

@@ -24,9 +24,8 @@ from bahe.ctr_data.parquet_io import SampleReader
 from bahe.model.bahe import BAHE, BAHETrain
 from bahe.model.batch import SampleBatcher, id_feature_names
 from bahe.model.behaviour_lookup import load_store_rows
-from bahe.model.config import TextConfig
+from bahe.model.config import BEHAVIOUR_SHARDINGS, TextConfig
 from bahe.model.factory import build_text_arch
-from bahe.model.config import BEHAVIOUR_SHARDINGS
 from bahe.model.sharding import behaviour_table_constraints, frozen_table_sharders, log_behaviour_plan
 from bahe.training.dataloader import BaheDataLoader
 from torchmetrics.classification import BinaryAUROC

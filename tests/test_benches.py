@@ -170,8 +170,9 @@ def test_daily_bench_auc_and_paired_bootstrap_against_references():
     """The daily bench's rank AUC equals torchmetrics' AUROC (ties included); the paired bootstrap of an AUC
     difference is zero for a model against itself, brackets the point difference, and leans the right way for a
     model that is better on the rows."""
-    from bench.daily_bench import paired_bootstrap, rank_auc
     from torchmetrics.functional.classification import binary_auroc
+
+    from bench.daily_bench import paired_bootstrap, rank_auc
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 3000)
