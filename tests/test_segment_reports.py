@@ -11,7 +11,6 @@ import collections
 import contextlib
 import json
 import shutil
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,31 +19,12 @@ from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
 from bahe.training.segments import ITEM_COUNTS, read_item_counts
 from sklearn.metrics import roc_auc_score
 
+from tests.test_predict import process_group
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("keep_signal_handlers")]
 FLAGS = ["--arm", "dlrm", "--batch-size", "512", "--embedding-dim", "8", "--dense-arch", "16", "8", "--over-arch",
          "16", "1", "--table-rows", "2000", "--dense-lr", "3e-3", "--log-every", "5", "--steps", "12",
          "--eval-every", "6"]
-
-
-@contextlib.contextmanager
-def process_group():
-    """A 1-rank gloo group for in-process CLI calls on a free port; environment restored, group destroyed."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)}.items():
-            patch.setenv(key, value)
-        for key in ("TORCHELASTIC_RESTART_COUNT", "BAHE_TRACEBACK", "LOCAL_WORLD_SIZE"):
-            patch.delenv(key, raising=False)
-        try:
-            yield
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 def last_json(printed: str) -> dict:
