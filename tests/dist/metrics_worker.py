@@ -22,16 +22,22 @@ from bahe.training.loop import evaluate
 from bahe.training.sources import ParquetData
 
 
-def main(data_dir: Path, out: Path, batch_size: int) -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)  # the same weights on every rank and every world size
+def tiny_dlrm(data_dir: Path, out: Path, batch_size: int):
+    """(train model, batcher, source, config): a small DLRM-arm model with the same weights on every rank and
+    every world size, and the trainer's config for ``data_dir``."""
+    torch.manual_seed(0)
     model_config = BaheModelConfig(tables=TablesConfig(embedding_dim=8, default_rows=64),
                                    arch=ArchConfig(dense_arch_layer_sizes=(16, 8), over_arch_layer_sizes=(16, 1)))
     source = ParquetData(data_dir)
     model, batcher, _ = build_model(model_config, source.schema, device=torch.device("cpu"))
-    train_model = BAHETrain(model)
     config = TrainConfig(data_dir=data_dir, out_dir=out, model=model_config, batch_size=batch_size)
+    return BAHETrain(model), batcher, source, config
+
+
+def main(data_dir: Path, out: Path, batch_size: int) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    train_model, batcher, source, config = tiny_dlrm(data_dir, out, batch_size)
     result = evaluate(train_model, source, "valid", batcher, config, rank, world, torch.device("cpu"), None)
     if rank == 0:
         with torch.no_grad():

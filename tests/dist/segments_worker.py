@@ -15,14 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from bahe.ctr_data.parquet_io import SampleReader
-from bahe.model.bahe import BAHETrain
-from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig
-from bahe.model.factory import build_model
-from bahe.training.config import TrainConfig
 from bahe.training.loop import evaluate
 from bahe.training.metrics import segment_tagger
 from bahe.training.segments import SegmentSpec, history_lengths
-from bahe.training.sources import ParquetData
+
+from tests.dist.metrics_worker import tiny_dlrm
 
 SPEC = SegmentSpec(item_thresholds=(0, 2, 4), history_thresholds=(0, 3), bootstrap=30, seed=11)
 
@@ -30,13 +27,7 @@ SPEC = SegmentSpec(item_thresholds=(0, 2, 4), history_thresholds=(0, 3), bootstr
 def main(data_dir: Path, out: Path, batch_size: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)  # the same weights on every rank and every world size
-    model_config = BaheModelConfig(tables=TablesConfig(embedding_dim=8, default_rows=64),
-                                   arch=ArchConfig(dense_arch_layer_sizes=(16, 8), over_arch_layer_sizes=(16, 1)))
-    source = ParquetData(data_dir)
-    model, batcher, _ = build_model(model_config, source.schema, device=torch.device("cpu"))
-    train_model = BAHETrain(model)
-    config = TrainConfig(data_dir=data_dir, out_dir=out, model=model_config, batch_size=batch_size)
+    train_model, batcher, source, config = tiny_dlrm(data_dir, out, batch_size)
     run = out / f"run-{world}"
     run.mkdir(exist_ok=True)
 
