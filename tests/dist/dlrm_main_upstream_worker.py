@@ -21,23 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from bahe.embeddings.store import BehaviourStore
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import TrainPipelineSparseDist
 
-
-def table_equals_store(model, store_root: str) -> tuple[bool, int]:
-    """(every local shard of the behaviour table == the store's rows, number of elements compared)."""
-    store = BehaviourStore.open(store_root)
-    same, compared = True, 0
-    for name, tensor in model.state_dict().items():
-        if name.endswith("embeddings.behaviours.weight") and isinstance(tensor, ShardedTensor):
-            for shard in tensor.local_shards():
-                (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                expected = torch.from_numpy(store.rows(row, row + rows)[:, col:col + cols])
-                same = same and torch.equal(shard.tensor, expected)
-                compared += shard.tensor.numel()
-    return same, compared
+from tests.dist.dlrm_main_example_worker import table_equals_store
 
 
 def main() -> None:
