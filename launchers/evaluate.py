@@ -100,13 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-evaluate: error: {err}", file=sys.stderr)
         return 2
-    from bahe.model.sharding import use_behaviour_sharding
     from bahe.training.loop import run_training
 
     fresh = not args.out.exists()
     try:
-        with use_behaviour_sharding(config.behaviour_sharding):  # --behaviour-sharding (bahe-train's parser)
-            summary = run_training(config, segments=segments)  # restores step `step` of `step`: evaluation only
+        summary = run_training(config, segments=segments)  # restores step `step` of `step`: evaluation only
     except (ValueError, FileNotFoundError) as err:  # a damaged or foreign checkpoint: one line on every rank
         if fresh and os.environ.get("RANK", "0") == "0":  # the folder the run's lock made: nothing left behind
             _remove_if_only_a_lock(args.out)

@@ -251,13 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bahe-train: error: {err}", file=sys.stderr)
         return 2
-    from bahe.model.sharding import use_behaviour_sharding
     from bahe.training.checkpoint import CheckpointWriteError
     from bahe.training.loop import run_training
 
     try:
-        with use_behaviour_sharding(config.behaviour_sharding):  # what the trainer's shard_model takes
-            summary = run_training(config)
+        summary = run_training(config)  # its shard_model takes config.behaviour_sharding
     except (CheckpointWriteError, FileNotFoundError, ValueError) as err:  # what the user can fix: one line
         if os.environ.get("BAHE_TRACEBACK"):
             raise

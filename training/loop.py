@@ -205,7 +205,8 @@ def start_model(config: TrainConfig, source, rank: int, device: torch.device) ->
     if frozen is not None:  # before sharding: DDP and the optimizer groups leave the frozen weights out
         frozen_text.freeze(model)
     attach_sparse_optimizer(model, config.optim)
-    dmp = shard_model(BAHETrain(model), device, batch_size=config.batch_size)
+    dmp = shard_model(BAHETrain(model), device, behaviour_sharding=config.behaviour_sharding,
+                      batch_size=config.batch_size)
     if store is not None:
         load_store_rows(dmp, store)
     optimizer, schedulers, groups = build_optimizer(dmp, dmp.fused_optimizer, config.optim, config.steps)
