@@ -48,10 +48,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from bahe.model.bahe import BAHE, BAHETrain
-from bahe.model.sharding import shard_model
-from bahe.training.config import OptimConfig
-from bahe.training.optimizers import attach_sparse_optimizer
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.random import RandomRecDataset
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -59,6 +55,10 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from bahe.model.bahe import BAHE, BAHETrain
+from bahe.model.sharding import shard_model
+from bahe.training.config import OptimConfig
+from bahe.training.optimizers import attach_sparse_optimizer
 from bench.machine import machine, versions
 from bench.memory import cpu_allocation_peak
 

@@ -105,7 +105,6 @@ def table(per_seed: list[dict], summary: dict, steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from bahe.launchers.demo import PRESETS
-
     from bench import quality_bench as quality
 
     p = argparse.ArgumentParser(prog="python -m bench.downstream_bench", description=__doc__,

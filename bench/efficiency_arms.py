@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from bahe.ctr_data.parquet_io import SampleReader
 from torch import nn
 
+from bahe.ctr_data.parquet_io import SampleReader
 from bench.efficiency_setup import SEQUENCE_TYPES, Shape
 
 ARMS = ("token", "bahe")

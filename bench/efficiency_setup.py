@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.embeddings.build import build_store
 from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
 from bahe.embeddings.vocabulary import count_texts
-from torch.utils.flop_counter import FlopCounterMode
-
 from bench.memory import cpu_allocation_peak
 
 MIB = 2**20

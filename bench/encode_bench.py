@@ -47,12 +47,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
 from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
 from bahe.embeddings.vocabulary import count_texts
-from torch.utils.flop_counter import FlopCounterMode
-
 from bench.machine import machine as machine_record
 from bench.machine import versions
 

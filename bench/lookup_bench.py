@@ -42,8 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup
-from bahe.model.sharding import shard_model
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -51,6 +49,8 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup
+from bahe.model.sharding import shard_model
 from bench.machine import machine, versions
 from bench.memory import cpu_allocation_peak
 

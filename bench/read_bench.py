@@ -50,9 +50,10 @@ def cases(lanes: int, small: int) -> list[Case]:
 def write_data(cache: Path, rows: int, row_group: int) -> Path:
     """Synthetic samples (3 behaviour sequences of up to 10 texts) in row groups of ``row_group`` rows,
     written once into ``cache`` and reused."""
+    from tqdm import tqdm
+
     from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
     from bahe.ctr_data.synthetic import SyntheticConfig, generate, synthetic_schema
-    from tqdm import tqdm
 
     path = cache / f"synthetic-{rows}-rg{row_group}.parquet"
     if path.is_file() and SampleReader(path).num_rows == rows:
@@ -70,6 +71,7 @@ def measure(path: Path, case: Case, rank: int, world: int, global_batch: int) ->
     """One rank's epoch (or evaluation pass): bytes, row groups, wall and CPU seconds, rows, and the most
     Arrow memory held between two batches (the rows the rank keeps for its next batches)."""
     import pyarrow as pa
+
     from bahe.ctr_data.parquet_io import SampleReader
     from bahe.training.data import rank_tables
 

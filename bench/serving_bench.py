@@ -70,8 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def ensure_export(args):
     from bahe.serving.export import ExportConfig, export
     from bahe.serving.export_store import ExportVersion, latest_version
-    from bahe.serving.restore import checkpoint_digest, restore_run
-    from bahe.training.restore import select_checkpoint
+    from bahe.serving.restore import checkpoint_digest, restore_run, select_checkpoint
 
     files = tuple(args.data_dir / f"{s}.parquet" for s in ("train", "valid", "test"))
     if latest_version(args.export):
@@ -87,9 +86,10 @@ def ensure_export(args):
 def dlrm_arm(restored, lean: bool = False):
     """torchrec's DLRM with the run's ID tables and dense arch, over-arch sizes as the run's, exported as (a);
     ``lean``: its modules through (a)'s interaction code (serving/predictor.py ``lean_interaction_logits``)."""
-    from bahe.serving.predictor import dlrm_predictor, predictor_bytes, script
     from torchrec import EmbeddingBagCollection
     from torchrec.models.dlrm import DLRM
+
+    from bahe.serving.predictor import dlrm_predictor, predictor_bytes, script
 
     model, arch = restored.model, restored.config.arch
     torch.manual_seed(0)

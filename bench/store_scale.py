@@ -58,6 +58,7 @@ def write_random_store(root: Path, rows: int, dim: int = 576, *, seed: int = 0, 
     ``huge_row``: that row holds 3e38 in every column (finite; its float32 sum is not).
     Returns the opened :class:`~bahe.embeddings.store.BehaviourStore`."""
     import numpy as np
+
     from bahe.embeddings import build
     from bahe.embeddings.store import FORMAT, BehaviourStore, version_name
     from bahe.embeddings.vocabulary import RESERVED, BehaviourVocabulary
@@ -142,8 +143,9 @@ def legacy_load_store_rows(model, store) -> int:
     with EVERY column copied out of the memory map, full-size finiteness masks, one copy_."""
     import numpy as np
     import torch
-    from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, _checksum_problem
     from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, _checksum_problem
 
     suffix = f"embeddings.{BEHAVIOUR_TABLE}.weight"
     _checksum_problem(store) if int(os.environ.get("RANK", 0)) == 0 else None
@@ -164,16 +166,18 @@ def legacy_load_store_rows(model, store) -> int:
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from bahe.launchers.train import quiet_library_deprecations
     from torch import nn
+
+    from bahe.launchers.train import quiet_library_deprecations
 
     quiet_library_deprecations()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
     from bahe.embeddings.store import BehaviourStore
     from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup, load_store_rows
     from bahe.model.sharding import shard_model
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     store = BehaviourStore.open(args.store)
 
@@ -188,9 +192,10 @@ def worker(args: argparse.Namespace) -> None:
     reset_peak()
     begin = time.perf_counter()
     if args.loader == "legacy":  # torchrec's own sharder: random init of every shard, as before issue 28
-        import bahe.model.sharding as sharding
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+        import bahe.model.sharding as sharding
 
         sharding.sharders = lambda: [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     dmp = shard_model(Table(), torch.device("cpu"), behaviour_sharding=args.sharding, batch_size=512)

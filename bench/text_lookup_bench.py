@@ -133,9 +133,10 @@ class VocabularyBefore:
 def behaviour_features_before(batcher, table):
     """``SampleBatcher._behaviour_features`` before issue 28: one lookup per sequence type, one for the items."""
     import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
     from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID
     from bahe.model.batch import keep_most_recent
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     values, lengths = [], []
     for name in batcher.sequence_names:

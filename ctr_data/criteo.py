@@ -52,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
+
 from bahe.ctr_data.parquet_io import SampleWriter, publish_together
 from bahe.ctr_data.schema import DataError, SampleSchema
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
 from bahe.ctr_data.import_mapping import SPLITS, Source
 from bahe.ctr_data.schema import DataError
 from bahe.ctr_data.validation import _first_invalid_utf8

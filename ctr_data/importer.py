@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from bahe.ctr_data.import_mapping import SPLITS, EventSequence, ImportMapping, ListSequence
 from bahe.ctr_data.import_sources import (
     RawBatch,

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from bahe.ctr_data.parquet_io import SampleWriter, publish_together
 from bahe.ctr_data.schema import DataError, SampleSchema
 

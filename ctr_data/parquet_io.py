@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from bahe.ctr_data.schema import DataError, SampleSchema
 from bahe.ctr_data.validation import _check_nonnegative as check_nonnegative
 from bahe.ctr_data.validation import duplicated_names, is_floating_type, is_integer_type, same_type, validate_batch

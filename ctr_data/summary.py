@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import ITEM_ID, ITEM_TEXT, LABEL, USER_ID
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.ctr_data.schema import SampleSchema
 

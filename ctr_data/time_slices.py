@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter, publish_together
 from bahe.ctr_data.schema import DataError
 

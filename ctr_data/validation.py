@@ -11,6 +11,7 @@ from collections.abc import Collection
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bahe.ctr_data.schema import DENSE_PREFIX, LABEL, DataError, SampleSchema
 
 

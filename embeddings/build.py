@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
 from bahe.embeddings.build_io import reason, save_npy_atomic, write_vectors, writing
 from bahe.embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
 from bahe.embeddings.encoding import POST_TRANSFORM_FIELDS, differences, encoder_identity, tokenizer_facts
@@ -65,9 +67,8 @@ from bahe.embeddings.store import (
 )
 from bahe.embeddings.text_index import FILES as TEXT_INDEX_FILES
 from bahe.embeddings.text_index import SECTION as TEXT_INDEX
-from bahe.embeddings.text_index import write_text_index
+from bahe.embeddings.text_index_writer import write_text_index
 from bahe.embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
-from tqdm import tqdm
 
 WORK = ".work"
 STORE_BUSY = "store {folder} is being built by {holder}; wait for it or use another store"

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from bahe.embeddings.store import StoreError, StoreWriteError, write_bytes_atomic
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from bahe.embeddings.encoding import POOLINGS
 from bahe.embeddings.post_transform import POST_TRANSFORMS
 from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError, load_shallow_layers, resolve_model_dir

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from bahe.embeddings.store import VECTORS, BehaviourStore, StoreError, inside
 
 CHUNK_BYTES = 64 << 20  # 64 MiB of file span per chunk

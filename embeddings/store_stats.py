@@ -18,6 +18,7 @@ or whitening, bahe.embeddings.post_transform), which is what the model reads.
 from __future__ import annotations
 
 import numpy as np
+
 from bahe.embeddings.vocabulary import RESERVED
 
 TOP_CHANNELS = 3

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import ITEM_TEXT, DataError
 

@@ -19,10 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from bahe.ctr_data.parquet_io import SampleReader
-from bahe.model.bahe import BAHE
-from bahe.model.batch import SampleBatcher, id_feature_names
-from bahe.training.dataloader import BaheDataLoader
 from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
@@ -35,6 +31,11 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.model.bahe import BAHE
+from bahe.model.batch import SampleBatcher, id_feature_names
+from bahe.training.dataloader import BaheDataLoader
 
 PIPELINE_FILLER_BATCHES = 2  # the train pipeline holds two batches in flight
 

@@ -20,14 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from bahe.ctr_data.parquet_io import SampleReader
-from bahe.model.bahe import BAHE, BAHETrain
-from bahe.model.batch import SampleBatcher, id_feature_names
-from bahe.model.behaviour_lookup import load_store_rows
-from bahe.model.config import BEHAVIOUR_SHARDINGS, TextConfig
-from bahe.model.factory import build_text_arch
-from bahe.model.sharding import behaviour_table_constraints, frozen_table_sharders, log_behaviour_plan
-from bahe.training.dataloader import BaheDataLoader
 from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed import DistributedModelParallel
@@ -39,6 +31,15 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.model.bahe import BAHE, BAHETrain
+from bahe.model.batch import SampleBatcher, id_feature_names
+from bahe.model.behaviour_lookup import load_store_rows
+from bahe.model.config import BEHAVIOUR_SHARDINGS, TextConfig
+from bahe.model.factory import build_text_arch
+from bahe.model.sharding import behaviour_table_constraints, frozen_table_sharders, log_behaviour_plan
+from bahe.training.dataloader import BaheDataLoader
 
 PIPELINE_FILLER_BATCHES = 2  # the train pipeline holds two batches in flight
 

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from bahe.training.daily_records import (
+from bahe.daily.records import (
     DAY_FILES,
     DAY_NAME,
     RecordError,
@@ -50,7 +50,7 @@ from bahe.training.daily_records import (
     differences,
     read_day_record,
 )
-from bahe.training.daily_state import (
+from bahe.daily.state import (
     ChainMoved,
     DailyError,
     DailyHome,

@@ -57,9 +57,10 @@ def refuse_an_earlier_store(out: Path, preset: dict) -> None:
 
 
 def _launch(component: str, args: list[str], profile_name: str) -> None:
+    from torchx.runner import get_runner
+
     from bahe.launchers.profiles import get_profile, render
     from bahe.launchers.submit import submit
-    from torchx.runner import get_runner
 
     profile = get_profile(profile_name)
     app, cfg = render(profile, component, args)

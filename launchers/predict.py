@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bahe.training.scoring_io import check_out
+    from bahe.serving.scoring_io import check_out
 
     try:
         check_out(args.out)  # before torch is imported: a wrong --out costs no start-up
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_deprecations()
     from bahe.model.sharding import use_behaviour_sharding
-    from bahe.training.scoring import score_files
+    from bahe.serving.scoring import score_files
 
     try:
         with use_behaviour_sharding(args.behaviour_sharding):  # what the scorer's shard_model takes

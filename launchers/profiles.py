@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from bahe.launchers import components
 from torchx import specs
 from torchx.schedulers import get_scheduler_factories
 from torchx.specs.builders import materialize_appdef
+
+from bahe.launchers import components
 
 DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "torchx.yaml"
 COMPONENTS = {"encode": components.encode, "train": components.train, "evaluate": components.evaluate,

@@ -26,6 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
+from torchx import specs
+from torchx.runner import Runner, get_runner
+
 from bahe.launchers.profiles import (
     CHECKOUT_SCHEDULERS,
     COMPONENTS,
@@ -34,8 +37,6 @@ from bahe.launchers.profiles import (
     load_profiles,
     render,
 )
-from torchx import specs
-from torchx.runner import Runner, get_runner
 
 
 def _parse_cfg(items: list[str]) -> dict[str, str]:

@@ -15,12 +15,13 @@ the dense input size, the dense and over arch layer sizes -- plus an optional
 from __future__ import annotations
 
 import torch
-from bahe.model.text_arch import BehaviourTextArch
-from bahe.model.token_baseline import TokenLevelTextArch
 from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, SparseArch, choose
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from bahe.model.text_arch import BehaviourTextArch
+from bahe.model.token_baseline import TokenLevelTextArch
 
 
 class BAHE(nn.Module):

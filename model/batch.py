@@ -34,12 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from bahe.ctr_data.schema import CAT_PREFIX, ITEM_TEXT, LABEL, SEQ_PREFIX, DataError, SampleSchema
 from bahe.embeddings.text_index import TextIndex
 from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary
 from bahe.model.dense_features import DenseNormalizer, log1p_dense
-from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 ITEM_TEXT_KEY = "item_text"
 

@@ -23,13 +23,14 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
-from bahe.embeddings.shard_reader import CHUNK_BYTES, ShardReader
-from bahe.embeddings.store import VECTORS, BehaviourStore, StoreError
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from bahe.embeddings.shard_reader import CHUNK_BYTES, ShardReader
+from bahe.embeddings.store import VECTORS, BehaviourStore, StoreError
 
 BEHAVIOUR_TABLE = "behaviours"
 

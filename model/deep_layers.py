@@ -19,9 +19,10 @@ import re
 from pathlib import Path
 
 import torch
-from bahe.embeddings.pretrained import ModelError, quiet_transformers, weight_files
 from safetensors import safe_open
 from torch import nn
+
+from bahe.embeddings.pretrained import ModelError, quiet_transformers, weight_files
 
 POOLINGS = ("mean", "last")
 ATTENTIONS = ("causal", "bidirectional")

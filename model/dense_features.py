@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import DataError
 

@@ -7,6 +7,8 @@ another model or k, k + deep layers beyond the LLM's depth, dims that do not mee
 from __future__ import annotations
 
 import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
 from bahe.ctr_data.schema import SEQ_PREFIX, SampleSchema
 from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
 from bahe.embeddings.store import BehaviourStore, Expected
@@ -18,7 +20,6 @@ from bahe.model.deep_layers import DeepLayerAggregator
 from bahe.model.dense_features import DenseNormalizer
 from bahe.model.text_arch import BehaviourTextArch
 from bahe.model.token_baseline import TokenBatcher, TokenLevelTextArch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 
 def id_tables(config: BaheModelConfig, schema: SampleSchema, device: torch.device | None = None

@@ -36,8 +36,6 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE
-from bahe.model.config import BEHAVIOUR_SHARDINGS
 from torch import nn
 from torchrec.distributed import batched_embedding_kernel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -47,6 +45,9 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE
+from bahe.model.config import BEHAVIOUR_SHARDINGS
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 BEHAVIOUR_TYPES = ("table_wise", "row_wise", "column_wise")  # those the behaviour table may take

@@ -19,12 +19,13 @@ the item: no per-user cache can serve them).
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from bahe.model.batch import ITEM_TEXT_KEY
 from bahe.model.behaviour_lookup import BehaviourLookup
 from bahe.model.deep_layers import DeepLayerAggregator
 from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS, PerTypeProjection, target_attention
-from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 class BehaviourTextArch(nn.Module):

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from bahe.ctr_data.schema import ITEM_TEXT, SEQ_PREFIX
 from bahe.model.batch import BaheBatch, SampleBatcher
 from bahe.model.deep_layers import DeepLayerAggregator, llm_autocast, load_decoder_slice
-from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 USER_TOKENS, ITEM_TOKENS = "user_tokens", "item_tokens"
 

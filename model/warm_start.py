@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from bahe.model.bahe import BAHE
 from torch import Tensor, nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+from bahe.model.bahe import BAHE
 
 _PREFIXES = ("module.", "_dmp_wrapped_module.", "model.")  # DDP, DMP, DLRMTrain / BAHETrain
 _TABLES = "sparse_arch.embedding_bag_collection.embedding_bags."

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+
 from bahe.ctr_data.schema import ITEM_TEXT, USER_ID
 from bahe.embeddings.store import MANIFEST_DIGEST
 from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID
@@ -71,7 +72,7 @@ class CachedTextFeatures:
 
     @classmethod
     def for_run(cls, path: Path, plan) -> CachedTextFeatures:
-        """Open ``path`` for ``plan`` (a :class:`~bahe.training.restore.RestorePlan`): refused, in one line, for a
+        """Open ``path`` for ``plan`` (a :class:`~bahe.serving.restore.RestorePlan`): refused, in one line, for a
         run that is not --arm bahe, a damaged export, or one computed from another checkpoint."""
         from bahe.serving.restore import checkpoint_digest
 

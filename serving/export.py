@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from bahe.embeddings.folder_lock import FolderLock, FolderLockError
 from bahe.embeddings.store import file_sha256
 from bahe.model.deep_layers import PRECISIONS
@@ -50,8 +51,8 @@ from bahe.serving.features import (
 )
 from bahe.serving.predictor import TABLE_DTYPES, cached_predictor, predictor_bytes, predictor_meta, script
 from bahe.serving.restore import RestoredRun, restore_run
+from bahe.serving.scoring_io import open_inputs
 from bahe.training.run_record import store_record
-from bahe.training.scoring_io import open_inputs
 
 
 @dataclass(frozen=True)

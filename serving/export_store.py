@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from bahe.embeddings.store import (
     MANIFEST_DIGEST,
     StoreError,

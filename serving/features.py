@@ -25,13 +25,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
+
 from bahe.ctr_data.schema import SEQ_PREFIX, TIMESTAMP, USER_ID
 from bahe.embeddings.vocabulary import PAD_ID
 from bahe.model.batch import ITEM_TEXT_KEY, SampleBatcher
 from bahe.model.text_arch import BehaviourTextArch
-from bahe.training.scoring_io import ScoreInput, read_rows
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from tqdm import tqdm
+from bahe.serving.scoring_io import ScoreInput, read_rows
 
 
 @dataclass

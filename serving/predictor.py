@@ -33,11 +33,12 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from bahe.model.bahe import BAHE
 from bahe.model.batch import SampleBatcher
 from bahe.model.dense_features import DenseNormalizer
-from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 TABLE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 META_FILE = "bahe_serving.json"  # the TorchScript file's extra file describing its inputs

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+
 from bahe.ctr_data.schema import CAT_PREFIX, ITEM_TEXT, USER_ID
 from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID, normalize_texts
 from bahe.serving.export_store import ITEMS, USERS, ExportVersion

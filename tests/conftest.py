@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
 from bahe.ctr_data.schema import SampleSchema  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from bahe.embeddings.pretrained import resolve_model_dir
 
 

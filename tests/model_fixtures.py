@@ -10,7 +10,6 @@ from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.embeddings.build import build_store
 from bahe.embeddings.encoder import EncoderConfig
 from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
-
 from tests.llm_fixtures import make_tiny_llama
 
 TINY_LAYERS, TINY_HIDDEN, K = 4, 32, 2

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bahe.ctr_data import cli as data_cli
 from bahe.ctr_data.criteo import write_criteo_splits
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriteError, SampleWriter
@@ -22,7 +23,6 @@ from bahe.ctr_data.schema import DataError, SampleSchema
 from bahe.embeddings.vocabulary import count_texts
 from bahe.model.batch import SampleBatcher
 from bahe.training.data import batches, eval_batches
-
 from tests.conftest import CRITEO_SAMPLE, tiny_rows
 from tests.test_write_failures import file_size_limit
 
@@ -73,7 +73,6 @@ def test_duplicated_column_is_refused_by_the_reader_and_bahe_data_summary(tmp_pa
 def test_duplicated_column_stops_bahe_encode_build_in_one_line(tmp_path, tiny_schema, capsys):
     """bahe-encode build reads its --data with SampleReader (count_texts): exit 2, no store version."""
     from bahe.embeddings.cli import main
-
     from tests.llm_fixtures import make_tiny_llama
 
     path = foreign_file(tmp_path / "dup.parquet", tiny_schema, duplicate="item_text")

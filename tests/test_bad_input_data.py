@@ -14,15 +14,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bahe.ctr_data.criteo import iter_criteo_tsv
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter, validate_batch
 from bahe.ctr_data.schema import SCHEMA_METADATA_KEY, DataError, SampleSchema
 from bahe.embeddings.vocabulary import UNKNOWN_ID, BehaviourVocabulary
 from bahe.model.batch import SampleBatcher
 from bahe.model.dense_features import DenseNormalizer, log1p_dense
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from tests.conftest import tiny_rows
 
 CRITEO_GOOD = "\t".join(["1"] + [str(i) for i in range(13)] + [f"{i:08x}" for i in range(26)])

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.ctr_data.schema import DataError, SampleSchema
 from bahe.embeddings.vocabulary import PAD_ID, VOCAB_SCHEMA, BehaviourVocabulary
-
 from tests.conftest import tiny_rows
 
 CRITEO_GOOD = "\t".join(["1"] + [str(i) for i in range(13)] + [f"{i:08x}" for i in range(26)])

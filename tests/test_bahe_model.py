@@ -7,15 +7,15 @@ import dataclasses
 
 import pytest
 import torch
+from torchrec.models.dlrm import DLRM
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
 from bahe.embeddings.pretrained import ModelError
 from bahe.embeddings.store import StoreError
 from bahe.model.bahe import BAHETrain
 from bahe.model.behaviour_lookup import load_store_rows
 from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
 from bahe.model.factory import build_model
-from torchrec.models.dlrm import DLRM
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-
 from tests.llm_dtypes import linear_output_dtypes, split_by_prefix
 from tests.model_fixtures import TINY_LAYERS, make_tiny_pipeline
 
@@ -148,9 +148,10 @@ def test_token_level_arm_runs_every_text_through_all_layers(pipeline):
 
 def test_token_level_layers_equal_the_full_models_forward(pipeline):
     """Shallow (0..k) + deep (k..L) layers of the baseline == the HF model's own forward on the tokens."""
-    from bahe.model.token_baseline import TokenLevelTextArch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     from transformers import AutoModel
+
+    from bahe.model.token_baseline import TokenLevelTextArch
 
     arch = TokenLevelTextArch(pipeline.llm, 2, None, 8, max_user_tokens=12, max_item_tokens=4, pooling="last").eval()
     tokens = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 7, 8, 9]])
@@ -168,9 +169,10 @@ def test_token_level_bf16_precision_matches_the_full_models_autocast_forward(pip
     """--llm-precision bf16 runs the baseline's shallow AND deep layers under bf16 autocast (every linear
     layer of every decoder layer computes in bfloat16; the projections stay fp32): the result is the HF
     model's own forward under the same autocast, far tighter than its distance to fp32."""
-    from bahe.model.token_baseline import TokenLevelTextArch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     from transformers import AutoModel
+
+    from bahe.model.token_baseline import TokenLevelTextArch
 
     tokens = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 7, 8, 9]])
     features = KeyedJaggedTensor.from_lengths_sync(keys=["user_tokens", "item_tokens"],

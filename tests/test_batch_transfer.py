@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bahe.model.batch import BaheBatch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from bahe.model.batch import BaheBatch
 
 CUDA = torch.cuda.is_available()
 

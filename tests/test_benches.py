@@ -84,9 +84,8 @@ def test_quality_bench_reuses_a_finished_run_and_trains_an_unfinished_one(tmp_pa
     checkpoint step it resumed from."""
     import json
 
-    from bahe.launchers.demo import PRESETS
-
     import bench.quality_bench as quality
+    from bahe.launchers.demo import PRESETS
 
     started = []
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from bahe.ctr_data.parquet_io import SampleReader
 
+from bahe.ctr_data.parquet_io import SampleReader
 from tests.llm_fixtures import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

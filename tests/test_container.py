@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bahe.launchers.profiles import CONTAINER_SCHEDULERS, load_profiles
 
 ROOT = Path(__file__).resolve().parents[1]

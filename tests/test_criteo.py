@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from bahe.ctr_data.criteo import FIELD_NAMES, convert_criteo_tsv, criteo_schema, iter_criteo_tsv
-from bahe.ctr_data.parquet_io import SampleReader
-from bahe.ctr_data.schema import DataError, SampleSchema
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bahe.ctr_data.criteo import FIELD_NAMES, convert_criteo_tsv, criteo_schema, iter_criteo_tsv
+from bahe.ctr_data.parquet_io import SampleReader
+from bahe.ctr_data.schema import DataError, SampleSchema
 from tests.conftest import CRITEO_SAMPLE as SAMPLE
 
 

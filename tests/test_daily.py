@@ -16,12 +16,12 @@ import sys
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.ctr_data.time_slices import SliceConfig, write_time_slices
 from bahe.embeddings.store import BehaviourStore, file_sha256
 from bahe.embeddings.vocabulary import count_texts
-
 from tests.llm_fixtures import make_tiny_llama
 from tests.torchrun import ROOT
 

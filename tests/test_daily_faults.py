@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.ctr_data.schema import SampleSchema
+from bahe.daily.records import day_inputs
+from bahe.daily.state import DailyHome
 from bahe.launchers.daily import FAULT_ENV, main
-from bahe.training.daily_records import day_inputs
-from bahe.training.daily_state import DailyHome
-
 from tests.conftest import tiny_rows
 from tests.torchrun import ROOT
 

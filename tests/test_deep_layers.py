@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from bahe.embeddings.pretrained import ModelError
 from bahe.model.deep_layers import DeepLayerAggregator
-
 from tests.llm_dtypes import linear_output_dtypes
 from tests.llm_fixtures import make_tiny_llama
 

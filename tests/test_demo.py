@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bahe.embeddings import cli as encode_cli
 from bahe.launchers import demo
 from bahe.launchers.profiles import get_profile, render

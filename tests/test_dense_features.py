@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.ctr_data.schema import SampleSchema
 from bahe.model.batch import SampleBatcher
 from bahe.model.dense_features import DenseNormalizer
-
 from tests.conftest import tiny_rows
 
 

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bahe.ctr_data.criteo import write_criteo_splits
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import DataError
-
 from tests.conftest import CRITEO_SAMPLE
 from tests.model_fixtures import make_tiny_pipeline
 from tests.torchrun import torchrun

@@ -90,8 +90,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argpar
 
 def component_parsers() -> dict[str, argparse.ArgumentParser]:
     """The argument parser TorchX builds for each component (``torchx run launchers/components.py:NAME``)."""
-    from bahe.launchers.profiles import COMPONENTS
     from torchx.specs.builders import _create_args_parser
+
+    from bahe.launchers.profiles import COMPONENTS
 
     return {name: _create_args_parser(fn) for name, fn in COMPONENTS.items()}
 

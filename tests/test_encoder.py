@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
 from bahe.embeddings.pretrained import ModelError, resolve_model_dir
-
 from tests.llm_fixtures import make_tiny_llama
 
 TEXTS = ["Purchase at Starbucks Coffee 12.50 CNY", "Search: cheap flights to Shanghai", "Toy Story (1995)",

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from bahe.embeddings.build import build_store
 from bahe.embeddings.cli import main
 from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder, pool_tokens
@@ -19,7 +20,6 @@ from bahe.embeddings.store import MANIFEST, BehaviourStore, Expected, StoreError
 from bahe.embeddings.store_stats import anisotropy
 from bahe.embeddings.vocabulary import RESERVED
 from bahe.training.run_record import describe_store, lineage_problem, store_record
-
 from tests.llm_fixtures import make_tiny_llama
 from tests.test_store import texts, write_samples
 
@@ -114,8 +114,9 @@ def test_the_tokenizer_facts_say_what_position_zero_is(tiny_llama):
 @pytest.mark.parametrize("alias, prefix", [("smollm2-135m", []), ("gemma3-270m", ["<bos>"])])
 def test_smollm2_adds_no_bos_and_gemma_prepends_one(alias, prefix):
     """SmolLM2: position 0 is the text's first word (its attention sink); Gemma: position 0 is <bos>."""
-    from bahe.embeddings.pretrained import resolve_model_dir
     from transformers import AutoTokenizer
+
+    from bahe.embeddings.pretrained import resolve_model_dir
 
     model_dir = resolve_model_dir(alias)
     facts = tokenizer_facts(model_dir, AutoTokenizer.from_pretrained(model_dir))
@@ -314,7 +315,6 @@ def test_the_quality_bench_names_stores_and_runs_by_their_choices():
     """bench.quality_bench: a cell's store and run folders carry its non-default choices, so every cell keeps
     its own and a finished run is found again; the defaults keep the names the bench always used."""
     from bahe.launchers.demo import PRESETS
-
     from bench.quality_bench import cell_suffix, run_name, store_suffix
 
     defaults = {"k": PRESETS["cpu"]["k"], "deep_layers": PRESETS["cpu"]["deep_layers"]}

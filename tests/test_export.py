@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.serving.export_store import ITEMS, USERS, ExportVersion
 from bahe.training.selection import Selection
-
 from tests.model_fixtures import make_tiny_pipeline, split_by_time
 from tests.test_predict import predict, train
 
@@ -179,6 +179,7 @@ def test_another_checkpoint_recomputes_everything(setup, tmp_path):
 
 def test_exported_predictor_reproduces_bahe_predict_logits_on_every_test_row(setup, tmp_path):
     import pyarrow.parquet as pq
+
     from bahe.serving.features import user_features
     from bahe.serving.predictor import load_predictor
     from bahe.serving.requests import FeatureCache, request_tensors

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bahe.embeddings.store import MANIFEST_DIGEST, file_sha256, manifest_digest
 from bahe.serving.export_store import ITEMS, MANIFEST, USERS, ExportError, ExportVersion, fixed_lists
-
 from tests.test_export import export
 from tests.test_predict import process_group
 from tests.test_predict import setup as setup  # noqa: F401 -- the module's trained run (BEST: step 3, latest: 6)

@@ -137,9 +137,10 @@ def test_lean_interaction_gives_torchrecs_dlrm_logits(served):
     """The predictor's lean interaction (one concatenation, one index_select; serving/predictor.py) computes what
     torchrec's own DLRM forward computes, bit for bit, on the same modules: the serving bench's like-for-like
     DLRM arm and the cached predictor rest on it."""
-    from bahe.serving.predictor import dlrm_predictor, script
     from torchrec import EmbeddingBagCollection
     from torchrec.models.dlrm import DLRM
+
+    from bahe.serving.predictor import dlrm_predictor, script
 
     model, batcher, normalizer, inputs, _, _ = served
     torch.manual_seed(1)

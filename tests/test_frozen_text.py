@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.embeddings.build import build_store
@@ -27,8 +29,6 @@ from bahe.embeddings.vocabulary import PAD_ID
 from bahe.model.batch import ITEM_TEXT_KEY
 from bahe.training import frozen_text
 from bahe.training.run_record import RECORD
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
 from tests.model_fixtures import K, TinyPipeline, make_tiny_pipeline, split_by_time
 from tests.test_init_from import DAY2, MODEL, bahe_train, refused, single_process, start
 from tests.torchrun import torchrun

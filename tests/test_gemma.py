@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from bahe.embeddings.pretrained import ModelError, _gguf_file, _GgufAsset, resolve_model_dir
 from bahe.model.deep_layers import DeepLayerAggregator, load_decoder_slice
 
@@ -225,8 +226,9 @@ def test_gemma_deep_layers_past_the_sliding_window(gemma):
 def test_gemma_token_level_arm_is_its_own_forward(gemma):
     """The token-level arm (shallow layers 0..k with Gemma's scaled embeddings, deep layers k..L) on a
     padded batch of real token ids == the model's own forward on each row alone."""
-    from bahe.model.token_baseline import ITEM_TOKENS, USER_TOKENS, TokenLevelTextArch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from bahe.model.token_baseline import ITEM_TOKENS, USER_TOKENS, TokenLevelTextArch
 
     model_dir, tokenizer, full = gemma
     users = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
@@ -249,9 +251,8 @@ def test_quality_bench_trains_the_text_arms_with_the_llm_asked_for(tmp_path, mon
     import json
     import subprocess
 
-    from bahe.launchers.demo import PRESETS
-
     import bench.quality_bench as quality
+    from bahe.launchers.demo import PRESETS
 
     started = []
 

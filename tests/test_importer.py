@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+
 from bahe.ctr_data.cli import main as bahe_data
 from bahe.ctr_data.import_mapping import MappingError, load_mapping, mapping_from_dict
 from bahe.ctr_data.import_sources import hash_text

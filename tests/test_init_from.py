@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.embeddings.build import build_store
 from bahe.embeddings.encoder import EncoderConfig
 from bahe.embeddings.store import BehaviourStore
 from bahe.launchers import train
 from bahe.training.run_record import RECORD, lineage_problem, store_record
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
 from tests.dist.init_from_worker import frozen_differs_from_store, is_fresh, mismatches, tensors
 from tests.llm_fixtures import make_tiny_llama
 from tests.model_fixtures import K, TinyPipeline, make_tiny_pipeline, split_by_time

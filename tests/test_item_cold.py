@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from bahe.ctr_data import cli as data_cli
 from bahe.ctr_data.movielens import MovieLensConfig, build_samples, cold_items, read_raw, wheel_source
 from bahe.ctr_data.parquet_io import SampleReader

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bahe.model.deep_layers import DeepLayerAggregator
 
+from bahe.model.deep_layers import DeepLayerAggregator
 from tests.llm_fixtures import make_tiny_llama
 
 HIDDEN = 32

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from torchx.runner import get_runner
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.embeddings.store import BehaviourStore
 from bahe.launchers import components, submit
 from bahe.launchers.profiles import ProfileError, get_profile, load_profiles, parse_profile, render
-from torchx.runner import get_runner
-
 from tests.llm_fixtures import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

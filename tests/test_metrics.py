@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from sklearn.metrics import log_loss, roc_auc_score
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.training.metrics import CtrMetrics
-from sklearn.metrics import log_loss, roc_auc_score
-
 from tests.torchrun import ROOT, torchrun
 
 

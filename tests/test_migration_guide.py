@@ -149,8 +149,9 @@ def test_the_loader_reads_dlrm_mains_stages_from_the_projects_files_by_the_globa
 
 def test_without_a_text_arch_the_text_group_is_empty_and_dlrm_mains_optimizer_keeps_every_dense_parameter():
     import torch
-    from bahe.training import dlrm_main_adapter as adapter
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+    from bahe.training import dlrm_main_adapter as adapter
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     dense = adapter.without_text(model.named_parameters())

@@ -7,6 +7,7 @@ import random
 from collections import defaultdict
 
 import pytest
+
 from bahe.ctr_data.movielens import MovieLensConfig, build_samples, wheel_source, write_movielens
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import DataError

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from bahe.embeddings.store import BehaviourStore
 from bahe.launchers import submit
 from bahe.model.sharding import hosts, topology
-
 from tests.model_fixtures import make_tiny_pipeline, split_by_time
 
 pytestmark = pytest.mark.usefixtures("keep_signal_handlers")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The folders pyproject.toml installs under bahe.* (its [tool.setuptools.package-dir]): read, not repeated
-PACKAGES = tuple(folder for _name, folder in re.findall(r'^"bahe\.(\w+)" = "(\w+)"$', (
-    Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(), re.MULTILINE))
+# The rooms pyproject.toml installs under bahe.* (its [tool.setuptools] packages): read, not repeated
+PACKAGES = tuple(re.findall(r'"bahe\.(\w+)"', (ROOT / "pyproject.toml").read_text().split("[tool.setuptools]")[1]
+                            .split("[tool.setuptools.package-dir]")[0]))
 
 USER_CODE = """
 import model, training
@@ -47,7 +47,7 @@ def _run_user_code(folder: Path, env_path: str | None = None) -> str:
 
 def test_the_installed_environment_imports_bahe_beside_a_users_own_model_py(tmp_path):
     where = _run_user_code(_user_folder(tmp_path))
-    assert Path(where) == ROOT / "model" / "bahe.py"
+    assert Path(where).resolve() == ROOT / "model" / "bahe.py"
 
 
 @pytest.mark.integration
@@ -56,7 +56,8 @@ def test_a_built_wheel_holds_only_the_bahe_namespace_and_imports_beside_a_users_
     source.mkdir()  # build from a copy: building in the checkout would leave build/ and *.egg-info there
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for package in ("bahe", *PACKAGES):
+    shutil.copytree(ROOT / "src", source / "src", symlinks=True)  # src/bahe/<room> stay symlinks, as in git
+    for package in PACKAGES:
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                             str(wheels), str(source)], capture_output=True, text=True, timeout=600)

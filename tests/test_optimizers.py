@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
-from bahe.training.config import OptimConfig
-from bahe.training.optimizers import build_optimizer, lr_factor
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
+
+from bahe.training.config import OptimConfig
+from bahe.training.optimizers import build_optimizer, lr_factor
 
 TOTAL = 120
 WARMUP = 20

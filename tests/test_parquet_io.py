@@ -7,11 +7,11 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
-from bahe.ctr_data.schema import DataError, SampleSchema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
+from bahe.ctr_data.schema import DataError, SampleSchema
 from tests.conftest import tiny_rows
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.ctr_data.schema import DataError
 from bahe.training.data import rank_tables
-
 from tests.conftest import tiny_rows
 
 ROWS = 61  # a prime: epochs never line up with global batches

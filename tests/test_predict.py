@@ -1,4 +1,4 @@
-"""bahe-predict (training/scoring.py, training/scoring_io.py): batch scores equal the trained model's own
+"""bahe-predict (serving/scoring.py, serving/scoring_io.py): batch scores equal the trained model's own
 forward (the one bahe-evaluate runs) row for row, for every arm; 2 ranks equal 1; ids and order are kept;
 the run's BEST checkpoint is used unless --which latest; bad input stops with one line and leaves nothing."""
 
@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
-from bahe.training.scoring_io import PREDICT_METADATA_KEY, forward_calls, padded_batches, rank_share
-from bahe.training.selection import Selection
 
+from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
+from bahe.serving.scoring_io import PREDICT_METADATA_KEY, forward_calls, padded_batches, rank_share
+from bahe.training.selection import Selection
 from tests.model_fixtures import make_tiny_pipeline, split_by_time
 from tests.test_write_failures import unprivileged  # noqa: F401 -- a fixture: a process without CAP_DAC_OVERRIDE
 from tests.torchrun import torchrun
@@ -127,8 +127,9 @@ def input_rows(*files: Path) -> pa.Table:
 def test_scores_are_the_trained_models_and_match_bahe_evaluate(setup, tmp_path):
     """Per row: predict's score == the trainer's restore + evaluation forward (1e-6). Per split: AUC and log
     loss of predict's output (scikit-learn) == bahe-evaluate's evaluation.json on the same checkpoint."""
-    from bahe.launchers.evaluate import main as evaluate
     from sklearn.metrics import log_loss, roc_auc_score
+
+    from bahe.launchers.evaluate import main as evaluate
 
     _, data, run, _ = setup
     meta = predict(run, [data / "test.parquet"], tmp_path / "scores.parquet", data_dir=data)
@@ -174,7 +175,7 @@ DRIVER = """
 import json, sys
 from pathlib import Path
 import torch.distributed as dist
-from bahe.training.scoring import score_files
+from bahe.serving.scoring import score_files
 run, data, out = map(Path, sys.argv[1:])
 summary = score_files(run, [data / "test.parquet", out / "empty.parquet", data / "valid.parquet"], out / "two.parquet",
                       batch_size=7, data_dir=data, show_progress=False)
@@ -243,7 +244,7 @@ def test_bad_inputs_stop_with_one_line_and_leave_nothing(setup, tmp_path, capsys
     score file there intact, no part or partial file), also when a bad row is found after parts were written."""
     from bahe.ctr_data.schema import SampleSchema
     from bahe.launchers.predict import main
-    from bahe.training import scoring_io
+    from bahe.serving import scoring_io
 
     pipeline, data, run, root = setup
     out_dir = tmp_path / "out"

@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.serving.export_store import ITEMS, USERS, ExportVersion
 from bahe.serving.features import last_per_user
-
 from tests.test_export import export
 from tests.test_predict import input_rows, predict, process_group
 from tests.test_predict import setup as setup  # noqa: F401 -- the module's trained run (BEST: step 3, latest: 6)
@@ -143,7 +143,7 @@ DRIVER = """
 import json, sys
 from pathlib import Path
 import torch.distributed as dist
-from bahe.training.scoring import score_files
+from bahe.serving.scoring import score_files
 run, data, export, out = map(Path, sys.argv[1:])
 summary = score_files(run, [data / "test.parquet", out / "strangers.parquet"], out / "two.parquet", batch_size=7,
                       data_dir=data, show_progress=False, features=export)

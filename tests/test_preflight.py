@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+
 from bahe.ctr_data.criteo import write_criteo_splits
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.embeddings.store import MANIFEST_DIGEST, BehaviourStore, StoreError, manifest_digest
-
 from tests.conftest import CRITEO_SAMPLE, tiny_rows
 from tests.model_fixtures import make_tiny_pipeline, split_by_time
 

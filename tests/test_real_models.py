@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
 from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
 from bahe.model.deep_layers import DeepLayerAggregator
@@ -82,8 +83,9 @@ def test_smollm2_deep_layers_turn_its_hidden_state_k_into_its_hidden_state_k_plu
 def test_smollm2_token_level_arm_is_its_own_forward(smollm2):
     """The token-level arm's shallow (0..k, frozen) and deep (k..L) layers on a padded batch of real
     token ids == the real model's own forward on each row alone, for users and (fixed-width) items."""
-    from bahe.model.token_baseline import ITEM_TOKENS, USER_TOKENS, TokenLevelTextArch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from bahe.model.token_baseline import ITEM_TOKENS, USER_TOKENS, TokenLevelTextArch
 
     model_dir, tokenizer, full = smollm2
     users = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.launchers import evaluate, train
 from bahe.training.run_record import RECORD
-
 from tests.model_fixtures import TinyPipeline, split_by_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +112,7 @@ def test_a_warm_start_keeps_the_dense_statistics_its_weights_learned_on(trained,
     """A run records the z-score statistics of its dense features; a warm start on another day's data keeps
     the --init-from run's (its weights were trained on those inputs), not a refit on the new train split."""
     import pyarrow.compute as pc
+
     from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
     from bahe.model.dense_features import DenseNormalizer
 

@@ -16,6 +16,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from bahe.training.checkpoint import Checkpointer
 from bahe.training.safe_load import (
     DamagedCheckpointError,
@@ -24,8 +27,6 @@ from bahe.training.safe_load import (
     load_checkpoint,
     read_metadata_safely,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 DCP_MODULE = "torch.distributed.checkpoint.metadata"  # it has imported os and torch
 

@@ -15,10 +15,10 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
-from bahe.training.segments import ITEM_COUNTS, read_item_counts
 from sklearn.metrics import roc_auc_score
 
+from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+from bahe.training.segments import ITEM_COUNTS, read_item_counts
 from tests.test_predict import process_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("keep_signal_handlers")]
@@ -106,7 +106,7 @@ def test_evaluate_uses_the_recorded_counts_and_its_own_thresholds(run, tmp_path)
 
 
 def test_predict_summary_gives_the_trainers_segment_numbers(run, tmp_path):
-    from bahe.training.scoring import score_files
+    from bahe.serving.scoring import score_files
 
     data, out, _ = run
     with process_group():

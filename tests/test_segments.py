@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.training.segments import (
     ITEM_COUNTS,
@@ -29,8 +31,6 @@ from bahe.training.segments import (
     segment_report,
     write_item_counts,
 )
-from sklearn.metrics import log_loss, roc_auc_score
-
 from tests.conftest import tiny_rows
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from bahe.training.selection import Selection, epochs_to_steps, passes_warning

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from bahe.embeddings.shard_reader import ShardReader
 from bahe.embeddings.store import StoreError
-
 from bench.store_scale import write_random_store
 from tests.torchrun import torchrun
 

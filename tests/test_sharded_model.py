@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from bahe.model.bahe import BAHETrain
 from bahe.model.factory import build_model
 from bahe.model.sharding import shard_model
-
 from tests.model_fixtures import make_tiny_pipeline
 from tests.torchrun import torchrun
 

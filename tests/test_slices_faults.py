@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from bahe.ctr_data.cli import main as data_main
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.ctr_data.schema import DataError

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 
+from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic
 from tests.model_fixtures import TinyPipeline, split_by_time
 
 pytestmark = pytest.mark.integration

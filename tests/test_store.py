@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.embeddings.build import WORK, build_store
 from bahe.embeddings.encoder import EncoderConfig, ShallowEncoder
 from bahe.embeddings.store import LATEST, BehaviourStore, Expected, StoreError
 from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary, normalize_text
-
 from tests.llm_fixtures import make_tiny_llama
 from tests.torchrun import torchrun
 

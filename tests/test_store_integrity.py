@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from bahe.embeddings.build import build_store
 from bahe.embeddings.cli import main
 from bahe.embeddings.store import MANIFEST_DIGEST, BehaviourStore, StoreError
-
 from tests.llm_fixtures import make_tiny_llama
 from tests.test_store import config, texts, write_samples
 

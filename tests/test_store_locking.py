@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+
 from bahe.embeddings import build as build_module
 from bahe.embeddings.build import WORK, build_store
 from bahe.embeddings.folder_lock import LOCK_FILE, FolderBusyError, FolderLock
 from bahe.embeddings.store import LATEST, BehaviourStore, StoreWriteError
-
 from tests.llm_fixtures import make_tiny_llama
 from tests.test_store import _encode_cli, config, texts, write_samples
 

@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
+
 from bahe.embeddings.build import build_store
 from bahe.embeddings.cli import main
 from bahe.embeddings.encoder import EncoderConfig
 from bahe.embeddings.store import BehaviourStore
 from bahe.embeddings.store_stats import anisotropy, store_anisotropy
-
 from tests.llm_fixtures import make_tiny_llama
 from tests.test_store import texts, write_samples
 

@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.ctr_data.summary import format_summary, summarize
-
 from tests.conftest import tiny_rows
 
 

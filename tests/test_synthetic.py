@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.synthetic import (
     SyntheticConfig,

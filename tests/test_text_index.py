@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from bahe.ctr_data.schema import SampleSchema
 from bahe.embeddings import text_index as text_index_module
 from bahe.embeddings import vocabulary as vocabulary_module
 from bahe.embeddings.build import build_store
 from bahe.embeddings.cli import main as encode_main
 from bahe.embeddings.store import MANIFEST_DIGEST, BehaviourStore, StoreError, manifest_digest
-from bahe.embeddings.text_index import FILES, SECTION, TextIndex, hash_texts, write_text_index
+from bahe.embeddings.text_index import FILES, SECTION, TextIndex, hash_texts
+from bahe.embeddings.text_index_writer import write_text_index
 from bahe.embeddings.vocabulary import PAD_ID, UNKNOWN_ID, BehaviourVocabulary, normalize_text
 from bahe.model.batch import SampleBatcher
-
 from tests.conftest import tiny_rows
 from tests.llm_fixtures import make_tiny_llama
 from tests.test_store import config, texts, write_samples

@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from bahe.launchers import train
 from bahe.model.bahe import BAHETrain
 from bahe.model.batch import ITEM_TEXT_KEY
@@ -26,8 +28,6 @@ from bahe.model.config import TextConfig
 from bahe.model.factory import build_model
 from bahe.model.text_levers import PerTypeProjection
 from bahe.training.run_record import RECORD, RunConfigError, apply_record, check_resume, write_record
-from torch import nn
-
 from tests.model_fixtures import make_tiny_pipeline, split_by_time
 
 B = 24  # rows per test batch
@@ -191,8 +191,8 @@ def _config(data: Path, out: Path, *flags: str):
 
 
 def test_the_run_record_holds_both_flags_and_an_older_record_reads_as_the_defaults(data, tmp_path):
+    from bahe.serving.restore import run_model_config
     from bahe.training.init_from import InitFromError, InitSource, check_model
-    from bahe.training.restore import run_model_config
 
     out = tmp_path / "run"
     write_record(out, _config(data, out, "--user-projection", "per_type", "--user-aggregation", "target_attention"))
@@ -248,7 +248,6 @@ def test_a_target_attention_run_trains_and_scores_and_every_per_user_cache_refus
     """bahe-train (TorchRec's pipeline traces the new path) and bahe-predict with the full model work;
     bahe-export, bahe-predict --features and --frozen-text-from refuse in one line naming the flag."""
     from bahe.launchers import export
-
     from tests.test_init_from import bahe_train, refused
     from tests.test_predict import predict, process_group
 
@@ -290,9 +289,8 @@ def test_the_quality_bench_sweeps_the_levers_on_the_bahe_arm_only(tmp_path, monk
     default cell's command unchanged (no lever flag)."""
     import subprocess
 
-    from bahe.training import baselines
-
     import bench.quality_bench as quality
+    from bahe.training import baselines
 
     started, run = [], subprocess.run
 

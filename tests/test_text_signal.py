@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bahe.model.bahe import BAHETrain
-from bahe.model.behaviour_lookup import load_store_rows
-from bahe.model.factory import build_model
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from bahe.model.bahe import BAHETrain
+from bahe.model.behaviour_lookup import load_store_rows
+from bahe.model.factory import build_model
 from tests.model_fixtures import make_tiny_pipeline
 
 pytestmark = pytest.mark.integration

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from bahe.ctr_data.cli import main as data_main
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.synthetic import SyntheticConfig, write_synthetic

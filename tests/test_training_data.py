@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.training.data import rank_tables
-
 from tests.conftest import tiny_rows
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+
 from bahe.ctr_data.parquet_io import SampleReader, SampleWriter
 from bahe.model.batch import SampleBatcher
 from bahe.training.data import rank_tables
-
 from tests.conftest import tiny_rows
 
 ROWS = 61  # a prime: epochs never line up with global batches, so batches straddle epoch boundaries

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.training.config import TrainConfig
 from bahe.training.data import rank_tables
-
 from tests.model_fixtures import make_tiny_pipeline, split_by_time
 from tests.torchrun import torchrun
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from bahe.ctr_data.parquet_io import SampleWriter
 from bahe.ctr_data.schema import SampleSchema
 from bahe.embeddings.vocabulary import (
@@ -26,8 +29,6 @@ from bahe.embeddings.vocabulary import (
     normalize_text,
     normalize_texts,
 )
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 # Texts: arbitrary Unicode (no lone surrogates: Arrow strings are UTF-8), plus a small alphabet of
 # troublemakers so that collisions under normalisation are frequent: whitespace kinds, a combining

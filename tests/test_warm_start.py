@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from bahe.model.bahe import BAHE, BAHETrain
-from bahe.model.batch import ITEM_TEXT_KEY, BaheBatch
-from bahe.model.warm_start import load_dlrm_weights
 from safetensors.torch import save_file
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from bahe.model.bahe import BAHE, BAHETrain
+from bahe.model.batch import ITEM_TEXT_KEY, BaheBatch
+from bahe.model.warm_start import load_dlrm_weights
 
 D, DENSE_IN, TABLES = 4, 3, ("t_user", "t_item", "t_cat")
 ROWS = 12
@@ -95,7 +96,6 @@ def text_arch_factory(tmp_path_factory):
     from bahe.model.behaviour_lookup import BehaviourLookup
     from bahe.model.deep_layers import DeepLayerAggregator
     from bahe.model.text_arch import BehaviourTextArch
-
     from tests.llm_fixtures import make_tiny_llama
 
     llm = make_tiny_llama(tmp_path_factory.mktemp("warm") / "llm", layers=2, hidden=16)
@@ -196,8 +196,9 @@ def one_gloo_rank(tmp_path):
 
 def test_a_sharded_bahe_loads_a_sharded_dlrms_state_dict(dlrm, one_gloo_rank):
     """DMP on one gloo rank, table-wise: the DLRM's state dict holds ShardedTensors under ``model.``."""
-    from bahe.model.sharding import shard_model
     from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from bahe.model.sharding import shard_model
 
     cpu, meta = torch.device("cpu"), torch.device("meta")
     sharded_dlrm = shard_model(DLRMTrain(DLRM(id_tables(device=meta), DENSE_IN, [8, D], [8, 1])), cpu,

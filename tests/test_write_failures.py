@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from bahe.embeddings.build import WORK, build_store
 from bahe.embeddings.store import LATEST, BehaviourStore, StoreWriteError
 from bahe.training.checkpoint import Checkpointer, CheckpointWriteError
-
 from tests.llm_fixtures import make_tiny_llama
 from tests.model_fixtures import make_tiny_pipeline
 from tests.test_store import config, texts, vectors_by_text, write_samples
@@ -565,8 +565,9 @@ def test_a_failed_latest_write_leaves_the_previous_checkpoint_current(tmp_path, 
 def test_a_failure_that_is_not_a_write_error_is_not_dressed_as_one(tmp_path, monkeypatch):
     """Only OSErrors become CheckpointWriteError ('free space ...'); a bug surfaces as DCP raised it. The
     partial folder goes either way."""
-    import bahe.training.checkpoint as checkpoint
     import torch.distributed.checkpoint as dcp
+
+    import bahe.training.checkpoint as checkpoint
 
     module, optimizer = plain_state()
     checkpointer = Checkpointer(tmp_path / "ckpt")

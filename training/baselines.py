@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from bahe.ctr_data.parquet_io import SampleReader
 from torchmetrics.functional.classification import binary_auroc
+
+from bahe.ctr_data.parquet_io import SampleReader
 
 ITEM_PRIOR_WEIGHT = 10.0
 USER_WINDOWS = {"user_last5": 5, "user_last10": 10, "user_last30": 30, "user_all": None}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
 from bahe.embeddings.store import write_text_atomic
 from bahe.training.faults import inject_fault
 from bahe.training.run_record import write_record

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from bahe.ctr_data.parquet_io import SampleReader
 
 

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.embeddings.store import BehaviourStore
 from bahe.model import behaviour_lookup
@@ -45,8 +48,6 @@ from bahe.model.config import TextConfig
 from bahe.model.factory import build_text_arch as _build_text_arch
 from bahe.model.sharding import BEHAVIOUR_TABLE_CONSTRAINTS
 from bahe.training.dataloader import BaheDataLoader
-from torchrec.optim.keyed import KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 __all__ = ["BEHAVIOUR_TABLE_CONSTRAINTS", "REFUSED", "STAGE_FILES", "add_arguments", "build_text_arch", "check_args",
            "feature_names", "get_dataloader", "load_store_rows", "start_at_zero", "text_optimizers",

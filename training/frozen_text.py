@@ -32,6 +32,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from bahe.embeddings.store import BehaviourStore
 from bahe.training import init_from
 from bahe.training.checkpoint import FROZEN_MARKER, merge_into, without_frozen
@@ -45,7 +47,6 @@ from bahe.training.run_record import (
     store_identity,
 )
 from bahe.training.safe_load import load_checkpoint
-from torch import nn
 
 FLAG = "--frozen-text-from"
 TEXT_ARCH = "text_arch."  # the text arch's state-dict keys contain it (BAHE.text_arch)
@@ -79,8 +80,9 @@ def _llm(name: str, sha256: str) -> str:
 
 
 def _layers(llm: str) -> int:
-    from bahe.embeddings.pretrained import resolve_model_dir
     from transformers import AutoConfig
+
+    from bahe.embeddings.pretrained import resolve_model_dir
 
     return int(AutoConfig.from_pretrained(resolve_model_dir(llm), trust_remote_code=False).num_hidden_layers)
 

@@ -19,6 +19,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
 from bahe.model.bahe import BAHETrain
 from bahe.model.behaviour_lookup import load_store_rows
 from bahe.model.dense_features import DenseNormalizer
@@ -43,9 +47,6 @@ from bahe.training.run_record import (
 from bahe.training.segments import DEFAULT_SPEC, KINDS, SegmentSpec, TaggingBatcher
 from bahe.training.selection import Selection, epochs_to_steps, passes_warning
 from bahe.training.sources import ParquetData, RandomData, criteo_data
-from torch.utils.tensorboard import SummaryWriter
-from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 
 def setup_distributed(preference: str) -> tuple[int, int, torch.device]:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 
 import torch
-from bahe.model.bahe import BAHE
-from bahe.training.config import OptimConfig
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torch.optim.lr_scheduler import LambdaLR
 from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from bahe.model.bahe import BAHE
+from bahe.training.config import OptimConfig
 
 LLM_PARAMETER_MARKERS = (".aggregator.decoder.", ".text_arch.deep.", ".text_arch.shallow.")
 

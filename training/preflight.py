@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import ITEM_TEXT, SEQ_PREFIX
 from bahe.embeddings.store import BehaviourStore

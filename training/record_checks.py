@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from bahe.model.config import (
     MAX_BEHAVIOURS,
     MAX_LAYERS,

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from bahe.embeddings.encoding import describe_choices
 from bahe.embeddings.encoding import differences as encoding_differences
 from bahe.embeddings.store import BehaviourStore, write_text_atomic

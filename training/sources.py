@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed as dist
+from torchrec.datasets.random import RandomRecDataset
+
 from bahe.ctr_data.criteo import criteo_schema, write_criteo_splits
 from bahe.ctr_data.parquet_io import SampleReader
 from bahe.ctr_data.schema import SampleSchema
 from bahe.embeddings.store import write_text_atomic
 from bahe.model.dense_features import DenseNormalizer
 from bahe.training.data import batches, eval_batches
-from torchrec.datasets.random import RandomRecDataset
 
 SPLITS = ("train", "valid", "test")
 

@@ -23,8 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from bahe.embeddings.store import write_text_atomic
-from bahe.training.daily_records import (  # noqa: F401  (DailyError, check_day_name: this module's API too)
+from bahe.daily.records import (  # noqa: F401  (DailyError, check_day_name: this module's API too)
     DAY_NAME,
     DailyError,
     check_day_name,
@@ -32,6 +31,7 @@ from bahe.training.daily_records import (  # noqa: F401  (DailyError, check_day_
     read_current,
     read_published,
 )
+from bahe.embeddings.store import write_text_atomic
 
 BUSY = "{folder} is being updated by {holder}: one bahe-daily (run or rollback) per home at a time; wait for it"
 
@@ -51,7 +51,7 @@ def same_run(a: dict | None, b: dict | None) -> bool:
 
 class DailyHome:
     """One deployment's folder (see the module doc). Every record is read through
-    :mod:`bahe.training.daily_records`, so a damaged one is one line naming its file."""
+    :mod:`bahe.daily.records`, so a damaged one is one line naming its file."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)

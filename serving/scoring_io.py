@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from bahe.ctr_data.parquet_io import SampleReader, validate_batch
 from bahe.ctr_data.schema import ITEM_ID, LABEL, TIMESTAMP, USER_ID, DataError, SampleSchema
 from bahe.ctr_data.validation import same_type

@@ -5,12 +5,12 @@ LLM), its feature schema and dense statistics from the train split it was traine
 trainer shards it, the behaviour store loaded into its frozen table, and the weights of one checkpoint
 restored through the restricted loaders (``training/safe_load.py``) -- the model only, no optimiser, no
 trainer. ``which="best"`` takes the checkpoint the run selected on valid (``checkpoints/BEST.json``; the
-latest when it made no selection), ``"latest"`` the last one. The restore itself is training/restore.py
+latest when it made no selection), ``"latest"`` the last one. The restore itself is serving/restore.py
 (:func:`plan_restore`, :func:`restore_model`), which bahe-export uses too, unsharded (serving/restore.py).
 
 Scores are the model's forward in eval mode under ``no_grad``, exactly what ``bahe-evaluate`` runs
 (``training/loop.py`` ``evaluate``): ``score = sigmoid(logit)`` in float32. The rows, their split over
-ranks and the output file: ``training/scoring_io.py``. With ``features`` (``--features EXPORT``) the text
+ranks and the output file: ``serving/scoring_io.py``. With ``features`` (``--features EXPORT``) the text
 features come from a bahe-export folder instead of the LLM's deep layers (serving/cached_scoring.py).
 
 The summary also holds ``segments`` (None: ``segments=None``): AUC and log loss of the scored rows against
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from bahe.model.deep_layers import PRECISIONS
-from bahe.training.restore import RestorePlan, plan_restore, restore_model
-from bahe.training.scoring_io import (
+from bahe.serving.restore import RestorePlan, plan_restore, restore_model
+from bahe.serving.scoring_io import (
     ScoreFiles,
     ScoreInput,
     check_out,
@@ -155,10 +156,11 @@ def score_files(run, files, out, *, which: str = "best", batch_size: int | None 
     text_features (where they came from), segments (AUC and log loss per segment), ...
     Raises ValueError / FileNotFoundError (one line) for bad input; nothing is left at or beside ``out``.
     """
+    from tqdm import tqdm
+
     from bahe.ctr_data.schema import LABEL
     from bahe.training.loop import peak_memory_mb, setup_distributed
     from bahe.training.metrics import SegmentRows, segment_tagger
-    from tqdm import tqdm
 
     config = ScoringConfig(run=run, files=tuple(files), out=out, which=which, batch_size=batch_size,
                            data_dir=data_dir, store=store, llm=llm, llm_precision=llm_precision, device=device,

@@ -1,0 +1,1 @@
+"""The daily production loop's state: a home's day records, CURRENT, the published log and its lock."""
