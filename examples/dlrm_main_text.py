@@ -129,7 +129,7 @@ def main(argv: list[str]) -> dict:
     keys = id_feature_names(schema)
     text_arch, store = build_text_arch(TextConfig(store=args.store, llm=args.llm, max_behaviours=args.max_behaviours),
                                        schema, args.embedding_dim, device=torch.device("meta"))
-    batcher = SampleBatcher(schema, dict.fromkeys(keys, args.num_embeddings), store.vocabulary,
+    batcher = SampleBatcher(schema, dict.fromkeys(keys, args.num_embeddings), store.text_index,
                             max_behaviours=args.max_behaviours)
     train_loader, val_loader, test_loader = (get_dataloader(args, batcher, s) for s in ("train", "valid", "test"))
 

@@ -135,15 +135,23 @@ class Day:
 
     # -- the steps -------------------------------------------------------------------------------------------
     def refresh(self) -> dict:
+        import pyarrow as pa
+
         from bahe.embeddings.store import BehaviourStore, latest_version
-        from bahe.embeddings.vocabulary import count_texts
+        from bahe.embeddings.vocabulary import RESERVED, UNKNOWN_ID, count_texts
 
         files = [self.data / "train.parquet", self.data / "valid.parquet"]
         before = latest_version(self.home.store) if self.home.store.is_dir() else None
-        known = BehaviourStore.open(self.home.store).vocabulary if before else None
-        rows_before = len(known) if known is not None else 0
         counts = count_texts(files)  # the day's texts (a bad file stops here, named)
-        unseen = [text for text in counts if known is None or text not in known]
+        day_texts = pa.array(list(counts), pa.string())
+        rows_before = 0
+        if before:  # the day's texts resolved through the store's text index: memory follows the day, not the store
+            old = BehaviourStore.open(self.home.store)
+            rows_before = old.rows_count
+            unseen = [text for text, row in zip(counts, old.text_index.lookup_array(day_texts, count=False))
+                      if row == UNKNOWN_ID]
+        else:
+            unseen = list(counts)
         if unseen:  # nothing new: no encoder to start. A few new texts: one process (a chunk is the unit of work)
             encoder = _encoder_flags(self.home.store, self.args)
             ranks = self.args.nproc if len(unseen) > ENCODE_CHUNK_TEXTS else 1
@@ -152,9 +160,9 @@ class Day:
         store = BehaviourStore.open(self.home.store)
         new = store.version != before
         stats = store.manifest.get("stats", {}) if new else {}
-        fresh = set(store.vocabulary.texts[rows_before:])
+        rows = store.text_index.lookup_array(day_texts, count=False)  # a text is new when its row is past the old rows
         total = sum(counts.values())
-        share = round(sum(c for text, c in counts.items() if text in fresh) / total, 4) if total else 0.0
+        share = round(sum(c for c, row in zip(counts.values(), rows) if row >= max(rows_before, len(RESERVED))) / total, 4) if total else 0.0
         return {"version": store.version, "previous_version": before, "rows": store.rows_count,
                 "new_texts": store.rows_count - rows_before, "tokens": stats.get("tokens", 0),
                 "encode_seconds": stats.get("encode_seconds", 0.0), "new_occurrence_share": share}
