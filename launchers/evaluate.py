@@ -25,51 +25,26 @@ import shutil
 import sys
 from pathlib import Path
 
+from bahe.launchers.segment_flags import segment_spec
 from bahe.launchers.train import build_parser as train_parser
 from bahe.launchers.train import config_from_args, quiet_library_deprecations
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """bahe-train's parser with --checkpoint and --which; --out optional, the training-only flags hidden."""
+    """bahe-train's parser (its segment flags included) with --checkpoint and --which; --out optional, the
+    training-only flags hidden."""
     parser = train_parser()
     parser.prog, parser.description = "bahe-evaluate", __doc__
     parser.add_argument("--checkpoint", type=Path, required=True, help="the training run folder (its --out)")
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="best: the checkpoint the run selected on valid (its BEST.json; the latest when it "
                              "made no selection); latest: the last checkpoint")
-    add_segment_flags(parser)
     for action in parser._actions:  # --out is optional here: the metrics default to the run folder
         if action.dest == "out":
             action.required = False
         if action.dest in ("init_from", "init_optimizer", "frozen_text_from", "data_lanes"):  # training only
             action.help = argparse.SUPPRESS
     return parser
-
-
-def add_segment_flags(parser: argparse.ArgumentParser) -> None:
-    """--segment-thresholds, --history-thresholds, --bootstrap, --confidence, --segment-seed (training/segments.py)."""
-    from bahe.training.segments import SegmentSpec
-
-    d = SegmentSpec()
-    g = parser.add_argument_group("segment metrics (docs/segments.md)")
-    g.add_argument("--segment-thresholds", type=int, nargs="+", default=list(d.item_thresholds), metavar="N",
-                   help="ascending training-row counts bounding the item popularity segments (default "
-                        f"{' '.join(map(str, d.item_thresholds))}: cold 0, tail <= 20, torso <= 200, head above)")
-    g.add_argument("--history-thresholds", type=int, nargs="+", default=list(d.history_thresholds), metavar="N",
-                   help="ascending behaviour counts (all of the row's sequences) bounding the history length "
-                        f"segments (default {' '.join(map(str, d.history_thresholds))})")
-    g.add_argument("--bootstrap", type=int, default=d.bootstrap,
-                   help=f"bootstrap resamples per segment interval (default {d.bootstrap}; 0: no intervals)")
-    g.add_argument("--confidence", type=float, default=d.confidence,
-                   help=f"the intervals' central share (default {d.confidence})")
-    g.add_argument("--segment-seed", type=int, default=d.seed, help=f"the resampling seed (default {d.seed})")
-
-
-def segment_spec(args: argparse.Namespace):
-    from bahe.training.segments import SegmentSpec
-
-    return SegmentSpec(item_thresholds=tuple(args.segment_thresholds), history_thresholds=tuple(args.history_thresholds),
-                       bootstrap=args.bootstrap, confidence=args.confidence, seed=args.segment_seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,11 @@ A row scores as the full model scores it when it is its user's sample in the exp
 Memory stays bounded: rows are read a batch at a time and the output is written as it goes. Each rank
 scores a contiguous share of the rows into a part file beside --out (so --out's folder must be shared by
 all ranks); rank 0 joins the parts into --out, atomically. On an error nothing is left at or beside --out.
+
+The summary (and the metadata) also holds ``segments``: AUC and log loss of the scored rows against their labels,
+per item popularity (the run's recorded training rows per item) and history length segment, with row counts and
+bootstrap intervals (--segment-thresholds, --history-thresholds, --bootstrap, --confidence, --segment-seed, as
+bahe-train's and bahe-evaluate's: docs/segments.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from bahe.launchers.segment_flags import add_segment_flags, segment_spec
 
 PRECISIONS = ("auto", "bf16", "fp32")  # bahe.model.deep_layers.PRECISIONS (checked by ScoringConfig)
 BEHAVIOUR_SHARDINGS = ("auto", "row_wise", "column_wise", "table_wise")  # bahe.model.config's (no torch import here)
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the training run's): row_wise, column_wise, table_wise, or auto (default: row_wise for a "
                         "table of 1 GiB or more, else the planner's choice); rank 0 prints the plan in one line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_segment_flags(p)  # the summary's segment metrics (the scored rows against their labels)
     return p
 
 
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from bahe.serving.scoring_io import check_out
 
     try:
+        segments = segment_spec(args)  # bad thresholds: one line, before any work
         check_out(args.out)  # before torch is imported: a wrong --out costs no start-up
     except ValueError as err:
         print(f"bahe-predict: error: {err}", file=sys.stderr)
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = score_files(args.run, args.data, args.out, which=args.which, batch_size=args.batch_size,
                                   data_dir=args.data_dir, store=args.store, llm=args.llm,
                                   llm_precision=args.llm_precision, device=args.device, show_progress=not args.quiet,
-                                  features=args.features)
+                                  features=args.features, segments=segments)
     except (ValueError, FileNotFoundError) as err:  # bad input, a damaged run, a failed write: one line
         if os.environ.get("BAHE_TRACEBACK"):
             raise

@@ -15,6 +15,9 @@ refresh; step, data position and schedules start at 0).
 The downstream model of the paper's AUC_d (training/frozen_text.py): DLRM + a trained BAHE run's text
 features, its text arch loaded and frozen, everything else trained from the seed,
   bahe-train --arm bahe --frozen-text-from runs/demo/bahe --store runs/demo/store --data-dir ... --out ...
+
+The valid / test reports and TensorBoard give AUC and log loss per item popularity and history length segment
+(--segment-thresholds, --history-thresholds, --bootstrap, --confidence, --segment-seed: docs/segments.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 from pathlib import Path
 
 from bahe.embeddings.pretrained import DEFAULT_MODEL
+from bahe.launchers.segment_flags import add_segment_flags, segment_spec
 from bahe.model.config import BEHAVIOUR_SHARDINGS
 from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
 from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--warmup-steps", type=int, default=20)
     m.add_argument("--decay", choices=("cosine", "linear", "none"), default="cosine")
     m.add_argument("--grad-clip", type=float, default=1.0, help="L2 norm clip of the dense gradients, per group (0: off)")
+    add_segment_flags(p)  # the valid / test reports' and TensorBoard's segment metrics
     return p
 
 
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from bahe.training.run_record import check_out_folder, check_resume
 
     try:
+        segments = segment_spec(args)  # bad thresholds: one line, before anything is written
         check_out_folder(args.out)  # before anything is written under it
         _init_from_defaults(args, argv)
         config = config_from_args(args)
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     from bahe.training.loop import run_training
 
     try:
-        summary = run_training(config)  # its shard_model takes config.behaviour_sharding
+        summary = run_training(config, segments=segments)  # its shard_model takes config.behaviour_sharding
     except (CheckpointWriteError, FileNotFoundError, ValueError) as err:  # what the user can fix: one line
         if os.environ.get("BAHE_TRACEBACK"):
             raise

@@ -147,3 +147,49 @@ def test_make_demo_prints_the_segment_line(run, tmp_path, monkeypatch, capsys):
     assert f"cold {cold['rows']:,} rows AUC {cold['auc']:.4f}" in line
     for name in ("tail", "torso", "head"):
         assert f"{name} {segments['item_popularity'][name]['rows']:,} rows" in line
+
+
+def test_train_segment_flags_reach_its_reports(run, tmp_path):
+    """bahe-train --segment-thresholds / --history-thresholds / --bootstrap: metrics.json, the last JSON line and
+    TensorBoard hold the segments those flags name (launchers/segment_flags.py, shared with bahe-evaluate)."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bahe.launchers.train import main
+
+    data, _, _ = run
+    out, printed = tmp_path / "run", io.StringIO()
+    with process_group(), contextlib.redirect_stdout(printed):
+        assert main(["--data-dir", str(data), "--out", str(out), *FLAGS, "--steps", "2", "--eval-every", "0",
+                     "--segment-thresholds", "0", "5", "--history-thresholds", "1", "10", "--bootstrap", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        segments = metrics[split]["segments"]
+        assert last_json(printed.getvalue())[split]["segments"] == segments
+        assert list(segments["item_popularity"]) == ["cold", "1-5", "6+"]
+        assert list(segments["history_length"]) == ["0-1", "2-10", "11+"]
+        assert segments["spec"]["item_thresholds"] == [0, 5] and segments["spec"]["bootstrap"] == 0
+        assert segments["item_popularity"]["cold"].get("auc_interval") is None  # --bootstrap 0: no intervals
+    tags = set(EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"])
+    assert "test_segments/item_popularity/1-5/logloss" in tags and "test_segments/history_length/2-10/logloss" in tags
+
+
+def test_predict_segment_flags_reach_its_summary(run, tmp_path, capsys):
+    from bahe.launchers.predict import main
+
+    data, out, _ = run
+    scores = tmp_path / "scores.parquet"
+    with process_group():
+        assert main(["--run-dir", str(out), "--data", str(data / "test.parquet"), "--out", str(scores), "--quiet",
+                     "--segment-thresholds", "0", "5", "--history-thresholds", "3", "--bootstrap", "10",
+                     "--confidence", "0.5", "--segment-seed", "7"]) == 0
+    summary = last_json(capsys.readouterr().out)
+    recorded = json.loads(pq.read_schema(scores).metadata[b"bahe.predict"])
+    for segments in (summary["segments"], recorded["segments"]):
+        assert list(segments["item_popularity"]) == ["cold", "1-5", "6+"]
+        assert list(segments["history_length"]) == ["0-3", "4+"]
+        assert segments["spec"] == {"item_thresholds": [0, 5], "history_thresholds": [3], "bootstrap": 10,
+                                    "confidence": 0.5, "seed": 7}
+    trained = json.loads((out / "metrics.json").read_text())["test"]["segments"]["item_popularity"]["cold"]
+    assert summary["segments"]["item_popularity"]["cold"]["rows"] == trained["rows"]  # cold is cold either way
