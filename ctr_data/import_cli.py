@@ -12,8 +12,11 @@ Event tables (a behaviour sequence joined per user by time) and the item table a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+DEFAULT_COLD_SHARE = 0.2  # bahe-data movielens --cold-share's default
 
 
 def _named(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -50,6 +53,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     split.add_argument("--split-cuts", type=int, nargs=2, metavar=("T1", "T2"),
                        help="split by time: train before T1, valid before T2, test from T2")
     split.add_argument("--split-column", metavar="COLUMN", help="your own split column: train / valid / test")
+    p.add_argument("--split", choices=("time", "item_cold"), default=None,
+                   help="time: every row split by time (the default); item_cold: a seeded share of the items has every "
+                        "row in valid or test (none in train), the other items' rows split by time (fractions or "
+                        "cuts) -- as bahe-data movielens --split item_cold (docs/byo_data.md)")
+    p.add_argument("--cold-share", type=float, default=None,
+                   help=f"--split item_cold: the share of the items held out of train (default {DEFAULT_COLD_SHARE})")
+    p.add_argument("--seed", type=int, default=None, help="--split item_cold: which items are held out (default 0)")
     p.add_argument("--dataset", help="the dataset name recorded in the files")
     p.add_argument("--batch-rows", type=int, help="rows read and converted at a time (default 65536)")
     return p
@@ -78,6 +88,13 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     given = {"fractions": args.split_fractions, "cuts": args.split_cuts, "column": args.split_column}
     if any(v is not None for v in given.values()):
         raw["split"] = given  # None removes the mapping's other split keys
+    if args.split is None and (args.cold_share is not None or args.seed is not None):
+        raise ValueError("--cold-share and --seed go with --split item_cold")
+    if args.split == "time":  # the mapping's item_cold keys removed
+        raw.setdefault("split", {}).update(cold_share=None, seed=None)
+    elif args.split == "item_cold":  # the share and seed given, else the mapping's (else 0.2 and 0: run)
+        raw.setdefault("split", {}).update({k: v for k, v in (("cold_share", args.cold_share), ("seed", args.seed))
+                                            if v is not None})
     if args.dataset:
         raw["dataset"] = args.dataset
     if args.batch_rows is not None:
@@ -93,6 +110,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise ValueError("bahe-data import needs --mapping TOML, or --input FILE with --user-id, --item-id, --label, "
                          "--timestamp and --item-text")
     mapping = load_mapping(args.mapping, overrides_from_args(args))
+    if args.split == "item_cold" and mapping.split.cold_share is None:
+        mapping = dataclasses.replace(mapping, split=dataclasses.replace(mapping.split, cold_share=DEFAULT_COLD_SHARE))
     result = import_logs(mapping, args.out)
     rows = result["rows"]
     print(f"imported {sum(rows.values())} rows into {args.out}: train {rows['train']}, valid {rows['valid']}, "

@@ -10,7 +10,7 @@ every key, and examples/byo_data/mapping.toml uses most of them::
     [items]                           # files, item_id, text: titles by item id
     [dense] / [categorical]           # name = "column", or { column = ..., fill = ... / sep = ... }
     [sequences.NAME]                  # column = ... (a list column), or events = ... (an event table)
-    [split]                           # fractions = [...], cuts = [T1, T2] or column = "..."
+    [split]                           # fractions = [...], cuts = [T1, T2] or column = "..."; cold_share, seed
 
 Every check runs when the mapping is built, and its error names the key and says what to change.
 """
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bahe.ctr_data.item_cold import split_problem
 from bahe.ctr_data.schema import SampleSchema
 
 SPLITS = ("train", "valid", "test")
@@ -133,8 +134,12 @@ class Split:
     fractions: tuple[float, float, float] | None = None
     cuts: tuple[int, int] | None = None
     column: str | None = None
+    cold_share: float | None = None  # item_cold: this share of the items never in train (ctr_data/item_cold.py)
+    seed: int = 0  # item_cold: which items
 
     def __post_init__(self) -> None:
+        if self.cold_share is not None and split_problem(self.cold_share, self.column):
+            raise _fail("[split]", split_problem(self.cold_share, self.column))
         given = [k for k in ("fractions", "cuts", "column") if getattr(self, k) is not None]
         if len(given) > 1:
             raise _fail("[split]", f"give one of fractions, cuts or column, not {' and '.join(given)}")
@@ -242,7 +247,7 @@ _KEYS = {
     "input": _SOURCE,
     "columns": {"user_id", "item_id", "label", "timestamp", "item_text"},
     "items": _SOURCE | {"item_id", "text"},
-    "split": {"fractions", "cuts", "column"},
+    "split": {"fractions", "cuts", "column", "cold_share", "seed"},
     "list": {"column", "sep", "order", "max_length"},
     "events": {"events", "format", "delimiter", "user_id", "timestamp", "text", "item_id", "where", "window",
                "max_length"},
@@ -344,15 +349,15 @@ def mapping_from_dict(raw: Mapping, where: str = "") -> ImportMapping:
         categorical = tuple(Categorical(n, **_feature(n, v, "categorical", "sep"))
                             for n, v in raw.get("categorical", {}).items())
         sequences = tuple(_sequence(n, t) for n, t in raw.get("sequences", {}).items())
-        s = raw.get("split", {})
+        s, at = raw.get("split", {}), "[split]"
         fractions, cuts = _get(s, "fractions", list, "[split]"), _get(s, "cuts", list, "[split]")
         for key, values in (("fractions", fractions), ("cuts", cuts)):
             kind = (int, float) if key == "fractions" else int
             if values is not None and not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
                 raise _fail("[split]", f"{key} must be a list of {'numbers' if key == 'fractions' else 'integer timestamps'}, "
                             f"got {values!r}")
-        split = Split(tuple(fractions) if fractions else None, tuple(cuts) if cuts else None,
-                      _get(s, "column", str, "[split]"))
+        split = Split(tuple(fractions) if fractions else None, tuple(cuts) if cuts else None, _get(s, "column", str, at),
+                      _get(s, "cold_share", (int, float), at), _get(s, "seed", int, at) or 0)
         hash_ids = _get(raw, "hash_ids", list, "hash_ids") or []
         return ImportMapping(
             input=_source(raw["input"], "[input]"),

@@ -33,6 +33,7 @@ files there stay as they were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import deque
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from bahe.ctr_data.import_sources import (
     text_lists,
     texts,
 )
+from bahe.ctr_data.item_cold import WARM, cold_codes, hold_out
 from bahe.ctr_data.parquet_io import SampleWriter, publish_together
 from bahe.ctr_data.schema import DataError, SampleSchema
 from bahe.ctr_data.validation import validate_batch
@@ -179,26 +181,38 @@ class EventHistory:
 
 
 class _Splitter:
-    """Which split each row goes to."""
+    """Which split each row goes to. With ``cold_share`` (item_cold, ctr_data/item_cold.py) a first pass counts
+    the rows per item (memory: the distinct items); the cold items' rows go to valid or test (each item whole
+    to one), the warm rows are split by time (fractions: of the warm rows)."""
 
     def __init__(self, mapping: ImportMapping):
         self.split = mapping.split
         self.column = mapping.split.column
+        self.cold: tuple[set[int], set[int]] | None = None
+        if self.split.cold_share is not None:
+            counts = _item_rows(mapping)
+            weights = self.split.fractions[1:] if self.split.fractions is not None else (1.0, 1.0)
+            self.cold = hold_out(counts, self.split.cold_share, self.split.seed, weights)
+            cold_rows = sum(counts[i] for part in self.cold for i in part)
         if self.split.fractions is not None:
-            rows = count_rows(mapping.input, mapping.timestamp)
+            rows = count_rows(mapping.input, mapping.timestamp) if self.cold is None else sum(counts.values()) - cold_rows
             bounds = np.cumsum(self.split.fractions[:2]) * rows
             self.bounds = [int(round(b)) for b in bounds]
             self.rows = rows
         self.index, self.current, self.last = 0, 0, None
 
-    def assign(self, batch: RawBatch, times: list[int]) -> np.ndarray:
+    def assign(self, batch: RawBatch, times: list[int], item_ids: list[int]) -> np.ndarray:
         if self.column is not None:
             return np.asarray(split_names(batch, self.column), dtype=np.int8)
+        codes = cold_codes(item_ids, *self.cold) if self.cold is not None else np.full(len(times), WARM, np.int8)
         if self.split.cuts is not None:
-            return np.searchsorted(np.asarray(self.split.cuts, dtype=np.int64), np.asarray(times, dtype=np.int64),
-                                   side="right").astype(np.int8)
-        out = np.empty(len(times), dtype=np.int8)
-        for i, t in enumerate(times):  # by row count, then moved later past equal timestamps
+            out = np.searchsorted(np.asarray(self.split.cuts, dtype=np.int64), np.asarray(times, dtype=np.int64),
+                                  side="right").astype(np.int8)
+            return np.where(codes == WARM, out, codes).astype(np.int8)
+        out = codes.copy()
+        for i, t in enumerate(times):  # warm rows by row count, then moved later past equal timestamps
+            if codes[i] != WARM:
+                continue
             nominal = (self.index >= self.bounds[0]) + (self.index >= self.bounds[1])
             self.current = self.current if nominal > self.current and t == self.last else max(nominal, self.current)
             out[i], self.last = self.current, t
@@ -214,6 +228,17 @@ class _Splitter:
             return f"no row has a timestamp {span}: move [split] cuts so that each split gets rows"
         return (f"the {name} split is empty ({self.rows} rows; fractions {list(self.split.fractions)}, cuts moved "
                 "past equal timestamps): import more rows or give [split] cuts")
+
+
+def _item_rows(m: ImportMapping) -> dict[int, int]:
+    """Rows per item id of the impressions (a pass over their item column)."""
+    counts: dict[int, int] = {}
+    for batch in read_batches(m.input, [m.item_id], m.batch_rows, [m.item_id]):
+        ids, n = np.unique(np.asarray(integers(batch, m.item_id, nonnegative=True, hashed=_hashed(m, "item_id")),
+                                      dtype=np.int64), return_counts=True)
+        for i, c in zip(ids.tolist(), n.tolist()):
+            counts[i] = counts.get(i, 0) + c
+    return counts
 
 
 class _Outputs:
@@ -277,7 +302,7 @@ def _convert(batch: RawBatch, m: ImportMapping, schema: SampleSchema, items: dic
                 history.advance(t)
                 joined[name].append(history.sequence(user, t))
         cols.update({f"seq_{name}": values for name, values in joined.items()})
-    split = splitter.assign(batch, times)
+    split = splitter.assign(batch, times, item_ids)
     table = pa.Table.from_pydict(cols, schema=schema.arrow_schema())
     ids = ["user_id", "item_id", *schema.categorical_columns]
     try:  # the sample schema's own checks, as a second net; rows and columns named as the input's
@@ -308,6 +333,11 @@ def import_logs(mapping: ImportMapping, out_dir: str | Path) -> dict:
         order = _TimeOrder(f"the impressions must be sorted by time ({why}); sort them by their timestamp "
                            "(docs/byo_data.md shows how)")
     splitter = _Splitter(mapping)
+    if splitter.cold is not None:  # what the split recorded, as bahe-data movielens --split item_cold records it
+        cold = {"cold_share": mapping.split.cold_share, "seed": mapping.split.seed,
+                "cold_items": len(splitter.cold[0]) + len(splitter.cold[1])}
+        schema = dataclasses.replace(schema, extra={**schema.extra, "imported": {**schema.extra["imported"],
+                                                                                 "item_cold": cold}})
     columns = [m for m in (mapping.user_id, mapping.item_id, mapping.label, mapping.timestamp, mapping.item_text,
                            mapping.split.column) if m is not None]
     required = list(columns) + [d.column for d in mapping.dense if d.fill is None]

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from bahe.ctr_data.item_cold import COLD_TEST, COLD_VALID, cold_codes, hold_out
 from bahe.ctr_data.parquet_io import SampleWriter, publish_together
 from bahe.ctr_data.schema import DataError, SampleSchema
 
@@ -229,17 +230,8 @@ def _code(table: dict[str, int], key: str) -> int:
 
 def cold_items(config: MovieLensConfig, rated: set[int]) -> tuple[set[int], set[int]]:
     """The held-out items of ``item_cold``: (those whose rows go to valid, those whose rows go to test);
-    ``round(cold_share * items)`` of the rated items, drawn with ``seed``."""
-    items = np.array(sorted(rated), dtype=np.int64)
-    count = int(round(config.cold_share * len(items)))
-    if not 0 < count < len(items):
-        raise ValueError(f"--cold-share {config.cold_share} of {len(items)} items holds out {count}: choose a share "
-                         "that leaves at least one item cold and one warm")
-    rng = np.random.default_rng(config.seed)
-    cold = rng.choice(items, size=count, replace=False)
-    valid, test = config.split[1:]
-    to_valid = int(round(count * valid / (valid + test)))
-    return {int(i) for i in cold[:to_valid]}, {int(i) for i in cold[to_valid:]}
+    ``round(cold_share * items)`` of the rated items, drawn with ``seed`` (ctr_data/item_cold.py)."""
+    return hold_out(rated, config.cold_share, config.seed, config.split[1:])
 
 
 def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
@@ -333,9 +325,8 @@ def _time_split(table: pa.Table, config: MovieLensConfig) -> dict[str, pa.Table]
 def _item_cold_split(table: pa.Table, config: MovieLensConfig, cold_valid: set[int], cold_test: set[int]
                      ) -> dict[str, pa.Table]:
     """Warm items' rows split by time; every row of a cold item in valid or test (its item's split)."""
-    items = table.column("item_id").to_numpy()
-    in_valid = np.isin(items, np.fromiter(cold_valid, dtype=np.int64, count=len(cold_valid)))
-    in_test = np.isin(items, np.fromiter(cold_test, dtype=np.int64, count=len(cold_test)))
+    codes = cold_codes(table.column("item_id").to_numpy(), cold_valid, cold_test)
+    in_valid, in_test = codes == COLD_VALID, codes == COLD_TEST
     warm = _time_split(table.filter(pa.array(~(in_valid | in_test))), config)
     order = [("timestamp", "ascending"), ("user_id", "ascending"), ("item_id", "ascending")]
     return {"train": warm["train"],
