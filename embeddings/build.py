@@ -42,12 +42,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from bahe.embeddings.build_io import reason, save_npy_atomic, write_vectors, writing
+from bahe.embeddings.build_io import reason, save_npy_atomic, vector_blocks, write_vectors, writing
 from bahe.embeddings.encoder import EncoderConfig, EncodeStats, ShallowEncoder
 from bahe.embeddings.encoding import POST_TRANSFORM_FIELDS, differences, encoder_identity, tokenizer_facts
 from bahe.embeddings.folder_lock import rank0_folder_lock
 from bahe.embeddings.post_transform import POST_TRANSFORM_FILE, PostTransform
 from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
+from bahe.embeddings.row_chunks import ROW_CHUNKS, ChunkHasher, RowChunks, digest_chunk_rows, texts_digest
 from bahe.embeddings.store import (
     FORMAT,
     LATEST,
@@ -62,13 +63,14 @@ from bahe.embeddings.store import (
     file_sha256,
     latest_version,
     manifest_digest,
+    stored_dtype,
     version_name,
     write_text_atomic,
 )
 from bahe.embeddings.text_index import FILES as TEXT_INDEX_FILES
 from bahe.embeddings.text_index import SECTION as TEXT_INDEX
 from bahe.embeddings.text_index_writer import write_text_index
-from bahe.embeddings.vocabulary import RESERVED, BehaviourVocabulary, count_texts
+from bahe.embeddings.vocabulary import BehaviourVocabulary, count_texts
 
 WORK = ".work"
 STORE_BUSY = "store {folder} is being built by {holder}; wait for it or use another store"
@@ -239,7 +241,7 @@ def _finished_chunk_stats(work: Path, n_chunks: int) -> EncodeStats:
 
 
 def _manifest(version: str, parent: str | None, config: EncoderConfig, model_dir: Path, sha: str, identity: dict,
-              rows: int, stats: EncodeStats, fit: dict | None) -> dict:
+              rows: int, stats: EncodeStats, fit: dict | None, store_dtype: str = "float32") -> dict:
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code)
@@ -249,25 +251,11 @@ def _manifest(version: str, parent: str | None, config: EncoderConfig, model_dir
         "model": {"name": str(config.model), "dir": str(model_dir), "sha256": sha,
                   "architecture": (model_config.architectures or [model_config.model_type])[0],
                   "num_layers": model_config.num_hidden_layers, "hidden_size": model_config.hidden_size},
-        "encoder": identity, "dim": int(model_config.hidden_size), "rows": rows, "store_dtype": "float32",
+        "encoder": identity, "dim": int(model_config.hidden_size), "rows": rows, "store_dtype": store_dtype,
         "stats": {"new_texts": stats.texts, "tokens": stats.tokens, "computed_tokens": stats.computed_tokens,
                   "truncated": stats.truncated, "encode_seconds": round(stats.seconds, 3)},
         **({"post_transform_fit": fit} if fit else {}),  # where the frozen post-transform was fitted, on how many texts
     }
-
-
-def _vector_blocks(parent: BehaviourStore | None, work: Path, n_chunks: int, dim: int,
-                   transform: PostTransform | None):
-    """The new version's rows in order: the parent's unchanged (or the zero <pad> and <unknown> rows), then
-    each chunk's, post-transformed by ``transform`` when there is one."""
-    if parent is not None:
-        for block in range(0, parent.rows_count, 65_536):  # stream the parent's rows, never all at once
-            yield parent.rows(block, min(block + 65_536, parent.rows_count))
-    else:
-        yield np.zeros((len(RESERVED), dim), dtype=np.float32)
-    for c in range(n_chunks):
-        block = np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False)
-        yield block if transform is None else transform.apply(block)
 
 
 def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | None, vocab: BehaviourVocabulary,
@@ -277,11 +265,21 @@ def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | Non
         with writing(staging, "create"):
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
+        dtype = manifest.get("store_dtype", "float32")
+        carried = parent.row_chunks if parent is not None else None  # the parent's chunks and digests, kept
+        first = parent.rows_count if carried is not None else 0
+        per = carried.rows_per_chunk if carried is not None else digest_chunk_rows(dim, stored_dtype(dtype).itemsize)
+        stops = [*range(first + per, len(vocab), per), *([len(vocab)] if len(vocab) > first else [])]
+        hasher = ChunkHasher(first, stops)
         with writing(staging / VECTORS):
             written = write_vectors(staging / VECTORS, len(vocab), dim,
-                                     _vector_blocks(parent, work, n_chunks, dim, transform))
-        if written != len(vocab):
+                                    vector_blocks(parent, work, n_chunks, dim, transform, dtype), dtype, hasher)
+        if written != len(vocab) or len(hasher.done) != len(stops):
             raise StoreError(f"assembled {written} rows for a vocabulary of {len(vocab)}: chunks are missing in {work}")
+        texts = [texts_digest(vocab.texts[a:b]) for a, b in zip([first, *stops[:-1]], stops)]
+        manifest[ROW_CHUNKS] = RowChunks(per, (*(carried.stops if carried else ()), *stops),
+                                         (*(carried.vectors if carried else ()), *hasher.done),
+                                         (*(carried.texts if carried else ()), *texts)).as_manifest()
         with writing(staging / VOCAB):
             vocab.save(staging / VOCAB)
         # the text index (text -> row for the readers): the parent's extended (its files' checksums checked
@@ -322,10 +320,14 @@ def _assemble(root: Path, work: Path, version: str, parent: BehaviourStore | Non
 
 
 def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], config: EncoderConfig, *,
-                chunk_texts: int = 4096, show_progress: bool = True) -> BuildReport:
-    """Create the first version of a store, or refresh its LATEST version with new texts."""
+                chunk_texts: int = 4096, show_progress: bool = True, store_dtype: str | None = None) -> BuildReport:
+    """Create the first version of a store, or refresh its LATEST version with new texts. ``store_dtype``: the
+    rows' dtype on disk (float32, float16, bfloat16; None: the parent's, else float32); a refresh keeps its
+    parent's and refuses another."""
     if chunk_texts < 1:
         raise ValueError(f"chunk_texts must be >= 1, got {chunk_texts}")
+    if store_dtype is not None:
+        stored_dtype(store_dtype)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise StoreWriteError(f"{root} is a file, not a store folder: remove it or choose another store folder")
@@ -333,11 +335,11 @@ def build_store(root: str | os.PathLike, sample_files: list[str | os.PathLike], 
         root.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
     with rank0_folder_lock(root, STORE_BUSY):  # one build per store, from planning to publishing
-        return _plan_encode_publish(root, sample_files, config, chunk_texts, show_progress, rank, world)
+        return _plan_encode_publish(root, sample_files, config, chunk_texts, show_progress, rank, world, store_dtype)
 
 
 def _plan_encode_publish(root: Path, sample_files: list[str | os.PathLike], config: EncoderConfig, chunk_texts: int,
-                         show_progress: bool, rank: int, world: int) -> BuildReport:
+                         show_progress: bool, rank: int, world: int, store_dtype: str | None = None) -> BuildReport:
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(config.model)
@@ -348,6 +350,11 @@ def _plan_encode_publish(root: Path, sample_files: list[str | os.PathLike], conf
     parent = BehaviourStore(root / parent_name) if parent_name else None
     if parent is not None:
         _check_parent(parent, identity, sha)
+        if store_dtype is not None and store_dtype != parent.store_dtype:
+            raise StoreError(f"cannot refresh {parent.path} (store dtype {parent.store_dtype}) with --store-dtype "
+                             f"{store_dtype}: a refresh keeps its parent's rows byte for byte, so its dtype too; leave "
+                             f"--store-dtype out (or give {parent.store_dtype}), or build a new store elsewhere")
+    store_dtype = parent.store_dtype if parent is not None else store_dtype or "float32"
     vocab = BehaviourVocabulary(parent.vocabulary.texts, parent.vocabulary.counts) if parent else BehaviourVocabulary()
     counts = count_texts(sample_files)
     new_ids = vocab.extend(counts)
@@ -373,7 +380,7 @@ def _plan_encode_publish(root: Path, sample_files: list[str | os.PathLike], conf
                 dim = _hidden_size(model_dir, config)
                 transform, fit = _frozen_post_transform(parent, work, n_chunks, config, dim, version)
                 manifest = _manifest(version, parent_name, config, model_dir, sha, dict(identity), len(vocab), stats,
-                                     fit)
+                                     fit, store_dtype)
                 _assemble(root, work, version, parent, vocab, n_chunks, manifest["dim"], manifest, transform)
         except StoreWriteError as err:
             raise _build_failed(err, root, work, version, parent_name) from err.__cause__

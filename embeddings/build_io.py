@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bahe.embeddings.store import StoreError, StoreWriteError, write_bytes_atomic
+from bahe.embeddings.store import StoreError, StoreWriteError, stored_dtype, write_bytes_atomic
+from bahe.embeddings.vocabulary import RESERVED
 
 
 def reason(err: OSError) -> str:
@@ -88,24 +89,56 @@ class NpyWriter:
                 self.handle.close()
 
 
-def write_vectors(path: Path, rows: int, dim: int, blocks) -> int:
-    """Write a rows x dim float32 .npy with plain sequential writes; returns the rows the blocks held.
+def to_stored(block: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows -> the store dtype's on-disk array, cast by torch (round to nearest even): float16, or
+    bfloat16 as its raw uint16 bits; float32 unchanged."""
+    if dtype == "float32":
+        return np.ascontiguousarray(block, dtype=np.float32)
+    import torch
+
+    cast = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(getattr(torch, dtype))
+    return (cast.view(torch.uint16) if dtype == "bfloat16" else cast).numpy()
+
+
+def write_vectors(path: Path, rows: int, dim: int, blocks, dtype: str = "float32", on_block=None) -> int:
+    """Write a rows x dim .npy of the store dtype ``dtype`` (blocks already in its on-disk dtype,
+    :data:`~bahe.embeddings.store.STORE_DTYPES`) with plain sequential writes; returns the rows the blocks
+    held. ``on_block(block)`` sees every block written, in order (the row digests).
 
     Not a memory map: on a full disk, a store into a mapped sparse file kills the process with SIGBUS,
     while a write() raises an OSError (ENOSPC) that can be reported."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-              "shape": (rows, dim)}
+    on_disk = stored_dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(on_disk), "fortran_order": False, "shape": (rows, dim)}
     written = 0
     with open(path, "wb") as handle:
         np.lib.format.write_array_header_1_0(handle, header)
         for block in blocks:
-            block = np.ascontiguousarray(block, dtype=np.float32)
+            if block.dtype != on_disk:
+                raise StoreError(f"a block of {block.dtype} for {path}, which holds {dtype} ({on_disk})")
+            block = np.ascontiguousarray(block)
             if block.ndim != 2 or block.shape[1] != dim:
-                raise StoreError(f"a block of shape {block.shape} for {path}, which holds rows of {dim} floats: "
+                raise StoreError(f"a block of shape {block.shape} for {path}, which holds rows of {dim} values: "
                                  f"the chunks in {path.parent.parent} are malformed; delete that folder")
             written += len(block)
             if written <= rows:
-                handle.write(memoryview(block))
+                handle.write(memoryview(block).cast("B"))
+                if on_block is not None:
+                    on_block(block)
         handle.flush()
         os.fsync(handle.fileno())
     return written
+
+
+def vector_blocks(parent, work: Path, n_chunks: int, dim: int,
+                   transform, dtype: str = "float32"):
+    """The new version's rows in order, in the store dtype's on-disk form: the parent's unchanged, as stored
+    (or the zero <pad> and <unknown> rows), then each chunk's, post-transformed by ``transform`` when there is
+    one (in float32), then cast to ``dtype``."""
+    if parent is not None:
+        for block in range(0, parent.rows_count, 65_536):  # stream the parent's rows, never all at once
+            yield parent.raw_rows(block, min(block + 65_536, parent.rows_count))
+    else:
+        yield np.zeros((len(RESERVED), dim), dtype=stored_dtype(dtype))
+    for c in range(n_chunks):
+        block = np.load(work / f"chunk-{c:06d}.npy", allow_pickle=False)
+        yield to_stored(block if transform is None else transform.apply(block), dtype)

@@ -9,7 +9,8 @@ Layout::
                               tokenizer hash, ...: bahe.embeddings.encoding), dtype, dim, rows, parent,
                               checksums, and manifest_sha256: a digest of all of that, checked at every open
         vocab.parquet         id, text, count (bahe.embeddings.vocabulary)
-        vectors.npy           rows x dim float32; row i is the vector of vocabulary id i (post-transformed)
+        vectors.npy           rows x dim in the store dtype (float32, float16, or bfloat16 kept as its raw
+                              uint16 bits); row i is the vector of vocabulary id i (post-transformed)
         post_transform.npy    the frozen statistics of a center / whiten store (bahe.embeddings.post_transform)
         text_hashes.npy, text_rows.npy, text_offsets.npy, text_bytes.npy
                               the text index: text -> row per batch, memory-mapped (bahe.embeddings.text_index)
@@ -25,6 +26,17 @@ Stores written before the text index still open: their readers index the vocabul
 (bahe.embeddings.text_index). Stores written before manifests carried ``manifest_sha256`` still open
 (their files' checksums are still checked by ``verify``), but ``verify`` refuses them: rebuild such a
 store to cover its manifest.
+
+**Integrity that scales** (issue 28, item 3). The manifest's ``row_chunks`` section cuts the rows into
+chunks (``stops``: each chunk's end row) and records, per chunk, the SHA-256 of its rows' bytes in
+``vectors.npy`` (``vectors_sha256``) and of its texts (``texts_sha256``, :func:`texts_digest`). A rank that
+loads a shard hashes only the chunks its rows lie in (bahe.embeddings.shard_reader), so checking costs
+1/W of the store per rank; ``bahe-encode verify`` checks every chunk and every file. A refresh keeps its
+parent's chunks (their digests carried over, never recomputed: the rows are copied unchanged) and cuts
+its new rows into chunks of the parent's size from the parent's last row, so a version's row count is a
+chunk boundary of every later version: the run record's store digest (training/run_record.py) is a digest
+of the digests up to that boundary, read from the manifest. Stores written before ``row_chunks`` open and
+verify as before (whole-file checksums).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import numpy as np
 
 from bahe.embeddings.encoding import normalised
 from bahe.embeddings.post_transform import POST_TRANSFORM_FILE, PostTransform
+from bahe.embeddings.row_chunks import RowChunks, chunk_problem, texts_digest
 from bahe.embeddings.vocabulary import BehaviourVocabulary
 
 TEXT_INDEX_FILES = ("text_hashes.npy", "text_rows.npy", "text_offsets.npy", "text_bytes.npy")  # text_index.FILES
@@ -48,6 +61,8 @@ FORMAT = "bahe-behaviour-store/1"
 MANIFEST_DIGEST = "manifest_sha256"
 NPY_MAGIC = b"\x93NUMPY"
 MANIFEST, VOCAB, VECTORS, LATEST = "manifest.json", "vocab.parquet", "vectors.npy", "LATEST"
+# store dtype -> the .npy dtype on disk; numpy has no bfloat16: its raw bits are kept as uint16
+STORE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 
 
 class StoreError(ValueError):
@@ -78,6 +93,21 @@ def manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest's canonical JSON (sorted keys, no spaces), its own digest field left out."""
     body = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def stored_dtype(name: str) -> np.dtype:
+    """The on-disk dtype of a store dtype name (StoreError for an unknown one)."""
+    if name not in STORE_DTYPES:
+        raise StoreError(f"store dtype {name!r} is not one of {', '.join(STORE_DTYPES)}; use the bahe version that "
+                         "wrote the store, or rebuild it")
+    return STORE_DTYPES[name]
+
+
+def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows as stored (``dtype``: float32, float16, bfloat16 as uint16 bits) -> a float32 copy, exactly."""
+    if dtype == "bfloat16":  # a bfloat16 is the top half of a float32
+        return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.array(raw, dtype=np.float32)
 
 
 def inside(path: Path, root: Path) -> Path:
@@ -193,10 +223,17 @@ class BehaviourStore:
         self._check_manifest_digest(manifest_path)
         self.rows_count = int(self.manifest["rows"])
         self.dim = int(self.manifest["dim"])
+        self.store_dtype = str(self.manifest.get("store_dtype", "float32"))
+        on_disk = stored_dtype(self.store_dtype)
         self._vectors = _load_vectors(self.path / VECTORS)
-        if self._vectors.shape != (self.rows_count, self.dim) or self._vectors.dtype != np.float32:
+        if self._vectors.shape != (self.rows_count, self.dim) or self._vectors.dtype != on_disk:
             raise StoreError(f"{self.path / VECTORS} holds {self._vectors.shape} {self._vectors.dtype}, the manifest "
-                             f"says ({self.rows_count}, {self.dim}) float32: the store is corrupt; rebuild it")
+                             f"says ({self.rows_count}, {self.dim}) {self.store_dtype} ({on_disk} on disk): the store "
+                             "is corrupt; rebuild it")
+        try:
+            self.row_chunks = RowChunks.from_manifest(self.manifest, self.path)
+        except ValueError as err:
+            raise StoreError(str(err)) from None
         self._vocab: BehaviourVocabulary | None = None
         self.verified_files: set[str] = set()  # files whose checksum this object has checked against the manifest
 
@@ -265,7 +302,12 @@ class BehaviourStore:
         return self.text_index.texts(start, stop)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as a float32 array (copied out of the memory map)."""
+        """Rows [start, stop) as a float32 array (copied out of the memory map; a half-precision store's rows
+        upcast exactly)."""
+        return as_float32(self.raw_rows(start, stop), self.store_dtype)
+
+    def raw_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (:data:`STORE_DTYPES`: bfloat16 as uint16 bits), copied out of the map."""
         if not 0 <= start <= stop <= self.rows_count:
             raise StoreError(f"row range [{start}, {stop}) outside the store's {self.rows_count} rows")
         return np.array(self._vectors[start:stop])
@@ -294,10 +336,49 @@ class BehaviourStore:
 
     def verify_files(self) -> None:
         """Recompute every file checksum against the manifest (reads everything); a changed file raises a
-        StoreError naming it. The trainer runs it as it loads the rows (model/behaviour_lookup.py)."""
+        StoreError naming it. With ``row_chunks``, vectors.npy is read once for its checksum and every chunk's
+        digest (a changed chunk is named by its row range), and every chunk's texts are checked. The trainer
+        runs it as it loads the rows of a store written before ``row_chunks`` (model/behaviour_lookup.py)."""
         for name, meta in self.manifest["files"].items():
-            actual = file_sha256(inside(self.path / name, self.path.parent))
+            path = inside(self.path / name, self.path.parent)
+            actual = self._vectors_sha256(path) if name == VECTORS and self.row_chunks else file_sha256(path)
             if actual != meta["sha256"]:
                 raise StoreError(f"{self.path / name}: checksum {actual[:12]}... does not match the manifest's "
                                  f"{meta['sha256'][:12]}...; the file changed after the store was written")
             self.verified_files.add(name)
+
+    def _vectors_sha256(self, path: Path) -> str:
+        """vectors.npy's SHA-256, each digest chunk's rows checked on the way (one pass; StoreError naming the
+        file and the chunk's rows), then every chunk's texts."""
+        chunks, whole = self.row_chunks, hashlib.sha256()
+        row_bytes = self.dim * stored_dtype(self.store_dtype).itemsize
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header(handle)
+            offset = handle.tell()
+            handle.seek(0)
+            whole.update(handle.read(offset))
+            for i in range(len(chunks.stops)):
+                start, stop = chunks.span(i)
+                digest, left = hashlib.sha256(), (stop - start) * row_bytes
+                while left > 0:
+                    piece = handle.read(min(left, 1 << 24))
+                    if not piece:
+                        break
+                    digest.update(piece)
+                    whole.update(piece)
+                    left -= len(piece)
+                if digest.hexdigest() != chunks.vectors[i]:
+                    raise StoreError(chunk_problem(path, chunks, i, digest.hexdigest()))
+            while rest := handle.read(1 << 24):
+                whole.update(rest)
+        for i in range(len(chunks.stops)):
+            actual = texts_digest(self.texts(*chunks.span(i)))
+            if actual != chunks.texts[i]:
+                start, stop = chunks.span(i)
+                raise StoreError(f"{self.path}: the texts of rows [{start}, {stop}) (digest chunk {i + 1} of "
+                                 f"{len(chunks.stops)}) do not match the manifest's digest (sha256 {actual[:12]}..., "
+                                 f"recorded {chunks.texts[i][:12]}...): the text index changed after the store was "
+                                 "written; rebuild this version with bahe-encode build")
+        return whole.hexdigest()
