@@ -48,6 +48,7 @@ from bahe.embeddings.encoding import POST_TRANSFORM_FIELDS, differences, encoder
 from bahe.embeddings.folder_lock import rank0_folder_lock
 from bahe.embeddings.post_transform import POST_TRANSFORM_FILE, PostTransform
 from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
+from bahe.embeddings.process_group import init_process_group
 from bahe.embeddings.row_chunks import ROW_CHUNKS, ChunkHasher, RowChunks, digest_chunk_rows, texts_digest
 from bahe.embeddings.store import (
     FORMAT,
@@ -105,7 +106,7 @@ class BuildReport:
 def _rank_world() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # its timeout: bahe-encode --pg-timeout
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

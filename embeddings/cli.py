@@ -24,7 +24,8 @@ from bahe.ctr_data.schema import DataError
 from bahe.embeddings.encoding import POOLINGS, describe_choices
 from bahe.embeddings.post_transform import POST_TRANSFORMS
 from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError
-from bahe.embeddings.store import BehaviourStore, StoreError, latest_version
+from bahe.embeddings.process_group import DEFAULT_TIMEOUT_S
+from bahe.embeddings.store import STORE_DTYPES, BehaviourStore, StoreError, latest_version
 from bahe.embeddings.store_stats import TOP_CHANNELS, store_anisotropy
 
 # encoding choices a refresh takes from the store when their flag is not given (flag dest = config field = manifest field)
@@ -49,7 +50,11 @@ def _build(args: argparse.Namespace) -> int:
                            max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
                            fixed_shapes=not args.dynamic_shapes, trust_remote_code=args.trust_remote_code,
                            **_encoding_choices(args))
-    report = build_store(args.store, args.data, config, chunk_texts=args.chunk_texts, show_progress=not args.quiet)
+    from bahe.embeddings.process_group import set_timeout
+
+    set_timeout(args.pg_timeout)  # the group a torchrun build creates (build._rank_world)
+    report = build_store(args.store, args.data, config, chunk_texts=args.chunk_texts, show_progress=not args.quiet,
+                         store_dtype=args.store_dtype)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -84,8 +89,13 @@ def _info(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     store = BehaviourStore.open(args.store, args.version)
+    chunks = store.row_chunks
+    if chunks is None:
+        print(f"note: {store.path} was written before per-chunk checksums: its whole files are checked (a refresh "
+              "with bahe-encode build writes them)")
     store.verify()
-    print(f"{store.path}: every checksum matches")
+    detail = f" ({len(chunks.stops)} row chunk(s) and every file)" if chunks is not None else ""
+    print(f"{store.path}: every checksum matches{detail}")
     return 0
 
 
@@ -112,7 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--whiten-eps", type=float, default=None,
                        help="whitening's regulariser, a fraction of the mean eigenvalue (default: the store's own, "
                             "else 1e-4)")
-    build.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    build.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="compute dtype of the encoder (default float32); see --store-dtype for the rows on disk")
+    build.add_argument("--store-dtype", choices=tuple(STORE_DTYPES), default=None,
+                       help="dtype of the stored rows: float32, float16 or bfloat16 (half the bytes; bfloat16 is kept "
+                            "as its raw 16 bits). Default: the store's own for a refresh (a refresh keeps its "
+                            "parent's and refuses another), else float32")
+    build.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help="the process group's timeout under torchrun: how long a rank waits for the others "
+                            f"before failing instead of hanging (default {DEFAULT_TIMEOUT_S:.0f} s)")
     build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     build.add_argument("--max-tokens", type=int, default=64, help="longer texts are truncated (default 64)")
     build.add_argument("--batch-tokens", type=int, default=128,

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 from collections.abc import Iterator
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bahe.embeddings.store import VECTORS, BehaviourStore, StoreError, inside
+from bahe.embeddings.row_chunks import chunk_problem
+from bahe.embeddings.store import VECTORS, BehaviourStore, StoreError, inside, stored_dtype
 
 CHUNK_BYTES = 64 << 20  # 64 MiB of file span per chunk
 
@@ -45,10 +47,14 @@ class Delivered:
     blocks: list[tuple[int, int, int, int]] = field(default_factory=list)
     chunks: int = 0
     bytes: int = 0
+    verified: list[int] = field(default_factory=list)  # the digest chunks checked (bahe.embeddings.row_chunks)
+    verified_bytes: int = 0
 
 
 class ShardReader:
-    """Chunked reads of blocks of one store version's ``vectors.npy`` (float32, C order), through one map.
+    """Chunked reads of blocks of one store version's ``vectors.npy`` (C order, the store dtype: chunks are
+    views of the on-disk values, bfloat16 as uint16 bits), through one map; :meth:`verify` checks digest
+    chunks against the manifest (``row_chunks``).
 
     Args:
         store: the store version (opened: its manifest and the file's shape are already checked).
@@ -61,21 +67,22 @@ class ShardReader:
         self.store, self.chunk_bytes = store, int(chunk_bytes)
         self.path = inside(store.path / VECTORS, store.path.parent)
         self.rows_count, self.dim = store.rows_count, store.dim
-        self.row_bytes = self.dim * 4
+        self.dtype = stored_dtype(store.store_dtype)
+        self.row_bytes = self.dim * self.dtype.itemsize
         self.delivered = Delivered()
         with open(self.path, "rb") as handle:
-            offset = _data_offset(handle, self.path, (self.rows_count, self.dim))
+            offset = _data_offset(handle, self.path, (self.rows_count, self.dim), self.dtype)
             size = os.fstat(handle.fileno()).st_size
             if size < offset + self.rows_count * self.row_bytes:
                 raise StoreError(f"{self.path} is {size} bytes, too short for {self.rows_count} rows of {self.dim} "
-                                 "floats: the store is corrupt; rebuild this version with bahe-encode build")
+                                 f"{store.store_dtype}: the store is corrupt; rebuild this version with bahe-encode build")
             # private and writable, never written: NumPy views are writable (torch.from_numpy takes them
             # without a warning), and no page is ever copied; the file itself stays read-only
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
         self._offset = offset
-        self._array = np.frombuffer(self._map, dtype="<f4", count=self.rows_count * self.dim,
+        self._array = np.frombuffer(self._map, dtype=self.dtype, count=self.rows_count * self.dim,
                                     offset=offset).reshape(self.rows_count, self.dim) \
-            if self._map is not None and self.rows_count else np.zeros((self.rows_count, self.dim), np.float32)
+            if self._map is not None and self.rows_count else np.zeros((self.rows_count, self.dim), self.dtype)
 
     def rows_per_chunk(self) -> int:
         return max(1, self.chunk_bytes // max(self.row_bytes, 1))
@@ -94,12 +101,31 @@ class ShardReader:
             stop = min(start + step, r1)
             view = self._array[start:stop, c0:c1]
             self.delivered.chunks += 1
-            self.delivered.bytes += view.size * 4
+            self.delivered.bytes += view.size * self.dtype.itemsize
             try:
                 yield start, view
             finally:
                 del view
                 self._release(start, stop)
+
+    def verify(self, indices, who: str = "") -> str | None:
+        """Hash the digest chunks ``indices`` (whole chunks, in pieces of at most ``chunk_bytes`` of file span, each
+        piece's pages handed back after it) against the manifest; the first mismatch as a message naming the file
+        and the chunk's rows (``who``: e.g. ", rank 1's"), else None."""
+        chunks = self.store.row_chunks
+        step = self.rows_per_chunk()
+        for i in indices:
+            start, stop = chunks.span(i)
+            digest = hashlib.sha256()
+            for first in range(start, stop, step):
+                last = min(first + step, stop)
+                digest.update(self._array[first:last])
+                self._release(first, last)
+            self.delivered.verified.append(i)
+            self.delivered.verified_bytes += (stop - start) * self.row_bytes
+            if digest.hexdigest() != chunks.vectors[i]:
+                return chunk_problem(self.path, chunks, i, digest.hexdigest(), who)
+        return None
 
     def _release(self, start: int, stop: int) -> None:
         """Give back the pages rows [start, stop) mapped (they stay in the page cache)."""
@@ -123,8 +149,8 @@ class ShardReader:
         self.close()
 
 
-def _data_offset(handle, path, shape: tuple[int, int]) -> int:
-    """The byte offset of a plain C-order little-endian float32 .npy's data, its header checked."""
+def _data_offset(handle, path, shape: tuple[int, int], expected: np.dtype) -> int:
+    """The byte offset of a plain C-order .npy's data of dtype ``expected``, its header checked."""
     try:
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
@@ -133,7 +159,7 @@ def _data_offset(handle, path, shape: tuple[int, int]) -> int:
             found, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
     except ValueError as err:
         raise StoreError(f"{path} is not a plain .npy file ({err}); rebuild this version with bahe-encode") from None
-    if tuple(found) != tuple(shape) or fortran or np.dtype(dtype) != np.dtype("<f4"):
+    if tuple(found) != tuple(shape) or fortran or np.dtype(dtype) != expected:
         raise StoreError(f"{path} holds {tuple(found)} {np.dtype(dtype)}{' (Fortran order)' if fortran else ''}, the "
-                         f"manifest says {tuple(shape)} float32: the store is corrupt; rebuild it")
+                         f"manifest says {tuple(shape)} {expected}: the store is corrupt; rebuild it")
     return handle.tell()

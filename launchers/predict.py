@@ -42,6 +42,7 @@ import os
 import sys
 from pathlib import Path
 
+from bahe.embeddings.process_group import DEFAULT_TIMEOUT_S, set_timeout
 from bahe.launchers.segment_flags import add_segment_flags, segment_spec
 
 PRECISIONS = ("auto", "bf16", "fp32")  # bahe.model.deep_layers.PRECISIONS (checked by ScoringConfig)
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the frozen behaviour table is sharded over the ranks (as bahe-train's; it need not be "
                         "the training run's): row_wise, column_wise, table_wise, or auto (default: row_wise for a "
                         "table of 1 GiB or more, else the planner's choice); rank 0 prints the plan in one line")
+    p.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="the process group's timeout: how long a rank waits for the others at start-up and in any "
+                        f"collective before failing instead of hanging (default {DEFAULT_TIMEOUT_S:.0f} s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_segment_flags(p)  # the summary's segment metrics (the scored rows against their labels)
     return p
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         segments = segment_spec(args)  # bad thresholds: one line, before any work
         check_out(args.out)  # before torch is imported: a wrong --out costs no start-up
+        set_timeout(args.pg_timeout)  # the scorer's process group (training/loop.py setup_distributed)
     except ValueError as err:
         print(f"bahe-predict: error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ optimizer (torchrec's ``in_backward_optimizer_filter``). The weights come from t
 after DistributedModelParallel has sharded the table: :func:`load_store_rows` copies into every
 local shard only the rows and columns that shard holds, a bounded chunk at a time, straight from the
 store's memory map (bahe.embeddings.shard_reader); the table is never filled with random values first.
-Measured per rank: peak RSS = the process (~0.37 GiB) + its shard + at most one chunk (docs/bench_store_scale.md).
+Measured per rank: peak RSS = the process (~0.37 GiB) + its shard + at most one chunk (docs/bench/store_scale.md).
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec import DataType, EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from bahe.embeddings.shard_reader import CHUNK_BYTES, ShardReader
 from bahe.embeddings.store import VECTORS, BehaviourStore, StoreError
 
 BEHAVIOUR_TABLE = "behaviours"
+STORE_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TABLE_DATA_TYPES = {torch.float32: DataType.FP32, torch.float16: DataType.FP16, torch.bfloat16: DataType.BF16}
 
 
 class BehaviourLookup(nn.Module):
@@ -53,7 +55,7 @@ class BehaviourLookup(nn.Module):
     """
 
     def __init__(self, num_rows: int, dim: int, keys: list[str], max_lengths: dict[str, int],
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         missing = [k for k in keys if k not in max_lengths]
         if missing:
@@ -65,12 +67,13 @@ class BehaviourLookup(nn.Module):
         # calls it on shards fbgemm has just allocated zeroed (model/sharding.py skips the kernels' uniform_).
         self.embedding_collection = EmbeddingCollection(
             tables=[EmbeddingConfig(name=BEHAVIOUR_TABLE, embedding_dim=dim, num_embeddings=num_rows,
-                                    feature_names=list(keys), init_fn=_filled_by_the_store)],
+                                    feature_names=list(keys), init_fn=_filled_by_the_store,
+                                    data_type=TABLE_DATA_TYPES[dtype])],
             device=torch.device("meta"))
         where = torch.device(device) if device is not None else torch.device("cpu")
         if where.type != "meta":
             self.embedding_collection.embeddings[BEHAVIOUR_TABLE].weight = nn.Parameter(
-                torch.zeros(num_rows, dim, device=where))
+                torch.zeros(num_rows, dim, device=where, dtype=dtype))
             self.embedding_collection._device = where  # torchrec's record of where the collection lives
         _apply_optimizer_in_backward(torch.optim.SGD, self.embedding_collection.parameters(), {"lr": 0.0})
 
@@ -94,9 +97,22 @@ class BehaviourLookup(nn.Module):
             lengths = jt.lengths()
             width = self.max_lengths[key]
             # the batcher already kept the most recent M (SampleBatcher.max_behaviours); no host sync here
-            padded = torch.ops.fbgemm.jagged_to_padded_dense(jt.values(), [jt.offsets()], [width], 0.0)
+            # float32 for the deep layers whatever the table's dtype (a no-op for a float32 table)
+            padded = torch.ops.fbgemm.jagged_to_padded_dense(jt.values().float(), [jt.offsets()], [width], 0.0)
             out[key] = (padded, lengths)
         return out
+
+
+def table_dtype(store_dtype: str, device: torch.device | str) -> torch.dtype:
+    """The behaviour table's dtype for a store of ``store_dtype`` built on ``device``: the store's own where the
+    embedding kernel has it (float32, float16 on every device; bfloat16 for a table built on CUDA), else
+    float32: fbgemm 1.8's CPU lookup has no bfloat16 kernel ("split_embedding_nobag_cpu_forward_2" not
+    implemented), and a table built on ``meta`` before DistributedModelParallel may land on CPU, so a bfloat16
+    store is upcast chunk by chunk as it loads (one line on rank 0)."""
+    wanted = STORE_TORCH_DTYPES[store_dtype]
+    if wanted == torch.bfloat16 and torch.device(device).type != "cuda":
+        return torch.float32
+    return wanted
 
 
 def _filled_by_the_store(weight: torch.Tensor) -> None:
@@ -113,39 +129,73 @@ def load_store_rows(model: nn.Module, store: BehaviourStore, *, chunk_bytes: int
     full-size masks, so loading adds at most about one chunk to a rank's resident memory. Returns the rows
     read here (a row counts once per local shard that holds it).
 
-    The store is verified on the way: rank 0 recomputes its files' checksums against the manifest and
-    every rank checks each chunk it loads for NaN / inf (stopping at the first such chunk); the ranks agree
-    (one all-gather), so a corrupt store raises the same one-line :class:`StoreError` on all of them.
+    The store is verified on the way: each rank hashes the digest chunks its rows lie in against the manifest
+    (:func:`_integrity_problem`; a store written before them: rank 0 recomputes its files' checksums) and
+    checks each chunk it loads for NaN / inf (stopping at the first such chunk); the ranks agree (one
+    all-gather), so a corrupt store raises the same one-line :class:`StoreError` on all of them, naming the
+    file and the rows. A half-precision store loads into a table of its dtype, or is upcast chunk by chunk
+    (one line on rank 0) where the table is float32 (:func:`table_dtype`).
     """
     suffix = f"embeddings.{BEHAVIOUR_TABLE}.weight"
     targets = [(name, t) for name, t in model.state_dict().items() if name.endswith(suffix)]
     if not targets:
         raise ValueError(f"the model has no behaviour table (no state-dict key ending in {suffix!r})")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    problem = _checksum_problem(store) if rank == 0 else None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    pieces = []
+    for name, tensor in targets:
+        shape = tensor.size() if isinstance(tensor, ShardedTensor) else tensor.shape
+        if tuple(shape) != (store.rows_count, store.dim):
+            raise ValueError(f"{name} is {tuple(shape)}, the store {store.path} is ({store.rows_count}, "
+                             f"{store.dim}): build the model from this store's size, or point it at the right store")
+        if isinstance(tensor, ShardedTensor):
+            pieces += [(shard.tensor, *shard.metadata.shard_offsets, *shard.metadata.shard_sizes)
+                       for shard in tensor.local_shards()]
+        else:
+            pieces.append((tensor, 0, 0, store.rows_count, store.dim))
     rows_read = 0
     with ShardReader(store, chunk_bytes) as reader:
-        for name, tensor in targets:
-            shape = tensor.size() if isinstance(tensor, ShardedTensor) else tensor.shape
-            if tuple(shape) != (store.rows_count, store.dim):
-                raise ValueError(f"{name} is {tuple(shape)}, the store {store.path} is ({store.rows_count}, "
-                                 f"{store.dim}): build the model from this store's size, or point it at the right store")
-            if isinstance(tensor, ShardedTensor):
-                pieces = [(shard.tensor, *shard.metadata.shard_offsets, *shard.metadata.shard_sizes)
-                          for shard in tensor.local_shards()]
-            else:
-                pieces = [(tensor, 0, 0, store.rows_count, store.dim)]
-            for target, row, col, n_rows, n_cols in pieces:
-                if problem is None:
-                    problem = _load_block(reader, target, store, row, col, n_rows, n_cols, rank)
-                rows_read += n_rows
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        found = [None] * dist.get_world_size()
+        problem = _integrity_problem(reader, store, pieces, rank, world)
+        table_dtype = targets[0][1].dtype
+        if rank == 0 and table_dtype != STORE_TORCH_DTYPES[store.store_dtype]:
+            print(f"behaviour table: the store's {store.store_dtype} rows are upcast to {table_dtype} chunk by "
+                  f"chunk as they load ({store.path}): this device's embedding kernel has no {store.store_dtype} table",
+                  flush=True)
+        for target, row, col, n_rows, n_cols in pieces:
+            if problem is None:
+                problem = _load_block(reader, target, store, row, col, n_rows, n_cols, rank)
+            rows_read += n_rows
+    if world > 1:
+        found = [None] * world
         dist.all_gather_object(found, problem)
         problem = next((p for p in found if p), None)
     if problem:
         raise StoreError(problem)
     return rows_read
+
+
+def _integrity_problem(reader: ShardReader, store: BehaviourStore, pieces: list, rank: int, world: int) -> str | None:
+    """Check the rows this rank loads against the manifest, before loading them. A store with per-chunk
+    digests (``row_chunks``): each digest chunk that some rank's shards touch is hashed by one of those ranks
+    (the ranks holding it take turns by chunk index), so a rank hashes about the rows it loads (1/W of a
+    row-wise table) and a column-wise table's rows are hashed once in all, 1/W per rank. A store written before
+    them: rank 0 recomputes every file's checksum (reads the whole store), with a one-line note."""
+    chunks = store.row_chunks
+    if chunks is None:
+        if rank == 0:
+            print(f"note: store {store.path} was written before per-chunk checksums: rank 0 checks its whole files "
+                  "(reads every row); a refresh with bahe-encode build writes them", flush=True)
+        return _checksum_problem(store) if rank == 0 else None
+    touched = sorted({i for _, row, _, n_rows, _ in pieces for i in chunks.overlapping(row, row + n_rows)})
+    holders = [touched]
+    if world > 1:
+        holders = [None] * world
+        dist.all_gather_object(holders, touched)
+    by_chunk: dict[int, list[int]] = {}
+    for who, held in enumerate(holders):
+        for i in held:
+            by_chunk.setdefault(i, []).append(who)
+    mine = [i for i in touched if by_chunk[i][i % len(by_chunk[i])] == rank]
+    return reader.verify(mine, f", rank {rank}'s")
 
 
 def _load_block(reader: ShardReader, target: torch.Tensor, store: BehaviourStore, row: int, col: int,
@@ -157,12 +207,13 @@ def _load_block(reader: ShardReader, target: torch.Tensor, store: BehaviourStore
     with torch.no_grad():
         for first, chunk in reader.chunks((row, row + n_rows), (col, col + n_cols)):
             place = target[first - row:first - row + len(chunk)]
-            place.copy_(torch.from_numpy(chunk))
+            values = torch.from_numpy(chunk)
+            place.copy_(values.view(torch.bfloat16) if store.store_dtype == "bfloat16" else values)  # copy_ upcasts
             # A sum is finite only if every value is (NaN and inf propagate), and it allocates nothing the size of
             # the chunk (torch.isfinite does: abs() and three masks, ~1.75x the chunk). A non-finite sum of finite
             # values (float32 overflow) is told apart by the exact check, which also finds the row.
-            if not math.isfinite(float(place.sum())):
-                block = place.detach().cpu().numpy()
+            if not math.isfinite(float(place.sum(dtype=torch.float32))):
+                block = place.detach().float().cpu().numpy()
                 problem = non_finite_problem(block, store, first, span=(first, first + len(chunk), col, col + n_cols),
                                              rank=rank)
                 if problem:

@@ -14,7 +14,7 @@ from bahe.embeddings.pretrained import resolve_model_dir, weights_sha256
 from bahe.embeddings.store import BehaviourStore, Expected
 from bahe.model.bahe import BAHE
 from bahe.model.batch import ITEM_TEXT_KEY, SampleBatcher, id_feature_names
-from bahe.model.behaviour_lookup import BehaviourLookup
+from bahe.model.behaviour_lookup import BehaviourLookup, table_dtype
 from bahe.model.config import BaheModelConfig, TextConfig
 from bahe.model.deep_layers import DeepLayerAggregator
 from bahe.model.dense_features import DenseNormalizer
@@ -81,7 +81,8 @@ def build_text_arch(text: TextConfig, schema: SampleSchema, embedding_dim: int, 
     store.check(Expected(model_sha256=weights_sha256(model_dir), k=k))
     keys = [SEQ_PREFIX + s for s in sequences]
     lookup = BehaviourLookup(store.rows_count, store.dim, [*keys, ITEM_TEXT_KEY],
-                             {**dict.fromkeys(keys, text.max_behaviours), ITEM_TEXT_KEY: 1}, device=device)
+                             {**dict.fromkeys(keys, text.max_behaviours), ITEM_TEXT_KEY: 1}, device=device,
+                             dtype=table_dtype(store.store_dtype, device or "cpu"))
     aggregator = DeepLayerAggregator(model_dir, k, text.deep_layers, pooling=text.pooling, attention=text.attention,
                                      gradient_checkpointing=text.gradient_checkpointing, precision=text.llm_precision)
     return BehaviourTextArch(lookup, aggregator, keys, embedding_dim, user_projection=text.user_projection,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bahe.embeddings.process_group import DEFAULT_TIMEOUT_S, check_timeout
 from bahe.model.config import BEHAVIOUR_SHARDINGS, BaheModelConfig
 from bahe.training.selection import Selection
 
@@ -98,6 +99,9 @@ class TrainConfig:
             every rank holds and reads 1/W of the store; the planner's choice below that; model/sharding.py).
             A launch property, not the model's: not recorded in run_config.json, and a resume, an evaluation
             or a warm start may use another (checkpoints leave the frozen table out, the store supplies it).
+        pg_timeout_s: the process group's timeout in seconds (``--pg-timeout``; default 1800): how long a rank
+            waits for the others at the rendezvous and in any collective, start-up (the store's load and
+            checksums) included, before failing instead of hanging (bahe.embeddings.process_group).
     """
 
     data_dir: Path
@@ -128,6 +132,7 @@ class TrainConfig:
     frozen_text_from: Path | None = None
     device: str = "auto"
     behaviour_sharding: str = "auto"
+    pg_timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -177,6 +182,7 @@ class TrainConfig:
             raise ValueError("TrainConfig.data_lanes: lanes deal a Parquet train split; leave --data-lanes at 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        check_timeout(self.pg_timeout_s)
         if self.behaviour_sharding not in BEHAVIOUR_SHARDINGS:
             raise ValueError(f"TrainConfig.behaviour_sharding={self.behaviour_sharding!r}: give one of "
                              f"{', '.join(BEHAVIOUR_SHARDINGS)} (--behaviour-sharding; data_parallel is not available "

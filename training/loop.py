@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from bahe.embeddings import process_group
 from bahe.model.bahe import BAHETrain
 from bahe.model.behaviour_lookup import load_store_rows
 from bahe.model.dense_features import DenseNormalizer
@@ -49,8 +50,9 @@ from bahe.training.selection import Selection, epochs_to_steps, passes_warning
 from bahe.training.sources import ParquetData, RandomData, criteo_data
 
 
-def setup_distributed(preference: str) -> tuple[int, int, torch.device]:
-    """Init the process group from torchrun's environment (a single process works too)."""
+def setup_distributed(preference: str, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Init the process group from torchrun's environment (a single process works too), with the timeout
+    ``timeout_s`` (None: the launch's, bahe.embeddings.process_group), start-up included."""
     cuda = torch.cuda.is_available() and preference in ("auto", "cuda")
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("TrainConfig.device is cuda but CUDA is not available here")
@@ -59,13 +61,13 @@ def setup_distributed(preference: str) -> tuple[int, int, torch.device]:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if "RANK" not in os.environ:  # a plain single process: a 1-rank group over an in-memory store (no port)
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            process_group.init_process_group(backend, timeout_s=timeout_s, store=dist.HashStore(), rank=0, world_size=1)
         elif attempt is None:
-            dist.init_process_group(backend)
+            process_group.init_process_group(backend, timeout_s=timeout_s)
         else:  # under torchrun: keys of this attempt only (a restart would read the dead attempt's addresses)
-            store, rank, world = next(dist.rendezvous("env://"))
-            dist.init_process_group(backend, store=dist.PrefixStore(f"bahe-attempt-{attempt}/", store), rank=rank,
-                                    world_size=world)
+            store, rank, world = next(process_group.rendezvous("env://", timeout_s=timeout_s))
+            process_group.init_process_group(backend, timeout_s=timeout_s, rank=rank, world_size=world,
+                                             store=dist.PrefixStore(f"bahe-attempt-{attempt}/", store))
     rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
     if cuda:
@@ -149,7 +151,7 @@ def run_training(config: TrainConfig, *, segments: SegmentSpec | None = DEFAULT_
     holds it). A restarted torchrun attempt waits up to 30 s for the dead attempt's rank 0 to let go."""
     from bahe.embeddings.folder_lock import rank0_folder_lock
 
-    setup_distributed(config.device)
+    setup_distributed(config.device, config.pg_timeout_s)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     with rank0_folder_lock(config.out_dir, RUN_BUSY, wait_s=30.0 if restarted else 0.0):
         return _train(config, segments)
@@ -235,7 +237,7 @@ def start_model(config: TrainConfig, source, rank: int, device: torch.device) ->
 def _train(config: TrainConfig, segment_spec: SegmentSpec | None = DEFAULT_SPEC) -> dict:
     """Train, evaluate and checkpoint; returns the final metrics (on every rank), with segment metrics
     (training/segments.py) per ``segment_spec`` (None: none)."""
-    rank, world, device = setup_distributed(config.device)
+    rank, world, device = setup_distributed(config.device, config.pg_timeout_s)
     torch.manual_seed(config.seed)
     source = open_source(config, rank)
     preflight(config, source, world)  # every split, texts vs store: before the model or any file

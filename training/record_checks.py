@@ -102,7 +102,9 @@ def check_store_record(check: RecordCheck, where: str, store) -> None:
     """A recorded behaviour store (:func:`store_record`: a run's ``store``, an export manifest's ``store``)."""
     if check.section(where, store, none=True) is None:
         return
-    for key in ("root", "version", "llm", "llm_sha256", "texts_sha256", "rows_sample_sha256"):
+    # the rows' digests: from the manifest's per-chunk checksums, or (a store written before them) read
+    digests = ("texts_digest", "vectors_digest") if "vectors_digest" in store else ("texts_sha256", "rows_sample_sha256")
+    for key in ("root", "version", "llm", "llm_sha256", *digests):
         check.text(f"{where}.{key}", store.get(key))
     check.whole(f"{where}.k", store.get("k"), 1, MAX_LLM_LAYERS)
     check.whole(f"{where}.dim", store.get("dim"), 1, MAX_STORE_DIM)

@@ -175,15 +175,15 @@ def apply_record(args, argv: list[str], run: Path) -> None:
         setattr(args, dest, value)
 
 
-# Rows whose vectors the store digest reads: evenly spaced over the shared rows (first and last included).
-# The texts digest covers every shared text; a rebuild, another LLM / k / dtype changes every vector, so
-# a sample of rows tells; reading them all would cost a full pass over the store at every start.
+# Rows whose vectors the digest of a store written before per-chunk checksums reads: evenly spaced over the
+# shared rows (first and last included). Its texts digest covers every shared text.
 STORE_DIGEST_ROWS = 4096
 
 
 def shared_rows_digest(store: BehaviourStore, rows: int) -> dict[str, str]:
-    """SHA-256 of the first ``rows`` vocabulary texts (in id order) and of the vectors of
-    :data:`STORE_DIGEST_ROWS` rows spread evenly over them (float32 bytes, in row order)."""
+    """The digest of a store written before per-chunk checksums (reads its rows): SHA-256 of the first
+    ``rows`` vocabulary texts (in id order) and of the vectors of :data:`STORE_DIGEST_ROWS` rows spread evenly
+    over them (float32 bytes, in row order)."""
     texts = hashlib.sha256()
     for start in range(0, rows, 65_536):  # JSON of 65,536 texts at a time, read through the store's text index:
         # bounded memory (no vocabulary in the heap), the same bytes as the whole vocabulary's slices
@@ -193,6 +193,25 @@ def shared_rows_digest(store: BehaviourStore, rows: int) -> dict[str, str]:
     for row in picked.tolist():
         vectors.update(store.rows(row, row + 1).tobytes())
     return {"texts_sha256": texts.hexdigest(), "rows_sample_sha256": vectors.hexdigest()}
+
+
+def chunk_digest(store: BehaviourStore, rows: int) -> dict[str, str] | None:
+    """The digest of the first ``rows`` rows from the manifest alone (no row or text is read): SHA-256 of the
+    per-chunk checksums of the chunks that make up exactly those rows (bahe.embeddings.row_chunks), with the
+    row count, dim and store dtype (``vectors_digest``), and of their texts' checksums (``texts_digest``). None:
+    the store has no per-chunk checksums, or ``rows`` is not one of its chunk boundaries (so it is not the
+    store of that many rows or a refresh of it: a refresh keeps every ancestor's row count as a boundary)."""
+    chunks = store.row_chunks
+    n = chunks.up_to(rows) if chunks is not None else None
+    if n is None:
+        return None
+
+    def digest(body: dict) -> str:
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    return {"texts_digest": digest({"rows": rows, "texts_sha256": chunks.texts[:n]}),
+            "vectors_digest": digest({"rows": rows, "dim": store.dim, "store_dtype": store.store_dtype,
+                                      "stops": chunks.stops[:n], "vectors_sha256": chunks.vectors[:n]})}
 
 
 def store_identity(store: BehaviourStore) -> dict:
@@ -206,8 +225,10 @@ def store_identity(store: BehaviourStore) -> dict:
 
 def store_record(store: BehaviourStore) -> dict:
     """What a run records of the store it trains on (run_config.json's ``store``): its identity and the
-    digests of all its rows."""
-    return {**store_identity(store), **shared_rows_digest(store, store.rows_count)}
+    digests of all its rows: :func:`chunk_digest` (from the manifest, O(1) in the rows), or for a store written
+    before per-chunk checksums :func:`shared_rows_digest` (reads every text and a sample of rows)."""
+    return {**store_identity(store),
+            **(chunk_digest(store, store.rows_count) or shared_rows_digest(store, store.rows_count))}
 
 
 def describe_store(record: dict) -> str:
@@ -235,6 +256,18 @@ def lineage_problem(recorded: dict, store: BehaviourStore) -> str | None:
         return f"it was encoded with other settings ({'; '.join(settings) or f'dim {store.dim}'})"
     if store.rows_count < rows:
         return f"it has fewer rows ({store.rows_count:,}, the run's {rows:,})"
+    if "vectors_digest" in recorded:  # recorded from the manifest's per-chunk checksums: compared the same way
+        digest = chunk_digest(store, rows)
+        if digest is None:
+            return (f"its rows are not cut into checksummed chunks at row {rows:,} as the run's store's were, so it is "
+                    "neither that store nor a refresh of it (a store rebuilt from scratch or from other data: the "
+                    "ids of the texts differ)")
+        if digest["texts_digest"] != recorded["texts_digest"]:
+            return (f"its first {rows:,} texts are not the run's in the same order (a store rebuilt from scratch or "
+                    "from other data: the ids of the texts differ)")
+        if digest["vectors_digest"] != recorded["vectors_digest"]:
+            return f"the vectors of its first {rows:,} rows are not the run's (the texts were encoded again)"
+        return None
     digest = shared_rows_digest(store, rows)
     if digest["texts_sha256"] != recorded["texts_sha256"]:
         return (f"its first {rows:,} texts are not the run's in the same order (a store rebuilt from scratch or "

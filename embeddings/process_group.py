@@ -1,0 +1,52 @@
+"""The process-group timeout, set explicitly wherever bahe creates a group (issue 28, item 3).
+
+A collective that waits longer than the timeout fails instead of hanging; the same timeout bounds start-up:
+the rendezvous (every rank reaching the store) and the first collectives, which on a large store include
+each rank's shard load and its checksums. torch's own defaults differ by backend (gloo 30 min, nccl 10
+min), so bahe passes one value everywhere: ``--pg-timeout SECONDS`` on bahe-train, bahe-evaluate,
+bahe-predict and bahe-encode build (default :data:`DEFAULT_TIMEOUT_S`, 30 minutes).
+
+Example::
+
+    init_process_group("gloo", timeout_s=600)          # or set_timeout(600) once, then init_process_group("gloo")
+"""
+
+from __future__ import annotations
+
+import datetime
+
+DEFAULT_TIMEOUT_S = 1800.0
+_timeout_s = DEFAULT_TIMEOUT_S  # the launch's (set_timeout), used where no timeout is passed
+
+
+def check_timeout(seconds: float) -> float:
+    seconds = float(seconds)
+    if not seconds > 0:
+        raise ValueError(f"the process-group timeout must be > 0 seconds, got {seconds} (--pg-timeout; default "
+                         f"{DEFAULT_TIMEOUT_S:.0f})")
+    return seconds
+
+
+def set_timeout(seconds: float) -> None:
+    """This process's timeout for groups created without one (a launcher's ``--pg-timeout``)."""
+    global _timeout_s
+    _timeout_s = check_timeout(seconds)
+
+
+def timeout(seconds: float | None = None) -> datetime.timedelta:
+    """``seconds`` (None: the launch's, :func:`set_timeout`) as the timedelta torch takes."""
+    return datetime.timedelta(seconds=check_timeout(_timeout_s if seconds is None else seconds))
+
+
+def init_process_group(backend: str, *, timeout_s: float | None = None, **kwargs) -> None:
+    """``torch.distributed.init_process_group`` with the timeout set explicitly."""
+    import torch.distributed as dist  # here: a launcher's --help imports this module without torch
+
+    dist.init_process_group(backend, timeout=timeout(timeout_s), **kwargs)
+
+
+def rendezvous(url: str, *, timeout_s: float | None = None):
+    """``torch.distributed.rendezvous`` waiting at most the timeout for every rank."""
+    import torch.distributed as dist
+
+    return dist.rendezvous(url, timeout=timeout(timeout_s))
