@@ -56,3 +56,19 @@ def test_a_bad_value_stops_with_one_line_naming_the_flag(program, flags, named, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"{program}: error: ") and named in err and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("component", ["train", "evaluate", "predict"])
+def test_the_torchx_components_pass_the_flags_through_to_the_program(component):
+    """The components add nothing for the segment flags: after ``--`` they reach the program as given
+    (the torchrun command of the AppDef parsed by torchrun's parser, then the program's)."""
+    from bahe.launchers.profiles import get_profile, render
+    from tests.test_doc_commands import check_appdef
+
+    args = {"train": ["--data_dir", "d", "--out", "o", "--store", "s"], "evaluate": ["--checkpoint", "r"],
+            "predict": ["--run", "r", "--data", "a.parquet", "--out", "s.parquet"]}[component]
+    app, _ = render(get_profile("local"), component, [*args, "--", "--segment-thresholds", "0", "5", "--bootstrap",
+                                                      "10", "--segment-seed", "4"])
+    [parsed] = check_appdef(app, component)
+    assert segment_spec(parsed).record() == {"item_thresholds": [0, 5], "history_thresholds": [0, 5, 20, 100],
+                                             "bootstrap": 10, "confidence": 0.9, "seed": 4}
