@@ -12,10 +12,15 @@ Both select their checkpoint on the period's held-out valid rows and are tested 
 update's cost is the chain's refresh + train seconds; the retrain's is its bahe-train's wall time.
 Period 0 is the warm-up, trained from scratch by both (it is not compared).
 
+(c) a DLRM-only retrain (``--arm dlrm``, no text; same rows and flags) beside (b), and on the rows of the
+    tested period whose item is NEW (in no training row so far: not in ``upto-PP/train``) the AUC of the
+    update, the retrain and the DLRM-only model, with rows, a 90% bootstrap interval each
+    (training/segments.py) and paired bootstraps of update - retrain and update - DLRM-only.
+
   python -m bench.daily_bench                  # 3 seeds x 4 periods of 14 days: about 2 h on 2 CPU cores
   python -m bench.daily_bench --seeds 0 --max-slices 1 --epochs 0.2 --out /tmp/daily.json   # a quick look
 
-Writes docs/daily.json (every cell), docs/daily.md's table (between its markers) and docs/daily.png.
+Writes docs/bench/daily.json (every cell), docs/bench/daily.md's table (between its markers) and docs/bench/daily.png.
 """
 
 from __future__ import annotations
@@ -104,6 +109,14 @@ def run_seed(work: Path, days: Path, slices: list[str], seed: int, args: argpars
             cell["retrain"] = {"valid": metrics["valid"], "test": metrics["test"],
                                "seconds": float((run / "wall_seconds").read_text()),
                                "train_rows": _rows(days / day.replace("slice", "upto"))}
+            dlrm = work / f"seed-{seed}" / "dlrm" / day  # (c): no text, the retrain's rows and flags
+            if not (dlrm / "metrics.json").is_file():
+                dlrm_command = [*command[:command.index("--out")], "--out", str(dlrm), "--arm", "dlrm", *flags]
+                seconds = _run(dlrm_command, dlrm.with_suffix(".log"))
+                (dlrm / "wall_seconds").write_text(f"{seconds:.1f}")
+            metrics = json.loads((dlrm / "metrics.json").read_text())
+            cell["dlrm"] = {"valid": metrics["valid"], "test": metrics["test"],
+                            "seconds": float((dlrm / "wall_seconds").read_text())}
         cells.append(cell)
         print(json.dumps({k: cell[k] for k in ("seed", "day", "status")} | {
             "daily_test_auc": round(cell["daily"]["test"]["auc"], 4),
@@ -178,14 +191,82 @@ def paired_bootstrap(scores: dict[str, list[np.ndarray]], labels: np.ndarray, re
             "seeds": len(scores["a"])}
 
 
-def score_file(run: Path, data: Path, out: Path) -> np.ndarray:
-    """The run's test scores (``bahe-predict``, best checkpoint), cached in ``out``."""
+def score_file(run: Path, data: Path, out: Path, column: str = "logit") -> np.ndarray:
+    """The run's test scores (``bahe-predict``, best checkpoint; ``column`` logit or score), cached in ``out``."""
     import pyarrow.parquet as pq
 
     if not out.is_file():
         _run([sys.executable, "-m", "bahe.launchers.predict", "--run", str(run), "--data", str(data / "test.parquet"),
-              "--out", str(out)], out.with_suffix(".log"))
-    return pq.read_table(out, columns=["logit"]).column("logit").to_numpy()
+              "--out", str(out), "--bootstrap", "0"], out.with_suffix(".log"))
+    return pq.read_table(out, columns=[column]).column(column).to_numpy()
+
+
+MODELS = {"daily": "update", "retrain": "retrain", "dlrm": "DLRM-only"}
+
+
+def new_item_rows(items: np.ndarray, earlier: np.ndarray) -> np.ndarray:
+    """Which rows' item is new: in none of the ``earlier`` training rows' items (a bool mask over ``items``)."""
+    return ~np.isin(np.asarray(items, dtype=np.int64), np.asarray(earlier, dtype=np.int64))
+
+
+def new_item_cells(work: Path, days: Path, cells: list[dict]) -> None:
+    """(c) per compared cell: ``cell["new_items"]`` -- the next period's test rows whose item is in no row of
+    ``upto-PP/train`` (every row before the period's valid rows: all that the retrain, and more than the
+    chain, trained on); rows, items, and each model's AUC / log loss with a 90% bootstrap interval
+    (training/segments.py's segment_entry, 200 resamples); the scores are kept for the paired bootstraps."""
+    import pyarrow.parquet as pq
+
+    from bahe.training.segments import segment_entry
+
+    for c in cells:
+        if "retrain" not in c:
+            continue
+        day, home = c["day"], work / f"seed-{c['seed']}"
+        test = pq.read_table(days / day / "test.parquet", columns=["item_id", "label"])
+        earlier = pq.read_table(days / day.replace("slice", "upto") / "train.parquet", columns=["item_id"])
+        new = new_item_rows(test.column("item_id").to_numpy(), earlier.column("item_id").to_numpy())
+        labels = test.column("label").to_numpy()
+        cache = work / "scores" / f"seed-{c['seed']}"
+        cache.mkdir(parents=True, exist_ok=True)
+        runs = {"daily": home / "runs" / day / "train", "retrain": home / "retrain" / day, "dlrm": home / "dlrm" / day}
+        scores = {m: score_file(run, days / day, cache / f"{day}-{m}.parquet", "score") for m, run in runs.items()}
+        c["new_items"] = {"rows": int(new.sum()), "share": float(new.mean()),
+                          "items": len(np.unique(test.column("item_id").to_numpy()[new])),
+                          "positives": int(labels[new].sum()),
+                          **{m: segment_entry(scores[m][new], labels[new], bootstrap=200, confidence=0.9,
+                                              rng=np.random.default_rng(c["seed"])) for m in MODELS}}
+        retrain_cold = c["retrain"]["test"].get("segments", {}).get("item_popularity", {}).get("cold")
+        if retrain_cold is not None and retrain_cold["rows"] != c["new_items"]["rows"]:
+            raise RuntimeError(f"{day}: {c['new_items']['rows']} new-item rows, but the retrain's cold segment (the "
+                               f"same train split) has {retrain_cold['rows']}")
+        c["_new_scores"] = {m: v[new] for m, v in scores.items()} | {"labels": labels[new]}
+
+
+def new_item_summary(cells: list[dict]) -> list[dict]:
+    """Per period: the new-item rows, each model's mean AUC over the seeds (and its interval bounds, averaged),
+    and paired bootstraps (the same resampled rows for every seed and model) of update - retrain and
+    update - DLRM-only."""
+    rows = []
+    for p in sorted({c["period"] for c in cells if "new_items" in c}):
+        here = sorted((c for c in cells if c["period"] == p and "new_items" in c), key=lambda c: c["seed"])
+        first = here[0]["new_items"]
+        row = {"period": p, "day": here[0]["day"], "seeds": len(here), "rows": first["rows"], "items": first["items"],
+               "share": first["share"], "positives": first["positives"]}
+        for m in MODELS:
+            entries = [c["new_items"][m] for c in here]
+            row[f"{m}_auc"] = None if any(e["auc"] is None for e in entries) else \
+                statistics.mean(e["auc"] for e in entries)
+            intervals = [e["auc_interval"] for e in entries]
+            row[f"{m}_auc_interval"] = None if None in intervals else [statistics.mean(i[k] for i in intervals)
+                                                                          for k in (0, 1)]
+        labels = here[0]["_new_scores"]["labels"]
+        if first["rows"] and 0 < first["positives"] < first["rows"]:
+            for other in ("retrain", "dlrm"):
+                row[f"daily_minus_{other}"] = paired_bootstrap(
+                    {"a": [c["_new_scores"]["daily"] for c in here], "b": [c["_new_scores"][other] for c in here]},
+                    labels, resamples=1000)
+        rows.append(row)
+    return rows
 
 
 def last_period_uncertainty(work: Path, days: Path, cells: list[dict]) -> dict:
@@ -226,6 +307,25 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def new_item_markdown(rows: list[dict]) -> str:
+    def auc(r, m):
+        interval = r[f"{m}_auc_interval"]
+        return "-" if r[f"{m}_auc"] is None else f"{r[f'{m}_auc']:.4f}" + (
+            f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    def diff(r, other):
+        d = r.get(f"daily_minus_{other}")
+        return "-" if d is None else f"{d['difference']:+.4f} [{d['ci90'][0]:+.4f}, {d['ci90'][1]:+.4f}]"
+
+    lines = ["| period (test = next) | new-item rows (items, share of the test rows) | update AUC [90%] | "
+             "retrain AUC [90%] | DLRM-only AUC [90%] | update - retrain [90%] | update - DLRM-only [90%] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['day']} | {r['rows']:,} ({r['items']:,}, {r['share']:.1%}) | {auc(r, 'daily')} | "
+                     f"{auc(r, 'retrain')} | {auc(r, 'dlrm')} | {diff(r, 'retrain')} | {diff(r, 'dlrm')} |")
+    return "\n".join(lines)
+
+
 def uncertainty_line(u: dict) -> str:
     d, s = u["daily_minus_retrain"], u["served_minus_retrain"]
     return (f"Paired bootstrap on {u['day']}'s test rows ({d['rows']:,} rows resampled {d['resamples']} times, the "
@@ -263,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.daily_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "daily_bench", help="data, homes, runs (reused)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "daily.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "daily.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--period", default="14d")
     parser.add_argument("--warmup", type=float, default=0.7)
@@ -275,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     cells = [cell for seed in args.seeds for cell in run_seed(args.work, days, slices, seed, args)]
     summary = summarize(cells)
     summary["uncertainty"] = last_period_uncertainty(args.work, days, cells)
+    new_item_cells(args.work, days, cells)
+    summary["new_items"] = new_item_summary(cells)
+    for c in cells:
+        c.pop("_new_scores", None)
     result = {"command": " ".join(["python -m bench.daily_bench", *(argv if argv is not None else sys.argv[1:])]),
               "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")}
               | {"flags": train_flags(args.epochs), "update_flags": UPDATE_FLAGS},
@@ -282,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     table = markdown(summary)
+    new_table = new_item_markdown(summary["new_items"])
     args.out.with_suffix(".table.md").write_text(table + "\n")
     plot(summary, cells, args.out.with_suffix(".png"))
     page = args.out.parent / "daily.md"
@@ -291,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         tail = rest.split("<!-- /daily-bench -->", 1)[1]
         block = (f"\n`{result['command']}` ({len(args.seeds)} seeds; every cell in [daily.json](daily.json)):\n\n"
                  f"{table}\n\n{uncertainty_line(summary['uncertainty'])}\n\n"
+                 f"The test rows whose item is new (in no training row so far), per model:\n\n{new_table}\n\n"
                  f"![AUC and cost per period]({args.out.with_suffix('.png').name})\n")
         page.write_text(head + "<!-- daily-bench -->" + block + "<!-- /daily-bench -->" + tail)
     print(table)
     print(uncertainty_line(summary["uncertainty"]))
+    print(new_table)
     print(json.dumps(summary["targets_met"]))
     return 0
 

@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "descheduled OpenMP thread stalls multi-thread ops)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON results, the table beside it (.md); default "
-                   "docs/bench_dlrm.json, --quick: none")
+                   "docs/bench/dlrm.json, --quick: none")
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
              *table(timing, mem, args.device == "cuda")]
     seconds = time.perf_counter() - started
     print("\n".join(lines))
-    out = args.out or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "bench_dlrm.json")
+    out = args.out or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "bench" / "dlrm.json")
     ok = timing["logits_equal"] and timing["losses_equal"]
     if out is not None:
         command = "python -m bench.dlrm_bench " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -101,7 +101,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_dlrm_main_text")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_dlrm_main_text")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "dlrm_main_text")
     parser.add_argument("--k", type=int, default=2, help="the store's shallow layers (default 2: a quick build)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 1.0, 15.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

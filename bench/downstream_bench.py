@@ -19,7 +19,7 @@ that holds metrics.json is reused, so quality-bench runs copied into the work fo
   python -m bench.downstream_bench                       # 3 seeds: about 35 min on 2 CPU cores
   python -m bench.downstream_bench --seeds 0 --steps 50 --out /tmp/d.json   # a quick look
 
-Writes docs/bench_downstream.json (machine, versions, config, every run's metrics) and a markdown table
+Writes docs/bench/downstream.json (machine, versions, config, every run's metrics) and a markdown table
 beside it.
 """
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="the step budget of every run (default: the demo's)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "downstream_bench",
                    help="data, store and runs (reused; the quality bench's layout, so its runs may be copied in)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_downstream.json")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "downstream.json")
     args = p.parse_args(argv)
     default_history = PRESETS["cpu"]["max_history"]
     preset = dict(PRESETS["cpu"])

@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, help="where data, model and stores go (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="JSON results; .md and the PNG plots beside it "
-                   "(default docs/bench_efficiency.json; --quick: none)")
+                   "(default docs/bench/efficiency.json; --quick: none)")
     p.add_argument("--quick", action="store_true", help=f"tiny smoke test (< 30 s): {QUICK}")
     args = p.parse_args(argv)
     values = {"lengths": [256, 512, 1024, 2048], "k_sweep": [8, 16, 32, 64],
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [shape_for(length, k, n) for length in args.lengths]
     sweep = [shape_for(args.k_sweep_length, kk, n) for kk in args.k_sweep]
     ordered = list(dict.fromkeys(shapes + sweep))
-    out_path = args.out or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "bench_efficiency.json")
+    out_path = args.out or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "bench" / "efficiency.json")
     command = "python -m bench.efficiency_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {"command": command.strip(), "machine": machine(device), "versions": versions(), "pipeline": pipeline,
               "torchrec_problem": problem,

@@ -1,6 +1,6 @@
 """The table, markdown and plots of bench/efficiency_bench.py (from its result dict / JSON).
 
-``python -m bench.efficiency_report docs/bench_efficiency.json`` prints the table of a saved run and
+``python -m bench.efficiency_report docs/bench/efficiency.json`` prints the table of a saved run and
 redraws its plots (matplotlib needed for the plots only).
 """
 

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.encode_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller samples and fewer rounds (< 2 minutes)")
-    p.add_argument("--out", default="docs/bench_encode.json", help="JSON results; the table goes beside it (.md)")
+    p.add_argument("--out", default="docs/bench/encode.json", help="JSON results; the table goes beside it (.md)")
     p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory")
     p.add_argument("--k", type=int, default=6, help="shallow layers")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: %(default)s)")

@@ -1,9 +1,9 @@
 """The non-learned floor on several MovieLens-100K time splits: every candidate's valid and test AUC, the
 one chosen on valid (training/baselines.py), and the floor this project printed before.
 
-    python -m bench.floor_bench [--out docs/bench_floor.json]
+    python -m bench.floor_bench [--out docs/bench/floor.json]
 
-Writes the JSON and a markdown table beside it (docs/bench_floor.md). No training: seconds per split.
+Writes the JSON and a markdown table beside it (docs/bench/floor.md). No training: seconds per split.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/bench_floor.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/floor.json"))
     args = parser.parse_args(argv)
     results = measure()
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -3,7 +3,7 @@
 # gpu-0.5b (Qwen2-0.5B shapes, random weights), bf16 autocast, text lengths 256..2048 at K=16 and a
 # K sweep at 2048; prints nvidia-smi first and the table last.
 #
-#   bash bench/gpu.sh                 # from anywhere; results in $OUT if set, else docs/
+#   bash bench/gpu.sh                 # from anywhere; results in $OUT if set, else docs/bench/
 #   BENCH_ARGS="--batch-size 32" bash bench/gpu.sh    # extra flags for the bench
 #
 # Python: the first of .venv/bin/python, python3, python whose torch sees a GPU (nothing is installed
@@ -16,10 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT_DIR="${OUT:-docs}"
+OUT_DIR="${OUT:-docs/bench}"
 mkdir -p "$OUT_DIR"
-RESULT="$OUT_DIR/bench_efficiency_gpu.json"
-LOG="$OUT_DIR/bench_efficiency_gpu.log"
+RESULT="$OUT_DIR/efficiency_gpu.json"
+LOG="$OUT_DIR/efficiency_gpu.log"
 TOTAL_LIMIT="${TOTAL_LIMIT:-450}"     # seconds for the whole sweep; a killed run keeps the configurations done
 CONFIG_LIMIT="${CONFIG_LIMIT:-90}"    # seconds per configuration (both arms)
 export PYTHONUNBUFFERED=1

@@ -23,7 +23,7 @@ Correctness: every layout and mode equals direct indexing of the weights, bit fo
 
 Since 2026-11-30 the repo's BehaviourLookup (ec) looks up under torch.no_grad (no backward can move the
 frozen table), so its "fwd_bwd" cells time the forward only: what training pays for it. The other
-layouts still run their backward into the table. docs/bench_lookup.json predates that change.
+layouts still run their backward into the table. docs/bench/lookup.json predates that change.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine a descheduled OpenMP thread stalls 2-thread ops)")
     p.add_argument("--no-dmp", action="store_true", help="plain torchrec modules only")
-    p.add_argument("--json", type=Path, default=None, help="where to write results (default docs/bench_lookup.json)")
+    p.add_argument("--json", type=Path, default=None, help="where to write results (default docs/bench/lookup.json)")
     return p.parse_args(argv)
 
 
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"\n{len(results)} sizes in {time.time() - start:.0f} s; load average {load:.1f} at start, "
                  f"{os.getloadavg()[0]:.1f} at end, {os.cpu_count()} CPUs")
     print("\n".join(lines))
-    target = args.json or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "bench_lookup.json")
+    target = args.json or (None if args.quick else Path(__file__).resolve().parents[1] / "docs" / "bench" / "lookup.json")
     if target:
         target.write_text(json.dumps({
             "command": " ".join(["python -m bench.lookup_bench", *(argv if argv is not None else sys.argv[1:])]),

@@ -12,7 +12,7 @@ training order; the data split is fixed.
   python -m bench.quality_bench --llm-precision bf16  # 3 seeds x 3 arms, about 2 h on 2 AMX CPU cores
   python -m bench.quality_bench                       # fp32 on CPU: the token-level arm alone ~4 h
   python -m bench.quality_bench --seeds 0 --steps 50 --out /tmp/q.json   # a quick look
-  python -m bench.quality_bench --arms bahe --llm gemma3-270m --out docs/bench_quality_gemma.json  # another LLM
+  python -m bench.quality_bench --arms bahe --llm gemma3-270m --out docs/bench/quality_gemma.json  # another LLM
   python -m bench.quality_bench --arms dlrm bahe --k 4 8 --pooling mean mean_skip_first --post-transform none whiten
   python -m bench.quality_bench --arms dlrm bahe --user-projection shared per_type --user-aggregation pooled target_attention
 
@@ -25,7 +25,7 @@ A finished run is reused, never retrained. The text arch's model levers (--user-
 --user-aggregation: model/text_levers.py) are cells too; they change the BAHE arm only (its bahe-train
 flags, and its run folders' parts -pertype / -tattn where not the default), never a store.
 
-Writes docs/bench_quality.json (machine, versions, config, every run's metrics), a markdown table
+Writes docs/bench/quality.json (machine, versions, config, every run's metrics), a markdown table
 beside it and, when matplotlib is installed, a PNG of test AUC per arm.
 """
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                    default=[DEFAULT_LEVERS["user_aggregation"]],
                    help="the BAHE arm's user aggregations to sweep (bahe-train --user-aggregation; default pooled; "
                         "target_attention runs end in -tattn)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_quality.json")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "quality.json")
     args = p.parse_args(argv)
     from bahe.embeddings.pretrained import DEFAULT_MODEL
     from bahe.training.baselines import non_learned_baseline

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lanes", type=int, default=4, help="lanes of the lanes case (a multiple of the worlds)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], help="numbers of ranks (first: the base)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench_read", help="where the data is kept")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_read", help="writes OUT.json and OUT.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "read", help="writes OUT.json and OUT.md")
     parser.add_argument("--in-process", action="store_true",
                         help="run the ranks one after another in this process, not as gloo processes (tests)")
     return parser

@@ -1,6 +1,6 @@
 """Serving a trained BAHE run: parity of the exported predictor, and its latency against torchrec's DLRM.
 
-  python bench/serving_bench.py --run RUN --data-dir DATA --export EXPORT [--out docs/bench_serving]
+  python bench/serving_bench.py --run RUN --data-dir DATA --export EXPORT [--out docs/bench/serving]
 
 1. Export: ``bahe-export`` of the run (best checkpoint) over train + valid + test, fp32 and int8 predictors
    (reused when --export already holds one of this checkpoint).

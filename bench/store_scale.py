@@ -24,7 +24,7 @@ checksums, as the trainer does). Per rank:
 Item 2's bound: ``peak <= 1 GiB + 1.25 x shard bytes``. ``--loader legacy`` measures the loader as it was
 before issue 28 (rows copied out of the map, full-size finiteness masks, one copy; torchrec's random init),
 kept here for the comparison only. The page cache is warm (the store was just written or read). Writes
-``--out``.json and ``--out``.table.md (docs/bench_store_scale.md quotes the table).
+``--out``.json and ``--out``.table.md (docs/bench/store_scale.md quotes the table).
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--legacy-max-rows", type=int, default=250_000,
                    help="run the legacy loader only up to this many rows (it needs ~3.25x the shard)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_store_scale")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_store_scale")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "store_scale")
     # the worker (one rank of one case; run by the driver through torch.distributed.run)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Text -> store row per batch at 10k to 4M store texts: the store's text index (issue 28, item 1) against the
 vocabulary in every process's heap, side by side in one run.
 
-    python -m bench.text_lookup_bench --sizes 10000 1000000 4000000 --out docs/bench_text_lookup
+    python -m bench.text_lookup_bench --sizes 10000 1000000 4000000 --out docs/bench/text_lookup
 
 For each size a store is written through the real writer (``bahe.embeddings.build._assemble``: vocabulary,
 random vectors of ``--dim`` floats, text index, checksums, manifest) by :func:`write_random_store`, a
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def page(report: str, cells: list[dict], interleaved: dict, info: dict, args) -> str:
-    """docs/bench_text_lookup.md: the command, the machine, the tables and what they say."""
+    """docs/bench/text_lookup.md: the command, the machine, the tables and what they say."""
     sizes = sorted(args.sizes)
     small, large = sizes[0], sizes[-1]
     cpu = {int(n): statistics.median(v) for n, v in interleaved["cpu_s"].items()}

@@ -48,7 +48,7 @@ class EncoderConfig:
         max_tokens: longer texts are truncated to this many tokens (counted and reported).
         batch_tokens: tokens per micro-batch; fixes the batch shape per text length (module doc).
             128 keeps the filler under 10% even on a small store such as MovieLens' 1,664 titles
-            (docs/bench_encode.md); raise it on a GPU, where bigger batches pay.
+            (docs/bench/encode.md); raise it on a GPU, where bigger batches pay.
         fixed_shapes: fill each length's last micro-batch up to the fixed shape, so vectors are
             byte-identical however texts are batched (default). False skips the filler: less
             compute on small stores, but vectors may then differ in the last bits between runs.

@@ -17,7 +17,7 @@ The behaviour table's sharding (``--behaviour-sharding``, :data:`~bahe.model.con
   constant of issue 28's bound, 1 GiB + 1.25 x the shard), so the planner's cost model (communication,
   compute) decides; from 1 GiB, row-wise is the one plan whose per-rank bytes AND reads are 1/W (left
   alone, the planner kept a 250k x 576 table whole on 1 CPU rank and split it into 4 column blocks on 2;
-  issue 28 saw column-wise on 2 CPU ranks up to ~30M rows: docs/bench_store_scale.md).
+  issue 28 saw column-wise on 2 CPU ranks up to ~30M rows: docs/bench/store_scale.md).
 
 The plan chosen is printed on rank 0, one line (:func:`describe_behaviour_plan`): the table, the sharding
 type, why, and the shards of each rank. The launchers run the trainer or scorer inside

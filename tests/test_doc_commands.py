@@ -9,7 +9,7 @@ Two checks:
    the single-process aliases a program declares (``SINGLE_PROCESS_ALIASES``): those must be refused by
    torchrun loudly and never appear in a documented torchrun command. The same for the TorchX
    components' arguments under ``torchx run`` and ``python -m bahe.launchers.submit``.
-2. The command lines of README.md and docs/*.md (code blocks: ``bahe-*``, ``python -m bahe...``,
+2. The command lines of README.md and docs/**/*.md (code blocks: ``bahe-*``, ``python -m bahe...``,
    ``torchrun ...``, ``torchx run ...``, ``make ...``; ``\\`` continuations and ``#`` comments handled)
    each parse with the program's own parser: a dry parse, no work done. A torchrun line is parsed by
    torchrun's parser, then its module's parser on the rest; a TorchX line (``torchx run``, ``submit``)
@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]  # the guides and docs/bench/
 _SCRIPTS_TOML = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
 SCRIPTS = dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.]+):\w+"', _SCRIPTS_TOML, flags=re.M))  # bahe-data -> module
 # bahe-daily starts torchrun itself (one process per step) and is never started by it; bahe-data runs on one
@@ -463,7 +463,8 @@ COMMANDS = doc_commands()
 
 def test_the_docs_hold_the_command_lines_this_test_checks():
     where = {c.where.split(":")[0] for c in COMMANDS}
-    assert {"README.md", "docs/launching.md", "docs/daily.md", "docs/migration.md", "docs/serving.md"} <= where
+    assert {"README.md", "docs/launching.md", "docs/daily.md", "docs/migration.md", "docs/serving.md", "docs/training.md",
+            "docs/data.md"} <= where
     texts = [c.text for c in COMMANDS if not c.inline]
     assert any(t.startswith("torchrun --nproc_per_node 2 -m bahe.launchers.predict") for t in texts)  # bug 4's
     assert any(t.startswith("torchx run") for t in texts) and any(t.startswith("make ") for t in texts)

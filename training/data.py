@@ -20,7 +20,7 @@ the full global batch. What that saves depends on where a rank's rows are: with 
 global batch is a stretch of one permuted row group, so with row groups much larger than a global
 batch every rank still reads every group; with ``lanes`` a multiple of the world size, rank r's rows
 come from lanes ``[r L / W, (r + 1) L / W)`` only, and it reads about 1/W of the file
-(docs/bench_read.md). Evaluation reads each split once in file order, likewise only the row groups
+(docs/bench/read.md). Evaluation reads each split once in file order, likewise only the row groups
 that hold the rank's slices.
 
 Every rank gets a batch of exactly ``batch_size`` rows at every step -- the sharded tables'
