@@ -163,8 +163,8 @@ def test_a_store_of_another_k_or_not_holding_the_sources_rows_is_refused(runs, t
     line = refused(capsys, tmp_path / "b", *common, "--store", moved, "--frozen-text-from",
                    runs.source)
     assert f"--frozen-text-from {runs.best} was trained on store {runs.pipeline.store} v000001" in line
-    assert f"this run's store {moved} v000001" in line and "texts are not the run's in the same order" in line
-    with single_process(), pytest.raises(frozen_text.FrozenTextError, match="texts are not the run's"):
+    assert f"this run's store {moved} v000001" in line and "neither that store nor a refresh of it" in line
+    with single_process(), pytest.raises(frozen_text.FrozenTextError, match="nor a refresh of it"):
         start(*common, "--store", moved, "--out", tmp_path / "c", "--frozen-text-from",
               runs.source)  # the trainer itself refuses too, before the model is sharded
 

@@ -224,8 +224,8 @@ def test_a_store_whose_shared_rows_differ_is_refused_naming_both_stores(days, tm
     assert f"this run's store {store} v000001 (llm {llm}, k {new.manifest['encoder']['k']}, {new.rows_count:,} rows)" \
         in line
     assert {"another_k": "another k (1, the run's 2)", "another_llm": "encoded by another LLM",
-            "rebuilt_from_scratch": f"its first {days.rows1:,} texts are not the run's in the same order"}[which] \
-        in line
+            # another store's checksummed chunks do not end at day 1's rows (run_record.chunk_digest)
+            "rebuilt_from_scratch": "neither that store nor a refresh of it"}[which] in line
 
 
 def test_a_resume_on_a_store_that_does_not_hold_the_runs_rows_is_refused(days, tmp_path, capsys):
@@ -235,7 +235,7 @@ def test_a_resume_on_a_store_that_does_not_hold_the_runs_rows_is_refused(days, t
     assert bahe_train("--data-dir", days.data1, "--store", store, "--llm", days.pipeline.llm, "--out", run,
                       "--steps", "6", *MODEL) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bahe-train: error: ")]
-    assert f"{run} was trained on store {days.pipeline.store} v000001" in line and "texts are not the run's" in line
+    assert f"{run} was trained on store {days.pipeline.store} v000001" in line and "nor a refresh of it" in line
     assert (run / "checkpoints" / "LATEST").read_text().strip() == "step-0000004"
 
 
@@ -246,7 +246,7 @@ def test_store_lineage_accepts_the_store_and_its_refresh_and_names_fewer_rows_an
     assert lineage_problem(recorded, day1) is None and lineage_problem(recorded, grown) is None
     assert lineage_problem(store_record(grown), day1) == f"it has fewer rows ({day1.rows_count:,}, the run's " \
                                                          f"{grown.rows_count:,})"
-    assert "vectors of its first" in lineage_problem({**recorded, "rows_sample_sha256": "0" * 64}, grown)
+    assert "vectors of its first" in lineage_problem({**recorded, "vectors_digest": "0" * 64}, grown)
 
 
 def test_a_dlrm_only_run_warm_starts_without_a_store(days, tmp_path):
