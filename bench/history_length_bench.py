@@ -397,7 +397,7 @@ def cost_table(result: dict) -> str:
                 peak = f"projected {projection['peak_bytes'] / 2**20:.0f}" if projection else "-"
             gpu = entry["gpu"][arm]
             lines.append(f"| {entry['m']} | {arm} | {positions} | {gflops} | {step} | {x} | {peak} | {demo} | "
-                         f"{gpu['gpu_s_per_million']:.2f} ({gpu['source']}) |")
+                         f"{gpu['gpu_s_per_million']:.3g} ({gpu['source']}) |")
     return "\n".join(lines)
 
 
@@ -422,6 +422,40 @@ def quality_table(rows: list[dict]) -> str:
                      f"{_auc(dlrm, r['seeds'])} | {gap} | {wall} | [{Path(r['file']).name}]({Path(r['file']).name}) |")
     commands = [f"* M = {r['m']}, k = {r['k']}: `{r['command']}`" for r in rows if r["command"]]
     return "\n".join(lines + ([""] + commands if commands else []))
+
+
+def findings(result: dict, demo_steps: int = 600, fits_minutes: float = 30.0) -> list[str]:
+    """The page's summary lines, from the figures: the BAHE / DLRM ratio per M, where the token arm stopped
+    fitting and why, where a BAHE demo run (``demo_steps`` at the measured step) passes ``fits_minutes``, and
+    the H100 projection's token / BAHE FLOP ratio at the largest M."""
+    entries = [e for e in result["histories"] if "arms" in e]
+    out = []
+    ratios = [(e["m"], e["ratios"]["bahe_over_dlrm"]) for e in entries if e["ratios"]["bahe_over_dlrm"]["of_medians"]]
+    if ratios:
+        out.append("BAHE / DLRM-only step time (ratio of medians; median of paired rounds): "
+                   + ", ".join(f"M = {m}: {r['of_medians']:.0f}x; {r['paired_median']:.0f}x" for m, r in ratios) + ".")
+    token = [(e["m"], e["ratios"]["token_over_bahe"]) for e in entries if e["ratios"]["token_over_bahe"]["of_medians"]]
+    if token:
+        out.append("token-level / BAHE step time: " + ", ".join(f"M = {m}: {r['of_medians']:.0f}x" for m, r in token) + ".")
+    skipped = [(e["m"], e["skipped"]["token_level"]) for e in entries if "token_level" in e.get("skipped", {})]
+    if skipped:
+        out.append(f"The token-level arm stops fitting at M = {skipped[0][0]}: {skipped[0][1]} (projected from the Ms "
+                   "it ran at; not run from there on).")
+    slow = [e["m"] for e in entries if "measured" in e["arms"].get("bahe", {})
+            and e["arms"]["bahe"]["measured"]["median_s"] * demo_steps > fits_minutes * 60]
+    if slow:
+        out.append(f"BAHE's {demo_steps}-step demo run passes {fits_minutes:.0f} min of training on these cores from "
+                   f"M = {slow[0]} (one rank's measured step x {demo_steps}; evaluation not counted).")
+    last = entries[-1] if entries else None
+    if last and {"bahe", "token_level"} <= set(last.get("gpu", {})):
+        gpu = last["gpu"]
+        batch = result["config"]["batch_size"]
+        per_step = {arm: gpu[arm]["gpu_s_per_million"] * batch / 1e6 * 1e3 for arm in ("bahe", "token_level")}
+        out.append(f"H100 projection at M = {last['m']}: token-level {gpu['token_level']['flops_per_sample'] / 1e9:.0f} "
+                   f"GFLOP a sample ({gpu['token_level']['source']}) vs BAHE {gpu['bahe']['flops_per_sample'] / 1e9:.2f} "
+                   f"({gpu['bahe']['source']}), {gpu['token_level']['flops_per_sample'] / gpu['bahe']['flops_per_sample']:.0f}x; "
+                   f"a batch-{batch} step >= {per_step['token_level']:.1f} ms vs >= {per_step['bahe']:.2f} ms of compute.")
+    return out
 
 
 def plot(result: dict, path: Path) -> str | None:
@@ -477,7 +511,11 @@ def write(result: dict, out: Path, plots: bool) -> None:
             f"({result['machine']['cpu_model']}, {result['machine']['cpu_count']} CPUs, "
             f"{c['threads']} torch thread; LLM layers {c['llm_precision']}; k = {c['k']}, "
             f"batch {c['batch_size']}, {c['steps']} timed steps per arm, the token arm {c['token_steps']}).\n",
-            "## Step cost\n", cost_table(result), ""]
+            "## Step cost\n", cost_table(result), "", *[f"* {line}" for line in findings(result)], "",
+            f"Projection: FLOPs a sample / ({c['gpu_peak_tflops']:g} TFLOP/s x {c['gpu_utilisation']:g}), an H100's dense "
+            "bf16 peak at an assumed sustained share; compute-bound only (launches, input and the optimizer not counted), "
+            "so a lower bound, and a loose one for BAHE's small steps. Counted = FlopCounterMode over the step (matmuls "
+            "and attention); analytic = the bench's layer model (the arm did not run).", ""]
     if result.get("quality"):
         text += ["## Quality\n", quality_table(result["quality"]), ""]
     if plots and note is None:
@@ -503,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-steps", type=int, default=3, help="timed steps of the token arm (default 3)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batches", type=int, default=4, help="distinct batches, cycled (default 4)")
-    p.add_argument("--token-budget-s", type=float, default=240.0,
-                   help="the token arm runs at an M only if its projected steps fit this (default 240 s)")
+    p.add_argument("--token-budget-s", type=float, default=360.0,
+                   help="the token arm runs at an M only if its projected steps (counted, memory, warm-up, timed) "
+                        "fit this (default 360 s)")
     p.add_argument("--memory-cap-gib", type=float, default=6.0,
                    help="... and its projected peak this (default 6 GiB: 2 ranks of it on a shared 23 GiB machine)")
     p.add_argument("--gpu-peak-tflops", type=float, default=H100_BF16_TFLOPS,

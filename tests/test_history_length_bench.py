@@ -130,3 +130,26 @@ def test_quality_rows_read_seed0_valid_and_the_command(tmp_path):
     text = quality_table(rows)
     assert "| 50 | 4 | 600 | bf16 | [0] | 0.7570 (valid 0.7470) | 0.7517 (valid 0.7417) | +0.0053 |" in text
     assert "0.7520 +- 0.0028 (seed 0 0.7540; valid 0.7440)" in text
+
+
+def test_findings_name_the_ratio_where_the_token_arm_stops_and_the_slow_demo():
+    from bench.history_length_bench import findings
+
+    def entry(m, bahe_s, token=None, skipped=None):
+        times = {"dlrm": [0.02, 0.02], "bahe": [bahe_s, bahe_s], "token_level": token}
+        arms = {"dlrm": {"measured": {"median_s": 0.02}}, "bahe": {"measured": {"median_s": bahe_s}},
+                "token_level": {"measured": {"median_s": token[0]}} if token else {}}
+        return {"m": m, "arms": arms, "skipped": {"token_level": skipped} if skipped else {},
+                "ratios": {"bahe_over_dlrm": side_by_side(times, "bahe", "dlrm"),
+                           "token_over_bahe": side_by_side(times, "token_level", "bahe")},
+                "gpu": {"bahe": {"flops_per_sample": 1e9, "source": "counted", "gpu_s_per_million": 3.0},
+                        "token_level": {"flops_per_sample": 1e11, "source": "analytic", "gpu_s_per_million": 300.0}}}
+
+    result = {"config": {"batch_size": 64},
+              "histories": [entry(5, 0.3, token=[6.0]), entry(100, 4.0, skipped="projected 900 s/step x 6 steps > 360 s")]}
+    lines = findings(result)
+    assert lines[0] == "BAHE / DLRM-only step time (ratio of medians; median of paired rounds): M = 5: 15x; 15x, M = 100: 200x; 200x."
+    assert lines[1] == "token-level / BAHE step time: M = 5: 20x."
+    assert "stops fitting at M = 100: projected 900 s/step" in lines[2]
+    assert "passes 30 min of training on these cores from M = 100" in lines[3]
+    assert "100x" in lines[4] and ">= 19.2 ms vs >= 0.19 ms" in lines[4]
