@@ -98,7 +98,8 @@ def test_store_file_changed_after_writing_is_refused_when_its_rows_load(setup, t
     vectors[7] += 1.0
     vectors.flush()
     del vectors
-    with pytest.raises(StoreError, match=r"vectors.npy: checksum .* does not match the manifest's"):
+    with pytest.raises(StoreError, match=r"vectors.npy: rows \[0, \d+\) \(checksum chunk 1 of 1, rank 0's\): "
+                                         r"sha256 .* does not match the manifest's"):
         load_store_rows(lookup_for(store), BehaviourStore.open(root))
     clean = BehaviourStore.open(setup[0].store)
     assert load_store_rows(lookup_for(clean), clean) == clean.rows_count
