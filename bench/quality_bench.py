@@ -44,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("dlrm", "token_level", "bahe")
-DEFAULT_ENCODING = {"pooling": "mean", "post_transform": "none"}
+DEFAULT_ENCODING = {"pooling": "mean", "post_transform": "none", "store_dtype": "float32"}  # store_dtype: --store-dtype
 # the BAHE text arch's model levers (bahe-train --user-projection / --user-aggregation), their defaults and the
 # run-folder part of each other value
 DEFAULT_LEVERS = {"user_projection": "shared", "user_aggregation": "pooled"}
@@ -52,10 +52,11 @@ LEVER_PARTS = {"per_type": "pertype", "target_attention": "tattn"}
 PRECISION_WORDS = {"auto": "fp32 (CPU)", "fp32": "fp32", "bf16": "bf16 autocast"}
 
 
-def store_suffix(k: int, pooling: str, post_transform: str, default_k: int) -> str:
-    """'-k8-mean_skip_first-whiten': the store's encoding choices that are not the defaults."""
+def store_suffix(k: int, pooling: str, post_transform: str, default_k: int, store_dtype: str = "float32") -> str:
+    """'-k8-mean_skip_first-whiten-bfloat16': the store's encoding choices that are not the defaults."""
     parts = ([f"k{k}"] if k != default_k else []) + ([pooling] if pooling != DEFAULT_ENCODING["pooling"] else []) \
-        + ([post_transform] if post_transform != DEFAULT_ENCODING["post_transform"] else [])
+        + ([post_transform] if post_transform != DEFAULT_ENCODING["post_transform"] else []) \
+        + ([store_dtype] if store_dtype != DEFAULT_ENCODING["store_dtype"] else [])
     return "".join(f"-{part}" for part in parts)
 
 
@@ -74,7 +75,8 @@ def cell_suffix(arm: str, preset: dict, encoding: dict, defaults: dict, levers: 
     parts = [f"k{preset['k']}"] if preset["k"] != defaults["k"] else []
     parts += [f"d{preset['deep_layers']}"] if preset["deep_layers"] != defaults["deep_layers"] else []
     if arm == "bahe":
-        parts += [encoding[key] for key in DEFAULT_ENCODING if encoding[key] != DEFAULT_ENCODING[key]]
+        parts += [encoding.get(key, default) for key, default in DEFAULT_ENCODING.items()
+                  if encoding.get(key, default) != default]
         parts += [LEVER_PARTS[value] for key, value in _levers(levers).items() if value != DEFAULT_LEVERS[key]]
     return "".join(f"-{part}" for part in parts)
 
@@ -91,6 +93,8 @@ def lever_flags(arm: str, levers: dict | None) -> tuple[str, ...]:
 def describe_cell(preset: dict, encoding: dict, levers: dict | None = None) -> str:
     changed = [f"{key.replace('_', ' ')} {value}" for key, value in _levers(levers).items()
                if value != DEFAULT_LEVERS[key]]
+    dtype = encoding.get("store_dtype", DEFAULT_ENCODING["store_dtype"])
+    changed = ([f"store {dtype}"] if dtype != DEFAULT_ENCODING["store_dtype"] else []) + changed
     return (f"k = {preset['k']}, {preset['deep_layers']} deep layer(s), pooling {encoding['pooling']}, "
             f"post-transform {encoding['post_transform']}" + "".join(f", {part}" for part in changed))
 
@@ -114,14 +118,16 @@ def prepare(work: Path, preset: dict, default_history: int, llm: str | None = No
     m, llm, encoding = preset["max_history"], llm or DEFAULT_MODEL, {**DEFAULT_ENCODING, **(encoding or {})}
     data = work / ("data" if m == default_history else f"data-m{m}")
     suffix = store_suffix(preset["k"], encoding["pooling"], encoding["post_transform"],
-                          default_k or PRESETS["cpu"]["k"])
+                          default_k or PRESETS["cpu"]["k"], encoding["store_dtype"])
     store = work / (("store" if llm == DEFAULT_MODEL else f"store-{Path(llm).name}") + suffix)
     if not (data / "test.parquet").is_file():
         write_movielens(MovieLensConfig(max_history=m), data)
     files = [data / f"{s}.parquet" for s in ("train", "valid", "test")]
     known = BehaviourStore.open(store).vocabulary if (store / "LATEST").is_file() else None
     if known is None or any(text not in known for text in count_texts(files)):
-        build_store(store, files, EncoderConfig(model=llm, k=preset["k"], device="cpu", **encoding), show_progress=False)
+        encoder = {key: value for key, value in encoding.items() if key != "store_dtype"}
+        build_store(store, files, EncoderConfig(model=llm, k=preset["k"], device="cpu", **encoder), show_progress=False,
+                    store_dtype=encoding["store_dtype"])
     return data, store
 
 
@@ -228,9 +234,9 @@ def sweep_table(cells: list[dict]) -> str:
     on valid for BAHE (a winner is chosen on valid, never on test)."""
     arms = [arm for arm in ARMS if any(arm in c["summary"] for c in cells)]
     levers = [key for key in DEFAULT_LEVERS if any(_levers(c)[key] != DEFAULT_LEVERS[key] for c in cells)]
-    lines = ["| k | deep layers | pooling | post-transform | " + "".join(f"{key.replace('_', ' ')} | " for key in levers)
+    lines = ["| k | deep layers | pooling | post-transform | store dtype | " + "".join(f"{key.replace('_', ' ')} | " for key in levers)
              + " | ".join(f"{a} test (valid) AUC" for a in arms)
-             + " | BAHE - DLRM test |", "|---|---|---|---|" + "---|" * (len(levers) + len(arms) + 1)]
+             + " | BAHE - DLRM test |", "|---|---|---|---|---|" + "---|" * (len(levers) + len(arms) + 1)]
 
     def auc(summary: dict, arm: str) -> str:
         if arm not in summary:
@@ -242,6 +248,7 @@ def sweep_table(cells: list[dict]) -> str:
         s = c["summary"]
         gap = f"{s['bahe']['auc']['mean'] - s['dlrm']['auc']['mean']:+.4f}" if "bahe" in s and "dlrm" in s else "-"
         lines.append(f"| {c['k']} | {c['deep_layers']} | {c['pooling']} | {c['post_transform']} | "
+                     f"{c.get('store_dtype', DEFAULT_ENCODING['store_dtype'])} | "
                      + "".join(f"{_levers(c)[key]} | " for key in levers)
                      + " | ".join(auc(s, arm) for arm in arms) + f" | {gap} |")
     judged = [c for c in cells if "valid_auc" in c["summary"].get("bahe", {})]
@@ -304,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the stores' token poolings to sweep (bahe-encode build --pooling; default mean)")
     p.add_argument("--post-transform", nargs="+", choices=POST_TRANSFORMS, default=[DEFAULT_ENCODING["post_transform"]],
                    help="the stores' frozen post-transforms to sweep (bahe-encode build --post-transform; default none)")
+    p.add_argument("--store-dtype", nargs="+", choices=("float32", "float16", "bfloat16"), default=["float32"],
+                   help="the stores' row dtypes to sweep (bahe-encode build --store-dtype; default float32; the BAHE "
+                        "arm's runs of another end in -<dtype>)")
     from bahe.model.text_levers import USER_AGGREGATIONS, USER_PROJECTIONS
 
     p.add_argument("--user-projection", nargs="+", choices=USER_PROJECTIONS, default=[DEFAULT_LEVERS["user_projection"]],
@@ -325,10 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     history = "" if base["max_history"] == default_history else f"-m{base['max_history']}"
     steps = args.steps or base["steps"]
     cells, floor = [], None
-    for k, deep, pooling, post, projection, aggregation in itertools.product(
-            args.k, args.deep_layers, args.pooling, args.post_transform, args.user_projection, args.user_aggregation):
+    for k, deep, pooling, post, dtype, projection, aggregation in itertools.product(
+            args.k, args.deep_layers, args.pooling, args.post_transform, args.store_dtype, args.user_projection,
+            args.user_aggregation):
         start = time.perf_counter()
-        preset, encoding = dict(base, k=k, deep_layers=deep), {"pooling": pooling, "post_transform": post}
+        preset = dict(base, k=k, deep_layers=deep)
+        encoding = {"pooling": pooling, "post_transform": post, "store_dtype": dtype}
         levers = {"user_projection": projection, "user_aggregation": aggregation}
         data, store = prepare(args.work, preset, default_history, llm, encoding, defaults["k"])
         floor = floor or non_learned_baseline(data)
@@ -355,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                          "token_level_max_user_tokens": user_token_cap(base["max_history"]),
                          "llm_precision": args.llm_precision, "llm": llm or DEFAULT_MODEL,
                          "sweep": {"k": args.k, "deep_layers": args.deep_layers, "pooling": args.pooling,
-                                   "post_transform": args.post_transform, "user_projection": args.user_projection,
+                                   "post_transform": args.post_transform, "store_dtype": args.store_dtype, "user_projection": args.user_projection,
                                    "user_aggregation": args.user_aggregation}},
               "summary": first["summary"], "runs": first["runs"], "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)

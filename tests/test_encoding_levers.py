@@ -338,4 +338,11 @@ def test_the_quality_bench_names_stores_and_runs_by_their_choices():
     assert cell_suffix("bahe", PRESETS["cpu"], plain, defaults, {"user_projection": "shared",
                                                                  "user_aggregation": "pooled"}) == ""
     assert cell_suffix("token_level", deep, lever, defaults, both) == "-k15-d2"
+    # the store's row dtype (--store-dtype): its own store and BAHE runs; the other arms read no store rows
+    half = {**plain, "store_dtype": "bfloat16"}
+    assert store_suffix(4, "mean", "none", 4, "bfloat16") == "-bfloat16"
+    assert store_suffix(4, "mean", "none", 4, "float32") == ""
+    assert cell_suffix("bahe", PRESETS["cpu"], half, defaults) == "-bfloat16"
+    assert cell_suffix("dlrm", PRESETS["cpu"], half, defaults) == cell_suffix("token_level", PRESETS["cpu"], half,
+                                                                              defaults) == ""
     assert cell_suffix("dlrm", deep, lever, defaults, both) == ""
