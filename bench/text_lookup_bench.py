@@ -84,8 +84,10 @@ def write_random_store(root: Path, n: int, dim: int, seed: int = 0) -> Path:
     return root
 
 
-def write_batches(path: Path, n: int, batches: int, batch_size: int, seq_len: int, distinct: int, seed: int) -> None:
-    """``batches`` sample tables (the sequence and item text columns) into one Parquet file, a row group each."""
+def write_batches(path: Path, n: int, batches: int, batch_size: int, seq_len: int, distinct: int, seed: int,
+                  text=text_of) -> None:
+    """``batches`` sample tables (the sequence and item text columns) into one Parquet file, a row group each;
+    ``text(i)``: the store's i-th text (bench/store_scale.py passes its stores' own)."""
     rng = np.random.default_rng(seed)
     pool = rng.choice(n, size=min(distinct, n), replace=False)
     schema = pa.schema([*(pa.field(f"seq_{s}", pa.list_(pa.string())) for s in SEQUENCES),
@@ -95,7 +97,7 @@ def write_batches(path: Path, n: int, batches: int, batch_size: int, seq_len: in
             slots = batch_size * (len(SEQUENCES) * seq_len + 1)
             picked = pool[rng.integers(0, len(pool), slots)]
             kind = rng.random(slots)
-            texts = [("" if k < 0.02 else f"never encoded {b} {i}" if k < 0.04 else text_of(int(p)))
+            texts = [("" if k < 0.02 else f"never encoded {b} {i}" if k < 0.04 else text(int(p)))
                      for i, (p, k) in enumerate(zip(picked, kind))]
             columns, at = {}, 0
             for s in SEQUENCES:

@@ -18,7 +18,9 @@ Measured per rank: peak RSS = the process (~0.37 GiB) + its shard + at most one 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import numpy as np
 import torch
@@ -119,7 +121,8 @@ def _filled_by_the_store(weight: torch.Tensor) -> None:
     """The behaviour table's init_fn: nothing (load_store_rows writes every element)."""
 
 
-def load_store_rows(model: nn.Module, store: BehaviourStore, *, chunk_bytes: int = CHUNK_BYTES) -> int:
+def load_store_rows(model: nn.Module, store: BehaviourStore, *, chunk_bytes: int = CHUNK_BYTES,
+                    timings: dict | None = None) -> int:
     """Copy the store's vectors into the (sharded or plain) behaviour table of ``model``.
 
     Call it AFTER DistributedModelParallel has wrapped the model. Each rank reads from the store only the
@@ -135,7 +138,13 @@ def load_store_rows(model: nn.Module, store: BehaviourStore, *, chunk_bytes: int
     all-gather), so a corrupt store raises the same one-line :class:`StoreError` on all of them, naming the
     file and the rows. A half-precision store loads into a table of its dtype, or is upcast chunk by chunk
     (one line on rank 0) where the table is float32 (:func:`table_dtype`).
+
+    ``timings``: a dict this fills with each phase's seconds -- ``verify`` (hashing this rank's digest chunks),
+    ``copy`` (the chunks into the shards, with the NaN / inf check) and ``agree`` (the ranks' all-gather) ->
+    ``{"wall_s", "cpu_s" (the process's CPU), "thread_cpu_s" (this thread's)}`` -- plus ``verified_bytes`` and
+    ``copied_bytes`` (bench/store_scale.py reads them; nothing else changes).
     """
+    clock = _PhaseClock(timings)
     suffix = f"embeddings.{BEHAVIOUR_TABLE}.weight"
     targets = [(name, t) for name, t in model.state_dict().items() if name.endswith(suffix)]
     if not targets:
@@ -154,23 +163,50 @@ def load_store_rows(model: nn.Module, store: BehaviourStore, *, chunk_bytes: int
             pieces.append((tensor, 0, 0, store.rows_count, store.dim))
     rows_read = 0
     with ShardReader(store, chunk_bytes) as reader:
-        problem = _integrity_problem(reader, store, pieces, rank, world)
+        with clock("verify"):
+            problem = _integrity_problem(reader, store, pieces, rank, world)
         table_dtype = targets[0][1].dtype
         if rank == 0 and table_dtype != STORE_TORCH_DTYPES[store.store_dtype]:
             print(f"behaviour table: the store's {store.store_dtype} rows are upcast to {table_dtype} chunk by "
                   f"chunk as they load ({store.path}): this device's embedding kernel has no {store.store_dtype} table",
                   flush=True)
-        for target, row, col, n_rows, n_cols in pieces:
-            if problem is None:
-                problem = _load_block(reader, target, store, row, col, n_rows, n_cols, rank)
-            rows_read += n_rows
+        with clock("copy"):
+            for target, row, col, n_rows, n_cols in pieces:
+                if problem is None:
+                    problem = _load_block(reader, target, store, row, col, n_rows, n_cols, rank)
+                rows_read += n_rows
+        if timings is not None:
+            timings.update(verified_bytes=reader.delivered.verified_bytes, copied_bytes=reader.delivered.bytes)
     if world > 1:
-        found = [None] * world
-        dist.all_gather_object(found, problem)
+        with clock("agree"):
+            found = [None] * world
+            dist.all_gather_object(found, problem)
         problem = next((p for p in found if p), None)
     if problem:
         raise StoreError(problem)
     return rows_read
+
+
+class _PhaseClock:
+    """``with clock("phase"):`` adds the block's wall, process-CPU and thread-CPU seconds to ``timings[phase]``;
+    does nothing when ``timings`` is None."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.timings is None:
+            yield
+            return
+        wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        try:
+            yield
+        finally:
+            entry = self.timings.setdefault(phase, {"wall_s": 0.0, "cpu_s": 0.0, "thread_cpu_s": 0.0})
+            entry["wall_s"] += time.perf_counter() - wall
+            entry["cpu_s"] += time.process_time() - cpu
+            entry["thread_cpu_s"] += time.thread_time() - thread
 
 
 def _integrity_problem(reader: ShardReader, store: BehaviourStore, pieces: list, rank: int, world: int) -> str | None:
