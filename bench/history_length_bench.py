@@ -447,6 +447,12 @@ def findings(result: dict, demo_steps: int = 600, fits_minutes: float = 30.0) ->
         out.append(f"BAHE's {demo_steps}-step demo run passes {fits_minutes:.0f} min of training on these cores from "
                    f"M = {slow[0]} (one rank's measured step x {demo_steps}; evaluation not counted).")
     last = entries[-1] if entries else None
+    if last and "bahe" in last["arms"]:
+        shape = last["arms"]["bahe"]["shape"]
+        real = shape["real"]["user"] + shape["real"]["item"]
+        out.append(f"BAHE's deep layer runs over N x M padded positions whatever a user's history: at M = {last['m']}, "
+                   f"{shape['padded_per_sample']} a sample for {real:.0f} real ones in these batches (the FLOPs counted "
+                   "match the padded count).")
     if last and {"bahe", "token_level"} <= set(last.get("gpu", {})):
         gpu = last["gpu"]
         batch = result["config"]["batch_size"]
@@ -478,8 +484,11 @@ def plot(result: dict, path: Path) -> str | None:
         if projected:
             ax.plot(*zip(*(points[-1:] + projected)), linestyle="--", marker="x", color=colour,
                     label=f"{arm} (projected)")
+    ms = [e["m"] for e in result["histories"]]
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.minorticks_off()
     ax.set_xlabel("M, behaviours per sequence type")
     ax.set_ylabel("train step s (batch 64, 1 CPU thread)")
     ax.legend(fontsize=7)
@@ -490,9 +499,12 @@ def plot(result: dict, path: Path) -> str | None:
                 if arm in r["arms"] and r["arms"][arm]["auc_seed0"] is not None:
                     series.setdefault((arm, r["k"], r["precision"], r["steps"]), []).append((r["m"], r["arms"][arm]["auc_seed0"]))
         for (arm, k, precision, steps), points in sorted(series.items()):
-            axes[1].plot(*zip(*sorted(points)), marker="o", label=f"{arm} k={k} {precision} {steps} steps",
+            words = {"auto": "fp32"}.get(precision, precision)  # these runs are CPU ones: auto = fp32
+            axes[1].plot(*zip(*sorted(points)), marker="o", label=f"{arm} k={k} {words} {steps} steps",
                          linestyle="-" if arm == "bahe" else ":")
         axes[1].set_xscale("log")
+        axes[1].set_xticks(ms, [str(m) for m in ms])
+        axes[1].minorticks_off()
         axes[1].set_xlabel("M")
         axes[1].set_ylabel("test AUC, seed 0")
         axes[1].legend(fontsize=6)
@@ -510,7 +522,9 @@ def write(result: dict, out: Path, plots: bool) -> None:
     text = [f"# History length M: step cost and quality\n\nProduced by `{result['command']}` "
             f"({result['machine']['cpu_model']}, {result['machine']['cpu_count']} CPUs, "
             f"{c['threads']} torch thread; LLM layers {c['llm_precision']}; k = {c['k']}, "
-            f"batch {c['batch_size']}, {c['steps']} timed steps per arm, the token arm {c['token_steps']}).\n",
+            f"batch {c['batch_size']}, {c['steps']} timed steps per arm, the token arm {c['token_steps']}; load average "
+            f"{result['machine']['loadavg_start'][0]:.1f} at the start, {result['machine'].get('loadavg_end', [0])[0]:.1f} "
+            "at the end: other work shared the cores, which the alternating steps spread over every arm).\n",
             "## Step cost\n", cost_table(result), "", *[f"* {line}" for line in findings(result)], "",
             f"Projection: FLOPs a sample / ({c['gpu_peak_tflops']:g} TFLOP/s x {c['gpu_utilisation']:g}), an H100's dense "
             "bf16 peak at an assumed sustained share; compute-bound only (launches, input and the optimizer not counted), "
