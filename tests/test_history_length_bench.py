@@ -137,7 +137,8 @@ def test_findings_name_the_ratio_where_the_token_arm_stops_and_the_slow_demo():
 
     def entry(m, bahe_s, token=None, skipped=None):
         times = {"dlrm": [0.02, 0.02], "bahe": [bahe_s, bahe_s], "token_level": token}
-        arms = {"dlrm": {"measured": {"median_s": 0.02}}, "bahe": {"measured": {"median_s": bahe_s}},
+        shape = {"real": {"user": 2 * m * 0.4, "item": 1.0}, "padded_per_sample": 2 * m + 1}
+        arms = {"dlrm": {"measured": {"median_s": 0.02}}, "bahe": {"measured": {"median_s": bahe_s}, "shape": shape},
                 "token_level": {"measured": {"median_s": token[0]}} if token else {}}
         return {"m": m, "arms": arms, "skipped": {"token_level": skipped} if skipped else {},
                 "ratios": {"bahe_over_dlrm": side_by_side(times, "bahe", "dlrm"),
@@ -152,4 +153,5 @@ def test_findings_name_the_ratio_where_the_token_arm_stops_and_the_slow_demo():
     assert lines[1] == "token-level / BAHE step time: M = 5: 20x."
     assert "stops fitting at M = 100: projected 900 s/step" in lines[2]
     assert "passes 30 min of training on these cores from M = 100" in lines[3]
-    assert "100x" in lines[4] and ">= 19.2 ms vs >= 0.19 ms" in lines[4]
+    assert "at M = 100, 201 a sample for 81 real ones" in lines[4]
+    assert "100x" in lines[5] and ">= 19.2 ms vs >= 0.19 ms" in lines[5]
