@@ -123,7 +123,7 @@ def test_store_of_another_format_is_refused(tmp_path):
 def test_store_whose_vectors_disagree_with_its_manifest_is_refused(tmp_path, vectors):
     from bahe.embeddings.store import BehaviourStore, StoreError
 
-    with pytest.raises(StoreError, match=r"the manifest says \(3, 4\) float32: the store is corrupt; rebuild it"):
+    with pytest.raises(StoreError, match=r"the manifest says \(3, 4\) float32 \(float32 on disk\): the store is corrupt; rebuild it"):
         BehaviourStore.open(_fake_store(tmp_path / "s", vectors=vectors))
 
 

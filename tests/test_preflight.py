@@ -16,6 +16,7 @@ import pytest
 
 from bahe.ctr_data.criteo import write_criteo_splits
 from bahe.ctr_data.parquet_io import SampleWriter
+from bahe.embeddings.row_chunks import ROW_CHUNKS, RowChunks
 from bahe.embeddings.store import MANIFEST_DIGEST, BehaviourStore, StoreError, manifest_digest
 from tests.conftest import CRITEO_SAMPLE, tiny_rows
 from tests.model_fixtures import make_tiny_pipeline, split_by_time
@@ -66,6 +67,12 @@ def corrupt_store(pipeline, to: Path, *, fix_manifest: bool) -> Path:
     if fix_manifest:
         manifest = json.loads((version / "manifest.json").read_text())
         manifest["files"]["vectors.npy"]["sha256"] = hashlib.sha256((version / "vectors.npy").read_bytes()).hexdigest()
+        if ROW_CHUNKS in manifest:  # the per-chunk digests too (issue 28, item 3): only the NaN is wrong
+            rows, chunks = np.load(version / "vectors.npy", mmap_mode="r"), RowChunks.from_manifest(manifest, version)
+            manifest[ROW_CHUNKS]["vectors_sha256"] = [
+                hashlib.sha256(np.ascontiguousarray(rows[slice(*chunks.span(i))]).tobytes()).hexdigest()
+                for i in range(len(chunks.stops))]
+            del rows
         if MANIFEST_DIGEST in manifest:
             manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         (version / "manifest.json").write_text(json.dumps(manifest))
