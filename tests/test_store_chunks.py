@@ -188,7 +188,8 @@ def test_the_process_group_gets_the_configured_timeout(monkeypatch):
 
     assert "--pg-timeout SECONDS" in build_parser().format_help()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "0")  # recorded as it was (absent too), so the RANK=0 ... setup_distributed sets
+        monkeypatch.delenv(key)       # for a plain process is undone after the test, for the worker's next tests
     setup_distributed("cpu", 123.0)
     try:
         backend = dist.group.WORLD._get_backend(torch.device("cpu"))
