@@ -24,7 +24,7 @@ from bahe.ctr_data.schema import DataError
 from bahe.embeddings.encoding import POOLINGS, describe_choices
 from bahe.embeddings.post_transform import POST_TRANSFORMS
 from bahe.embeddings.pretrained import DEFAULT_MODEL, ModelError
-from bahe.embeddings.process_group import DEFAULT_TIMEOUT_S
+from bahe.embeddings.process_group import add_timeout_flag
 from bahe.embeddings.store import STORE_DTYPES, BehaviourStore, StoreError, latest_version
 from bahe.embeddings.store_stats import TOP_CHANNELS, store_anisotropy
 
@@ -128,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the stored rows: float32, float16 or bfloat16 (half the bytes; bfloat16 is kept "
                             "as its raw 16 bits). Default: the store's own for a refresh (a refresh keeps its "
                             "parent's and refuses another), else float32")
-    build.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                       help="the process group's timeout under torchrun: how long a rank waits for the others "
-                            f"before failing instead of hanging (default {DEFAULT_TIMEOUT_S:.0f} s)")
+    add_timeout_flag(build)
     build.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     build.add_argument("--max-tokens", type=int, default=64, help="longer texts are truncated (default 64)")
     build.add_argument("--batch-tokens", type=int, default=128,

@@ -43,7 +43,8 @@ class EncoderConfig:
         post_transform: ``none``, ``center`` or ``whiten``: a transform of the store's rows fitted once on its
             first build and frozen (embeddings/post_transform.py); the encoder itself ignores it.
         whiten_eps: whitening's regulariser, a fraction of the covariance's mean eigenvalue.
-        dtype: compute dtype, ``float32`` or ``bfloat16``; vectors are stored as float32.
+        dtype: compute dtype, ``float32`` or ``bfloat16``; vectors come out as float32 (the store's own
+            dtype, ``--store-dtype``, is the writer's: embeddings/build_io.py).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
         max_tokens: longer texts are truncated to this many tokens (counted and reported).
         batch_tokens: tokens per micro-batch; fixes the batch shape per text length (module doc).

@@ -19,6 +19,16 @@ DEFAULT_TIMEOUT_S = 1800.0
 _timeout_s = DEFAULT_TIMEOUT_S  # the launch's (set_timeout), used where no timeout is passed
 
 
+def add_timeout_flag(parser) -> None:
+    """``--pg-timeout SECONDS`` on ``parser`` (or an argument group): the one definition every launcher that
+    creates a process group uses (bahe-train, bahe-evaluate through bahe-train's parser, bahe-predict,
+    bahe-encode build)."""
+    parser.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="the process group's timeout: how long a rank waits for the others at start-up "
+                             "(rendezvous, the store's load and checksums) and in any collective before failing "
+                             f"instead of hanging (default {DEFAULT_TIMEOUT_S:.0f} s)")
+
+
 def check_timeout(seconds: float) -> float:
     seconds = float(seconds)
     if not seconds > 0:

@@ -42,7 +42,7 @@ import os
 import sys
 from pathlib import Path
 
-from bahe.embeddings.process_group import DEFAULT_TIMEOUT_S, set_timeout
+from bahe.embeddings.process_group import add_timeout_flag, set_timeout
 from bahe.launchers.segment_flags import add_segment_flags, segment_spec
 
 PRECISIONS = ("auto", "bf16", "fp32")  # bahe.model.deep_layers.PRECISIONS (checked by ScoringConfig)
@@ -87,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the frozen behaviour table is sharded over the ranks (as bahe-train's; it need not be "
                         "the training run's): row_wise, column_wise, table_wise, or auto (default: row_wise for a "
                         "table of 1 GiB or more, else the planner's choice); rank 0 prints the plan in one line")
-    p.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                   help="the process group's timeout: how long a rank waits for the others at start-up and in any "
-                        f"collective before failing instead of hanging (default {DEFAULT_TIMEOUT_S:.0f} s)")
+    add_timeout_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_segment_flags(p)  # the summary's segment metrics (the scored rows against their labels)
     return p

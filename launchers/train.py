@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from bahe.embeddings.pretrained import DEFAULT_MODEL
-from bahe.embeddings.process_group import DEFAULT_TIMEOUT_S
+from bahe.embeddings.process_group import add_timeout_flag
 from bahe.launchers.segment_flags import add_segment_flags, segment_spec
 from bahe.model.config import BEHAVIOUR_SHARDINGS
 from bahe.model.deep_layers import ATTENTIONS, POOLINGS, PRECISIONS
@@ -79,10 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows), column_wise (1/W of the columns), table_wise (one rank holds it all), or auto "
                         "(default): row_wise for a table of 1 GiB or more, else the planner's choice. Rank 0 prints "
                         "the plan in one line. Not a model flag: a resume or evaluation may use another")
-    g.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                   help="the process group's timeout: how long a rank waits for the others at start-up (rendezvous, "
-                        "the store's load and checksums) and in any collective before failing instead of hanging "
-                        f"(default {DEFAULT_TIMEOUT_S:.0f} s)")
+    add_timeout_flag(g)
     g.add_argument("--init-from", type=Path, default=None, metavar="RUN_OR_CHECKPOINT",
                    help="warm start: every trainable weight from a previous run's selected checkpoint (best by "
                         "valid, else latest) or from RUN/checkpoints/step-NNNNNNN; the behaviour table from --store "
