@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-feature hash sizes, e.g. item_id=2000 cat_genres=32 (others: --table-rows)")
     m.add_argument("--drop-id-features", nargs="+", default=[], metavar="FEATURE",
                    help="ID features left out of the model, e.g. user_id when test users are mostly new")
+    m.add_argument("--cold-item-dropout", type=float, default=0.0, metavar="SHARE",
+                   help="cold-item simulation (training/cold_items.py): show this share of the training rows as "
+                        "never-seen items, their --cold-item-features bags emptied and --cold-item-dense columns "
+                        "reset, so the model learns to score new items from their title and attributes (default 0: off)")
+    m.add_argument("--cold-item-features", nargs="+", default=["item_id"], metavar="FEATURE",
+                   help="the ID features a simulated cold row loses (default item_id)")
+    m.add_argument("--cold-item-dense", nargs="+", default=[], metavar="COLUMN=VALUE",
+                   help="a simulated cold row's dense values, raw (before log1p) or 'mean' (the train mean), e.g. "
+                        "dense_item_history=0 dense_item_prior_positive_rate=0.55")
     m.add_argument("--dense-arch", type=int, nargs="+", default=[128, 64], help="DenseArch sizes, ending in D")
     m.add_argument("--over-arch", type=int, nargs="+", default=[256, 64, 1], help="OverArch sizes, ending in 1")
     m.add_argument("--sparse-lr", type=float, default=0.05, help="row-wise Adagrad for the ID tables")
@@ -143,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig, TextConfig
+    from bahe.training.cold_items import ColdItemSimulation
     from bahe.training.config import OptimConfig, TrainConfig
 
     text = None
@@ -173,7 +183,9 @@ def config_from_args(args: argparse.Namespace):
                        shuffle=not args.no_shuffle, data_lanes=args.data_lanes, standardize_dense=not args.no_dense_standardize, seed=args.seed,
                        init_from=args.init_from, init_optimizer=args.init_optimizer,
                        frozen_text_from=args.frozen_text_from, device=args.device,
-                       behaviour_sharding=args.behaviour_sharding, pg_timeout_s=args.pg_timeout)
+                       behaviour_sharding=args.behaviour_sharding, pg_timeout_s=args.pg_timeout,
+                       cold_items=ColdItemSimulation.from_flags(args.cold_item_dropout, args.cold_item_features,
+                                                                args.cold_item_dense))
 
 
 def _steps(args: argparse.Namespace) -> int:

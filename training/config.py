@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bahe.embeddings.process_group import DEFAULT_TIMEOUT_S, check_timeout
 from bahe.model.config import BEHAVIOUR_SHARDINGS, BaheModelConfig
+from bahe.training.cold_items import ColdItemSimulation
 from bahe.training.selection import Selection
 
 
@@ -102,6 +103,9 @@ class TrainConfig:
         pg_timeout_s: the process group's timeout in seconds (``--pg-timeout``; default 1800): how long a rank
             waits for the others at the rendezvous and in any collective, start-up (the store's load and
             checksums) included, before failing instead of hanging (bahe.embeddings.process_group).
+        cold_items: cold-item simulation: a share of the training rows shown as never-seen items (their item ID
+            bags emptied, item statistics reset), so the model learns to score new items from their text and
+            attributes (training/cold_items.py; default off). Parquet data only.
     """
 
     data_dir: Path
@@ -133,6 +137,7 @@ class TrainConfig:
     device: str = "auto"
     behaviour_sharding: str = "auto"
     pg_timeout_s: float = DEFAULT_TIMEOUT_S
+    cold_items: ColdItemSimulation = field(default_factory=ColdItemSimulation)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -178,6 +183,9 @@ class TrainConfig:
         if self.data_lanes < 1:
             raise ValueError(f"TrainConfig.data_lanes={self.data_lanes}: give >= 1 (1: the plain training order; "
                              "a multiple of the ranks, e.g. 8, to read ~1/ranks of the train split per rank)")
+        if self.cold_items.share and self.data != "parquet":
+            raise ValueError(f"TrainConfig.cold_items (--cold-item-dropout {self.cold_items.share}) shows rows of a "
+                             "sample table as new items: give Parquet data (--data-dir), or leave it out")
         if self.data_lanes > 1 and self.data != "parquet":
             raise ValueError("TrainConfig.data_lanes: lanes deal a Parquet train split; leave --data-lanes at 1")
         if self.device not in ("auto", "cpu", "cuda"):

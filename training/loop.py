@@ -31,6 +31,7 @@ from bahe.model.factory import build_model
 from bahe.model.sharding import shard_model
 from bahe.training import frozen_text, init_from
 from bahe.training.checkpoint import Checkpointer
+from bahe.training.cold_items import ColdItemBatcher
 from bahe.training.config import TrainConfig
 from bahe.training.faults import inject_fault
 from bahe.training.health import check_loss
@@ -253,7 +254,9 @@ def _train(config: TrainConfig, segment_spec: SegmentSpec | None = DEFAULT_SPEC)
     segments = segment_tagger(segment_spec, config.checkpoint_dir.parent, getattr(source, "paths", {}).get("train"),
                               rank, record=start < config.steps, on_rank0=checkpointer.on_rank0)
     writer = SummaryWriter(str(config.out_dir / "tensorboard"), flush_secs=10) if rank == 0 else None
-    data = TimedIterator(source.train(batcher, config.batch_size, rank, world, skip_rows=checkpointer.rows_seen,
+    feed = ColdItemBatcher(batcher, config.cold_items, seed=config.seed, rank=rank, first_step=start) \
+        if config.cold_items.share else batcher  # a share of the train rows shown as new items (default: none)
+    data = TimedIterator(source.train(feed, config.batch_size, rank, world, skip_rows=checkpointer.rows_seen,
                                       seed=config.seed, shuffle=config.shuffle))
     window = {"loss": 0.0, "steps": 0, "time": 0.0, "wait": 0.0, "pos": 0.0, "n": 0.0}
     history = []
@@ -321,7 +324,7 @@ def _train(config: TrainConfig, segment_spec: SegmentSpec | None = DEFAULT_SPEC)
                "selected_step": selected, "select_by": config.select_by if config.eval_every else None,
                "early_stopped_at": selection.stopped_at, "valid": final["valid"], "test": final["test"],
                "history": history, "peak_memory_mb": peak_memory_mb(device),
-               "rank0_data_counters": _counters(batcher)}
+               "rank0_data_counters": _counters(batcher), "cold_items": config.cold_items.as_dict()}
     if writer is not None:
         writer.add_hparams({"arm": _arm(config), "batch_size": config.batch_size, "steps": config.steps,
                             "world_size": world, "dense_lr": config.optim.dense_lr, "llm_lr": config.optim.llm_lr},
@@ -400,16 +403,13 @@ def _log_train(writer, window, step, world, device, groups) -> None:
 
 
 def _counters(batcher) -> dict[str, int]:
-    counters = getattr(batcher, "counters", None)
-    return counters.as_dict() if counters is not None else {}
+    return batcher.counters.as_dict() if getattr(batcher, "counters", None) is not None else {}
 
 
 def _log_counters(writer, batcher, step: int) -> None:
     """Rank 0's running totals of what its batcher mapped or dropped (unknown texts, ids folded into a
     table, behaviours beyond M, ...): the counted fallbacks of docs/faults.md, visible while training."""
-    if writer is None:
-        return
-    for name, value in _counters(batcher).items():
+    for name, value in _counters(batcher).items() if writer is not None else ():
         writer.add_scalar(f"data/{name}", value, step)
 
 
