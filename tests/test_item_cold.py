@@ -172,3 +172,30 @@ def test_the_command(tmp_path, capsys):
                           "0.0001"]) == 2
     assert "--cold-share 0.0001 of 1682 items holds out 0: choose a share" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_floor_reads_no_held_out_label_and_scores_rows_in_file_order(drawn, tmp_path):
+    """The non-learned floor (training/baselines.py) on the item-cold split: flipping every cold rating changes
+    no candidate's score of any row (a cold label feeds no user history, as in the split's own features), and
+    the scores are in the files' row order (the item candidate recomputed row by row from the files)."""
+    from bahe.ctr_data.movielens import write_movielens
+    from bahe.training.baselines import ITEM_PRIOR_WEIGHT, candidate_scores
+
+    held = drawn[0] | drawn[1]
+    plain, flipped = tmp_path / "plain", tmp_path / "flipped"
+    write_movielens(MovieLensConfig(max_history=2, protocol="item_cold", seed=0), plain)
+    write_movielens(MovieLensConfig(max_history=2, protocol="item_cold", seed=0,
+                                    source=flipped_source(tmp_path / "cold", held)), flipped)
+    scores, labels, splits = candidate_scores(plain)
+    again, flipped_labels, _ = candidate_scores(flipped)
+    assert all(np.array_equal(scores[name], again[name]) for name in scores)
+    assert not np.array_equal(labels, flipped_labels)  # the flip did reach the labels
+    tables = {s: SampleReader(plain / f"{s}.parquet").read_all() for s in SPLITS}
+    train_items, train_labels = (tables["train"].column(c).to_numpy() for c in ("item_id", "label"))
+    prior = train_labels.mean()
+    for split in ("valid", "test"):
+        items = tables[split].column("item_id").to_numpy()
+        want = [(train_labels[train_items == i].sum() + ITEM_PRIOR_WEIGHT * prior)
+                / ((train_items == i).sum() + ITEM_PRIOR_WEIGHT) for i in items[:300]]
+        assert np.allclose(scores["item"][splits == split][:300], want)
+        assert np.array_equal(labels[splits == split], tables[split].column("label").to_numpy())

@@ -40,31 +40,40 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def candidate_scores(data_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """(candidate -> scores of every valid and test row in file order, labels, split of each row)."""
-    tables = {split: SampleReader(Path(data_dir) / f"{split}.parquet").read_all() for split in ("train", "valid", "test")}
+    """(candidate -> scores of every valid and test row in file order, labels, split of each row).
+
+    Rows are visited in time order (a stable sort of the three files by timestamp; the time split's files
+    are in that order already). On an item-cold split (the schema's ``extra.split`` is ``item_cold``) the
+    valid and test rows of items with no train row are held out of every user's history, as the split's own
+    features hold them out: their labels never score another row."""
+    readers = {split: SampleReader(Path(data_dir) / f"{split}.parquet") for split in ("train", "valid", "test")}
+    tables = {split: reader.read_all() for split, reader in readers.items()}
+    item_cold = readers["train"].schema.extra.get("split") == "item_cold"
     train = tables["train"]
     prior = float(np.mean(train.column("label").to_numpy())) if train.num_rows else 0.5
     item_stats: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for item, label in zip(train.column("item_id").to_pylist(), train.column("label").to_pylist()):
         item_stats[item][0] += label
         item_stats[item][1] += 1
-    ordered = pa.concat_tables(tables.values())  # files are time-ordered and consecutive
+    ordered = pa.concat_tables(tables.values())
     split_of = ["train"] * train.num_rows + ["valid"] * tables["valid"].num_rows + ["test"] * tables["test"].num_rows
-    timestamps = ordered.column("timestamp").to_pylist()
-    rows = list(zip(ordered.column("user_id").to_pylist(), ordered.column("item_id").to_pylist(),
-                    ordered.column("label").to_pylist(), split_of))
+    order = np.argsort(ordered.column("timestamp").to_numpy(), kind="stable")  # the identity on a time split
+    timestamps = ordered.column("timestamp").to_numpy()[order].tolist()
+    columns = [ordered.column(name).to_pylist() for name in ("user_id", "item_id", "label")]
+    rows = [(columns[0][i], columns[1][i], columns[2][i], split_of[i], int(i)) for i in order]
     history: dict[int, deque] = defaultdict(deque)
     parts: dict[str, list[float]] = defaultdict(list)
-    labels, splits = [], []
+    labels, splits, positions = [], [], []
     start = 0
     while start < len(rows):
         end = start
         while end < len(rows) and timestamps[end] == timestamps[start]:
             end += 1
-        for user, item, label, split in rows[start:end]:
+        for user, item, label, split, position in rows[start:end]:
             if split == "train":
                 continue
-            positives, seen = item_stats[item]
+            positions.append(position)
+            positives, seen = item_stats.get(item, (0, 0))
             parts["item"].append((positives + ITEM_PRIOR_WEIGHT * prior) / (seen + ITEM_PRIOR_WEIGHT))
             parts["old_item"].append((positives + 1) / (seen + 2))
             past = list(history[user])
@@ -74,13 +83,15 @@ def candidate_scores(data_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray,
                 parts[name].append(sum(recent) / len(recent) if recent else default)
             labels.append(label)
             splits.append(split)
-        for user, _, label, _ in rows[start:end]:
-            history[user].append(label)
+        for user, item, label, _, _ in rows[start:end]:
+            if not (item_cold and item not in item_stats):  # a held-out item's label feeds no history
+                history[user].append(label)
         start = end
-    scores = {name: np.asarray(parts[name]) for name in ("item", *USER_WINDOWS)}
+    back = np.argsort(positions, kind="stable")  # visit order -> file order
+    scores = {name: np.asarray(parts[name])[back] for name in ("item", *USER_WINDOWS)}
     scores.update({f"item+{name}": scores["item"] + scores[name] for name in USER_WINDOWS})
-    scores[OLD_FLOOR] = np.asarray(parts["old_item"]) + np.asarray(parts["old_user"])
-    return scores, np.asarray(labels), np.asarray(splits)
+    scores[OLD_FLOOR] = (np.asarray(parts["old_item"]) + np.asarray(parts["old_user"]))[back]
+    return scores, np.asarray(labels)[back], np.asarray(splits)[back]
 
 
 def non_learned_baseline(data_dir: Path) -> dict:
