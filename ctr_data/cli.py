@@ -3,6 +3,7 @@
   bahe-data movielens --out data/ml-100k            # from the installed wheel
   bahe-data movielens --source ~/ml-100k --out ...  # from your own GroupLens folder
   bahe-data movielens --split item_cold --cold-share 0.2 --seed 0 --out data/ml-cold   # 20% of items never in train
+  bahe-data movielens-plots --accept-terms --out data/ml-plots   # ml-latest-small + TMDB plot summaries (fetched; terms: --help)
   bahe-data synthetic --out data/synth.parquet --samples 1000000
   bahe-data criteo --out data/criteo.parquet day_0.tsv [day_1.tsv ...]
   bahe-data summary data/ml-100k/*.parquet
@@ -10,7 +11,7 @@
   bahe-data slices --out data/days --period 1d --timestamp-unit ms logs/*.parquet   # millisecond timestamps
   bahe-data import --mapping examples/byo_data/mapping.toml --out data/byo   # your own logs (docs/byo_data.md)
 
---out names a folder for movielens, slices and import and a .parquet file for synthetic and criteo. Existing files there
+--out names a folder for movielens, movielens-plots, slices and import and a .parquet file for synthetic and criteo. Existing files there
 are replaced, and only once the new ones are complete: a failed run (bad input, a full disk) leaves
 them as they were and no partial file behind.
 """
@@ -32,15 +33,18 @@ def _print_summary(paths: list[Path], as_json: bool) -> None:
     print(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+_FOLDER_OUT = ("movielens", "movielens-plots", "slices", "import")  # the commands writing train/valid/test.parquet
+
+
 def _check_out(args: argparse.Namespace) -> None:
     """--out must be a folder (or new) for movielens, and not a folder for the commands writing one file."""
     out = getattr(args, "out", None)
     if out is None:
         return
-    if args.command in ("movielens", "slices", "import") and out.exists() and not out.is_dir():
+    if args.command in _FOLDER_OUT and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; {args.command} writes train/valid/test.parquet into a folder: name a "
                          "folder (new or existing)")
-    if args.command not in ("movielens", "slices", "import") and out.is_dir():
+    if args.command not in _FOLDER_OUT and out.is_dir():
         raise ValueError(f"--out {out} is a folder; {args.command} writes one .parquet file: name it, e.g. --out "
                          f"{out / f'{args.command}.parquet'} (an existing file is replaced once the new one is complete)")
 
@@ -103,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="item_cold: the share of the items held out of train (default 0.2)")
     ml.add_argument("--seed", type=int, default=0, help="item_cold: which items are held out (default 0)")
     ml.set_defaults(run=_movielens)
+
+    from bahe.ctr_data import movielens_plots
+
+    movielens_plots.add_parser(sub).set_defaults(run=movielens_plots.run)
 
     syn = sub.add_parser("synthetic", help="industrial-like textual behaviours with a planted click rule")
     syn.add_argument("--out", type=Path, required=True, help="output .parquet file (an existing one is replaced once the new one is complete)")

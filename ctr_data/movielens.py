@@ -4,11 +4,17 @@ Source: the copy inside the installed ``recbole`` wheel (``dataset_example/ml-10
 ``name:type`` headers; never imported, only read), or a user's own ``ml-100k/`` folder in the
 GroupLens layout (``u.data``, ``u.item``, ``u.user``).
 
+Other sources reuse this builder by reading their own files into a :class:`_Raw` and passing it to
+``build_samples(config, raw)`` / ``write_movielens(config, out, raw)`` (``bahe-data movielens-plots``:
+ctr_data/movielens_plots.py); the raw names its dataset and adds its provenance to the schema's ``extra``.
+
 Each rating becomes one sample:
 
 * ``label`` = rating > 3; ``timestamp``, ``user_id``, ``item_id`` as given;
 * ``cat_gender``, ``cat_age_band``, ``cat_occupation``, ``cat_zip_region`` (user), ``cat_genres``
-  (multi-valued) and ``cat_release_decade`` (item), each mapped to a stable small integer;
+  (multi-valued) and ``cat_release_decade`` (item), each mapped to a stable small integer; a user
+  without demographics (:data:`NO_DEMOGRAPHICS`: age 0, empty strings) has the four user lists empty
+  (missing) and ``dense_user_age`` 0;
 * ``dense_user_age``; ``dense_user_history`` = log1p(earlier ratings of the user);
   ``dense_user_prior_positive_rate`` and ``dense_item_prior_positive_rate`` (smoothed toward
   0.5), ``dense_user_recent_positive_rate`` (the user's last 20 ratings; 0.5 with none) and
@@ -59,6 +65,8 @@ SPLITS = ("train", "valid", "test")
 PROTOCOLS = ("time", "item_cold")
 _PRIOR_WEIGHT = 5.0
 _RECENT = 20  # ratings in the user's recent positive rate  # pseudo-ratings at rate 0.5 that smooth the prior positive rates
+_GENDERS = {"M": 1, "F": 2}
+NO_DEMOGRAPHICS = (0, "", "", "")  # (age, gender, occupation, zip) of a user the source knows nothing about
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,10 @@ class MovieLensConfig:
             raise ValueError(f"MovieLensConfig.split must be three positive fractions summing to 1, got {self.split}")
 
 
-def movielens_schema(config: MovieLensConfig, cold_items: int | None = None) -> SampleSchema:
-    extra = {"max_history": config.max_history, "label": "rating > 3"}
+def movielens_schema(config: MovieLensConfig, cold_items: int | None = None, dataset: str = "movielens-100k",
+                     source_extra: dict | None = None) -> SampleSchema:
+    """The schema of the samples; ``dataset`` and ``source_extra`` (merged into ``extra``) are the raw's."""
+    extra = {"max_history": config.max_history, "label": "rating > 3", **(source_extra or {})}
     if config.protocol == "item_cold":
         extra.update(split="item_cold", cold_share=config.cold_share, seed=config.seed, cold_items=cold_items)
     return SampleSchema(
@@ -105,7 +115,7 @@ def movielens_schema(config: MovieLensConfig, cold_items: int | None = None) -> 
         dense=("user_age", "user_history", "user_prior_positive_rate", "user_recent_positive_rate", "item_history",
                "item_prior_positive_rate"),
         sequences=("liked", "disliked"),
-        dataset="movielens-100k",
+        dataset=dataset,
         extra=extra,
     )
 
@@ -155,13 +165,20 @@ def _rating(value: str, path: Path, row: int) -> int:
 
 
 class _Raw:
-    """Ratings (time order not yet applied), item and user attributes."""
+    """Ratings (time order not yet applied), item and user attributes: what ``build_samples`` reads.
 
-    def __init__(self) -> None:
-        self.ratings: list[tuple[int, int, int, int]] = []  # (timestamp, user, item, rating)
+    ``rating``: stars (1..5; half stars allowed: the label is ``rating > 3``); the item's ``title`` is its
+    whole text (``item_text`` and the behaviour sequences); ``genres`` are names of :data:`GENRES`; a user
+    without demographics is :data:`NO_DEMOGRAPHICS`. ``dataset`` names the schema's source and ``extra``
+    is added to its ``extra`` (provenance)."""
+
+    def __init__(self, dataset: str = "movielens-100k") -> None:
+        self.ratings: list[tuple[int, int, int, float]] = []  # (timestamp, user, item, rating)
         self.origins: list[tuple[Path, int]] = []  # (file, line) of each rating, for errors
         self.items: dict[int, tuple[str, int, list[str]]] = {}  # item -> (title, year, genres)
         self.users: dict[int, tuple[int, str, str, str]] = {}  # user -> (age, gender, occupation, zip)
+        self.dataset = dataset
+        self.extra: dict = {}
 
 
 def _read_recbole(folder: Path) -> _Raw:
@@ -234,19 +251,20 @@ def cold_items(config: MovieLensConfig, rated: set[int]) -> tuple[set[int], set[
     return hold_out(rated, config.cold_share, config.seed, config.split[1:])
 
 
-def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
-    """All samples, time-ordered and split; returns {"train": table, "valid": ..., "test": ...}."""
-    raw = read_raw(config.source)
+def build_samples(config: MovieLensConfig, raw: _Raw | None = None) -> dict[str, pa.Table]:
+    """All samples, time-ordered and split; returns {"train": table, "valid": ..., "test": ...}.
+    ``raw``: another source's ratings and attributes (default: read ``config.source``)."""
+    raw = read_raw(config.source) if raw is None else raw
     ratings = sorted(raw.ratings)  # (timestamp, user, item, rating): a total, deterministic order
     cold_valid, cold_test = cold_items(config, {r[2] for r in ratings}) if config.protocol == "item_cold" \
         else (set(), set())
     cold = cold_valid | cold_test
     genre_codes = {g: i + 1 for i, g in enumerate(GENRES)}
     occupations: dict[str, int] = {}
-    for name in sorted({u[2] for u in raw.users.values()}):
+    for name in sorted({u[2] for u in raw.users.values() if u[2]}):
         _code(occupations, name)
     zips: dict[str, int] = {}
-    for name in sorted({u[3][:1] for u in raw.users.values()}):
+    for name in sorted({u[3][:1] for u in raw.users.values() if u[3]}):
         _code(zips, name)
 
     cols: dict[str, list] = defaultdict(list)
@@ -274,10 +292,10 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
             cols["timestamp"].append(ts)
             cols["user_id"].append(user)
             cols["item_id"].append(item)
-            cols["cat_gender"].append([1 if gender == "M" else 2])
-            cols["cat_age_band"].append([min(age // 10, 7) + 1])
-            cols["cat_occupation"].append([occupations[occupation]])
-            cols["cat_zip_region"].append([zips[zip_code[:1]]])
+            cols["cat_gender"].append([_GENDERS[gender]] if gender in _GENDERS else [])  # empty: unknown
+            cols["cat_age_band"].append([min(age // 10, 7) + 1] if age > 0 else [])
+            cols["cat_occupation"].append([occupations[occupation]] if occupation else [])
+            cols["cat_zip_region"].append([zips[zip_code[:1]]] if zip_code else [])
             cols["cat_genres"].append([genre_codes.get(g, 1) for g in genres])
             cols["cat_release_decade"].append([max(1, year // 10 - 190)] if year else [])
             cols["dense_user_age"].append(float(age))
@@ -304,7 +322,7 @@ def build_samples(config: MovieLensConfig) -> dict[str, pa.Table]:
             item_seen[item][1] += positive
         start = end
 
-    schema = movielens_schema(config, len(cold) if cold else None).arrow_schema()
+    schema = movielens_schema(config, len(cold) if cold else None, raw.dataset, raw.extra).arrow_schema()
     table = pa.Table.from_pydict(dict(cols), schema=schema)
     if cold:
         return _item_cold_split(table, config, cold_valid, cold_test)
@@ -334,11 +352,12 @@ def _item_cold_split(table: pa.Table, config: MovieLensConfig, cold_valid: set[i
             "test": pa.concat_tables([warm["test"], table.filter(pa.array(in_test))]).sort_by(order)}
 
 
-def write_movielens(config: MovieLensConfig, out_dir: str | Path) -> dict[str, Path]:
+def write_movielens(config: MovieLensConfig, out_dir: str | Path, raw: _Raw | None = None) -> dict[str, Path]:
     """Write ``train/valid/test.parquet`` under ``out_dir``; returns their paths. The three appear
-    together: after a failure (a full disk) none of the older splits there is replaced."""
+    together: after a failure (a full disk) none of the older splits there is replaced. ``raw``: as
+    :func:`build_samples`."""
     out = Path(out_dir)
-    tables = build_samples(config)
+    tables = build_samples(config, raw)
     schema = SampleSchema.from_arrow(tables["train"].schema)  # with what the split recorded (item_cold)
     writers: dict[str, SampleWriter] = {}
     try:
