@@ -128,19 +128,49 @@ def cell_label(dropout: float, m: int) -> str:
     return f"dropout {dropout:g}, M {m}"
 
 
+def plots_paths(work: Path, split: str, preset: dict) -> tuple[Path, Path, Path, tuple[str, ...]]:
+    """MovieLens with plot summaries (bahe-data movielens-plots): its data folder (made beforehand: the command
+    needs --accept-terms), a store of its texts encoded up to 256 tokens (made once), the runs' folder and
+    the trainer's extra flags (an item table as large as its ids: ml-latest-small's ids reach 163,949, and a
+    hashed table would give a held-out item a trained item's row)."""
+    from bahe.ctr_data.parquet_io import SampleReader
+    from bahe.embeddings.build import build_store
+    from bahe.embeddings.encoder import EncoderConfig
+    from bahe.embeddings.store import BehaviourStore
+    from bahe.embeddings.vocabulary import count_texts
+
+    data = work / ("data-plots" + ("-item_cold" if split == "item_cold" else "") + history_part(preset["max_history"]))
+    if not (data / "test.parquet").is_file():
+        raise SystemExit(f"{data} is missing: make it with bahe-data movielens-plots --accept-terms --max-history "
+                         f"{preset['max_history']}{' --split item_cold' if split == 'item_cold' else ''} --out {data} "
+                         "(docs/data.md)")
+    store = work / "store-plots"
+    files = [data / f"{s}.parquet" for s in ("train", "valid", "test")]
+    known = BehaviourStore.open(store).vocabulary if (store / "LATEST").is_file() else None
+    if known is None or any(text not in known for text in count_texts(files)):
+        build_store(store, files, EncoderConfig(k=preset["k"], device="cpu", max_tokens=256, batch_tokens=256),
+                    show_progress=False)
+    top = max(int(max(SampleReader(f).read_all().column("item_id").to_numpy())) for f in files)
+    return data, store, work / ("plots" + ("-item_cold" if split == "item_cold" else "")), \
+        ("--table-rows-for", f"item_id={top + 1}")
+
+
 def run_split(split: str, args, base: dict) -> dict:
     from bahe.launchers.demo import PRESETS
 
     cells, data_of = {}, {}
     for m in args.max_history:
-        preset = dict(base, max_history=m)
-        data, store = prepare(args.work, preset, PRESETS["cpu"]["max_history"])
-        where = args.work
-        if split == "item_cold":
+        preset, extra = dict(base, max_history=m), ()
+        if args.dataset == "movielens-plots":
+            data, store, where, extra = plots_paths(args.work, split, preset)
+        else:
+            data, store = prepare(args.work, preset, PRESETS["cpu"]["max_history"])
+            where = args.work
+        if split == "item_cold" and args.dataset == "movielens":
             data, where = item_cold_data(args.work, preset, args.cold_share, args.cold_seed, store), args.work / "item_cold"
         data_of[m] = data
         for dropout in args.cold_item_dropout:
-            cells[cell_label(dropout, m)] = train_cell(split, args, preset, data, store, where, dropout)
+            cells[cell_label(dropout, m)] = train_cell(split, args, preset, data, store, where, dropout, extra)
     first = data_of[args.max_history[0]]
     floor = floor_segments(first)
     return {"data": str(first), "never_seen": never_seen_values(first), "cells": cells,
@@ -148,11 +178,12 @@ def run_split(split: str, args, base: dict) -> dict:
                       "test_half_width": half_widths(floor["test"])}}
 
 
-def train_cell(split: str, args, preset: dict, data: Path, store: Path, where: Path, dropout: float) -> dict:
+def train_cell(split: str, args, preset: dict, data: Path, store: Path, where: Path, dropout: float,
+               extra: tuple[str, ...] = ()) -> dict:
     """Every seed and arm of one cell (cold-item dropout, M); finished runs are reused. The DLRM arm reads no
     text: its runs (no M in their names) serve every M."""
     dense = never_seen_values(data)
-    lever = ("--cold-item-dropout", str(dropout), "--cold-item-dense", *dense) if dropout else ()
+    lever = extra + (("--cold-item-dropout", str(dropout), "--cold-item-dense", *dense) if dropout else ())
     runs = {arm: [] for arm in args.arms}
     for seed in args.seeds:
         for arm in args.arms:
@@ -254,7 +285,8 @@ def plot(report: dict, path: Path) -> None:
             ax.errorbar(keys, means, yerr=stds, marker="o", capsize=3,
                         label=f"{arm} ({result['summary']['chosen_cell'][arm]})")
         ax.plot(keys, [result["floor"]["test"][k] or np.nan for k in keys], "k--", label="non-learned floor")
-        ax.set_title(f"MovieLens-100K, {split} split")
+        name = "MovieLens-100K" if report["config"].get("dataset", "movielens") == "movielens" else "ML with plots"
+        ax.set_title(f"{name}, {split} split")
         ax.set_ylabel("test AUC")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -266,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.segment_quality_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("movielens", "movielens-plots"), default="movielens",
+                   help="MovieLens-100K (titles), or ml-latest-small with plot summaries (bahe-data movielens-plots, "
+                        "made beforehand; runs under WORK/plots[-item_cold])")
     p.add_argument("--splits", nargs="+", choices=("time", "item_cold"), default=["time", "item_cold"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=["dlrm", "bahe"],
@@ -296,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     text = page(report)
     plot(report, args.out.with_suffix(".png"))
     args.out.with_suffix(".md").write_text(
-        f"# Quality per segment on MovieLens-100K\n\nProduced by `{command}` ({platform.platform()}, "
+        f"# Quality per segment on {'MovieLens-100K' if args.dataset == 'movielens' else 'MovieLens with plot summaries'}"
+        f"\n\nProduced by `{command}` ({platform.platform()}, "
         f"{os.cpu_count()} CPUs); {args.steps} steps x 2 ranks, the demo preset, seeds {args.seeds} (mean +- std).\n\n"
         f"{text}\n![test AUC per segment]({args.out.with_suffix('.png').name})\n")
     print(text)

@@ -84,3 +84,11 @@ def test_the_floor_is_scored_per_segment_with_the_candidate_chosen_on_valid(spli
     assert floor["test"]["all"]["auc"] == pytest.approx(whole["test"], abs=1e-4)  # torchmetrics in float32
     cold = floor["test"]["item_popularity"]["cold"]
     assert cold["rows"] > 5000 and 0.5 < cold["auc"] < 1.0  # the held-out items' rows
+
+
+def test_the_plots_data_set_must_be_made_first_and_the_message_says_how(tmp_path):
+    """movielens-plots needs --accept-terms, so the bench never makes it: it names the command to run."""
+    from bench.segment_quality_bench import plots_paths
+
+    with pytest.raises(SystemExit, match="bahe-data movielens-plots --accept-terms --max-history 5 --split item_cold"):
+        plots_paths(tmp_path, "item_cold", {"max_history": 5, "k": 8})
