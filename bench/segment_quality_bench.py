@@ -133,7 +133,8 @@ def plots_paths(work: Path, split: str, preset: dict) -> tuple[Path, Path, Path,
     needs --accept-terms), a store of its texts encoded up to 256 tokens (made once), the runs' folder and
     the trainer's extra flags (an item table as large as its ids: ml-latest-small's ids reach 163,949, and a
     hashed table would give a held-out item a trained item's row)."""
-    from bahe.ctr_data.parquet_io import SampleReader
+    import pyarrow.parquet as pq
+
     from bahe.embeddings.build import build_store
     from bahe.embeddings.encoder import EncoderConfig
     from bahe.embeddings.store import BehaviourStore
@@ -150,7 +151,7 @@ def plots_paths(work: Path, split: str, preset: dict) -> tuple[Path, Path, Path,
     if known is None or any(text not in known for text in count_texts(files)):
         build_store(store, files, EncoderConfig(k=preset["k"], device="cpu", max_tokens=256, batch_tokens=256),
                     show_progress=False)
-    top = max(int(max(SampleReader(f).read_all().column("item_id").to_numpy())) for f in files)
+    top = max(int(pq.read_table(f, columns=["item_id"]).column("item_id").to_numpy().max()) for f in files)
     return data, store, work / ("plots" + ("-item_cold" if split == "item_cold" else "")), \
         ("--table-rows-for", f"item_id={top + 1}")
 
@@ -168,29 +169,28 @@ def run_split(split: str, args, base: dict) -> dict:
             where = args.work
         if split == "item_cold" and args.dataset == "movielens":
             data, where = item_cold_data(args.work, preset, args.cold_share, args.cold_seed, store), args.work / "item_cold"
-        data_of[m] = data
+        data_of[m] = data, never_seen_values(data)
         for dropout in args.cold_item_dropout:
-            cells[cell_label(dropout, m)] = train_cell(split, args, preset, data, store, where, dropout, extra)
-    first = data_of[args.max_history[0]]
+            lever = ("--cold-item-dropout", str(dropout), "--cold-item-dense", *data_of[m][1]) if dropout else ()
+            cells[cell_label(dropout, m)] = train_cell(split, args, preset, data, store, where, dropout, extra + lever)
+    first, never_seen = data_of[args.max_history[0]]
     floor = floor_segments(first)
-    return {"data": str(first), "never_seen": never_seen_values(first), "cells": cells,
+    return {"data": str(first), "never_seen": never_seen, "cells": cells,
             "floor": {"chosen": floor["chosen"], "valid": aucs(floor["valid"]), "test": aucs(floor["test"]),
                       "test_half_width": half_widths(floor["test"])}}
 
 
 def train_cell(split: str, args, preset: dict, data: Path, store: Path, where: Path, dropout: float,
-               extra: tuple[str, ...] = ()) -> dict:
-    """Every seed and arm of one cell (cold-item dropout, M); finished runs are reused. The DLRM arm reads no
-    text: its runs (no M in their names) serve every M."""
-    dense = never_seen_values(data)
-    lever = extra + (("--cold-item-dropout", str(dropout), "--cold-item-dense", *dense) if dropout else ())
+               flags: tuple[str, ...] = ()) -> dict:
+    """Every seed and arm of one cell (cold-item dropout, M; ``flags``: its extra bahe-train flags); finished runs
+    are reused. The DLRM arm reads no text: its runs (no M in their names) serve every M."""
     runs = {arm: [] for arm in args.arms}
     for seed in args.seeds:
         for arm in args.arms:
             history = history_part(preset["max_history"])
             run = where / (run_name(arm, seed, args.steps, args.llm_precision, history) +
                            ("" if dropout == 0 else f"-cold{dropout:g}"))
-            metrics = train(arm, seed, args.steps, data, store, run, preset, args.llm_precision, extra_flags=lever)
+            metrics = train(arm, seed, args.steps, data, store, run, preset, args.llm_precision, extra_flags=flags)
             runs[arm].append({"run": str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run),
                               "valid": aucs(metrics["valid"]["segments"]), "test": aucs(metrics["test"]["segments"]),
                               "test_half_width": half_widths(metrics["test"]["segments"]),

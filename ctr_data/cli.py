@@ -50,11 +50,9 @@ def _check_out(args: argparse.Namespace) -> None:
 
 
 def _movielens(args: argparse.Namespace) -> list[Path]:
-    from bahe.ctr_data.movielens import MovieLensConfig, write_movielens
+    from bahe.ctr_data.movielens import config_from_flags, write_movielens
 
-    config = MovieLensConfig(source=args.source, max_history=args.max_history, protocol=args.split,
-                             cold_share=args.cold_share, seed=args.seed)
-    return list(write_movielens(config, args.out).values())
+    return list(write_movielens(config_from_flags(args, args.source), args.out).values())
 
 
 def _synthetic(args: argparse.Namespace) -> list[Path]:
@@ -88,6 +86,7 @@ def _slices(args: argparse.Namespace) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bahe.ctr_data.movielens import add_builder_flags
     from bahe.ctr_data.synthetic import SyntheticConfig
 
     parser = argparse.ArgumentParser(prog="bahe-data", description=__doc__,
@@ -99,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--out", type=Path, required=True, help="output folder (existing splits there are replaced)")
     ml.add_argument("--source", type=Path, default=None,
                     help="a GroupLens ml-100k/ folder (u.data, u.item, u.user); default: the installed wheel")
-    ml.add_argument("--max-history", type=int, default=50, help="most recent titles kept per sequence (default 50)")
-    ml.add_argument("--split", choices=("time", "item_cold"), default="time",
-                    help="time: a global time split 8:1:1 (default); item_cold: a seeded share of the items has every "
-                         "row in valid or test (none in train), the other items split by time (docs/segments.md)")
-    ml.add_argument("--cold-share", type=float, default=0.2,
-                    help="item_cold: the share of the items held out of train (default 0.2)")
-    ml.add_argument("--seed", type=int, default=0, help="item_cold: which items are held out (default 0)")
+    add_builder_flags(ml)
     ml.set_defaults(run=_movielens)
 
     from bahe.ctr_data import movielens_plots

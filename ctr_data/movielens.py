@@ -104,6 +104,25 @@ class MovieLensConfig:
             raise ValueError(f"MovieLensConfig.split must be three positive fractions summing to 1, got {self.split}")
 
 
+def add_builder_flags(parser, texts: str = "titles") -> None:
+    """The builder's flags, one definition for every source it serves (bahe-data movielens, movielens-plots):
+    --max-history, --split, --cold-share, --seed; :func:`config_from_flags` reads them back."""
+    parser.add_argument("--max-history", type=int, default=50, help=f"most recent {texts} kept per sequence (default 50)")
+    parser.add_argument("--split", choices=PROTOCOLS, default="time",
+                        help="time: a global time split 8:1:1 (default); item_cold: a seeded share of the items has "
+                             "every row in valid or test (none in train), the other items split by time "
+                             "(docs/segments.md)")
+    parser.add_argument("--cold-share", type=float, default=0.2,
+                        help="item_cold: the share of the items held out of train (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="item_cold: which items are held out (default 0)")
+
+
+def config_from_flags(args, source: Path | None = None) -> MovieLensConfig:
+    """The :class:`MovieLensConfig` of :func:`add_builder_flags`' flags."""
+    return MovieLensConfig(source=source, max_history=args.max_history, protocol=args.split,
+                           cold_share=args.cold_share, seed=args.seed)
+
+
 def movielens_schema(config: MovieLensConfig, cold_items: int | None = None, dataset: str = "movielens-100k",
                      source_extra: dict | None = None) -> SampleSchema:
     """The schema of the samples; ``dataset`` and ``source_extra`` (merged into ``extra``) are the raw's."""

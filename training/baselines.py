@@ -57,8 +57,9 @@ def candidate_scores(data_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray,
         item_stats[item][1] += 1
     ordered = pa.concat_tables(tables.values())
     split_of = ["train"] * train.num_rows + ["valid"] * tables["valid"].num_rows + ["test"] * tables["test"].num_rows
-    order = np.argsort(ordered.column("timestamp").to_numpy(), kind="stable")  # the identity on a time split
-    timestamps = ordered.column("timestamp").to_numpy()[order].tolist()
+    stamps = ordered.column("timestamp").to_numpy()
+    order = np.argsort(stamps, kind="stable")  # the identity on a time split
+    timestamps = stamps[order].tolist()
     columns = [ordered.column(name).to_pylist() for name in ("user_id", "item_id", "label")]
     rows = [(columns[0][i], columns[1][i], columns[2][i], split_of[i], int(i)) for i in order]
     history: dict[int, deque] = defaultdict(deque)

@@ -86,6 +86,10 @@ class ColdItemBatcher:
     def __init__(self, batcher, simulation: ColdItemSimulation, *, seed: int, rank: int, first_step: int):
         self.batcher, self.simulation = batcher, simulation
         self.seed, self.rank, self.step = seed, rank, first_step
+        missing = [name for name in simulation.id_features if name not in batcher.id_features]
+        if missing:
+            raise ValueError(f"--cold-item-features names {missing}, which the model does not read "
+                             f"(its ID features: {batcher.id_features})")
         self.dense_values = self._dense_values(batcher, simulation)
 
     @staticmethod
@@ -104,10 +108,6 @@ class ColdItemBatcher:
                                  "--no-dense-standardize) or a number")
             x = 0.0 if raw == MEAN else math.log1p(max(raw, 0.0))
             values[i] = 0.0 if raw == MEAN else (x - normalizer.mean[i]) / normalizer.std[i] if normalizer else x
-        missing = [name for name in simulation.id_features if name not in batcher.id_features]
-        if missing:
-            raise ValueError(f"--cold-item-features names {missing}, which the model does not read "
-                             f"(its ID features: {batcher.id_features})")
         return values
 
     def __getattr__(self, name: str):
