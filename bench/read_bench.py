@@ -106,7 +106,9 @@ def _worker(rank: int, world: int, store: str, jobs: list, out: str) -> None:
         results[case["name"]] = gathered
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    from bahe.embeddings.process_group import close_process_group
+
+    close_process_group()
 
 
 def run_world(world: int, jobs: list, in_process: bool) -> dict:

@@ -335,7 +335,9 @@ def worker(args: argparse.Namespace) -> None:
               "verified_bytes": load_timings.get("verified_bytes"), "copied_bytes": load_timings.get("copied_bytes"),
               "lookup": lookup}
     Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    from bahe.embeddings.process_group import close_process_group
+
+    close_process_group()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -50,15 +50,18 @@ def _build(args: argparse.Namespace) -> int:
                            max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
                            fixed_shapes=not args.dynamic_shapes, trust_remote_code=args.trust_remote_code,
                            **_encoding_choices(args))
-    from bahe.embeddings.process_group import set_timeout
+    from bahe.embeddings.process_group import close_process_group, set_timeout
 
     set_timeout(args.pg_timeout)  # the group a torchrun build creates (build._rank_world)
-    report = build_store(args.store, args.data, config, chunk_texts=args.chunk_texts, show_progress=not args.quiet,
-                         store_dtype=args.store_dtype)
     import torch.distributed as dist
 
+    callers_group = dist.is_initialized()  # a caller's group is the caller's to end
+    report = build_store(args.store, args.data, config, chunk_texts=args.chunk_texts, show_progress=not args.quiet,
+                         store_dtype=args.store_dtype)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(vars(report), indent=2) if args.json else report.format())
+    if not callers_group:
+        close_process_group()  # a torchrun build's own group: gloo's threads joined before interpreter exit
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The process-group timeout, set explicitly wherever bahe creates a group (issue 28, item 3).
+"""The process group's life: its timeout, set explicitly wherever bahe creates a group (issue 28, item 3), and
+its end, while the interpreter is still alive (:func:`close_process_group`).
 
 A collective that waits longer than the timeout fails instead of hanging; the same timeout bounds start-up:
 the rendezvous (every rank reaching the store) and the first collectives, which on a large store include
@@ -9,11 +10,15 @@ bahe-predict and bahe-encode build (default :data:`DEFAULT_TIMEOUT_S`, 30 minute
 Example::
 
     init_process_group("gloo", timeout_s=600)          # or set_timeout(600) once, then init_process_group("gloo")
+    ...
+    close_process_group()                                # the last line of a rank's main
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
+import os
 
 DEFAULT_TIMEOUT_S = 1800.0
 _timeout_s = DEFAULT_TIMEOUT_S  # the launch's (set_timeout), used where no timeout is passed
@@ -60,3 +65,39 @@ def rendezvous(url: str, *, timeout_s: float | None = None):
     import torch.distributed as dist
 
     return dist.rendezvous(url, timeout=timeout(timeout_s))
+
+
+def close_process_group() -> None:
+    """End this rank's process group now: ``destroy_process_group`` and then collect the reference cycles
+    (DistributedModelParallel, sharded modules, the train pipeline) that still hold its backend.
+
+    ``destroy_process_group`` only unregisters the group; a gloo backend lives, with its worker and transport
+    threads, until the last reference goes, and DMP's graph holds it in cycles that only the garbage collector
+    frees. Left to interpreter finalization, that destructor runs while Python is being torn down, and a rank
+    that finished its work could abort there ("terminate called without an active exception", exit -6): the
+    intermittent failure of 2-rank runs this prevents. Collected here, the backend's threads are joined while
+    everything they touch still exists (:func:`backend_threads` is empty afterwards)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def backend_threads() -> dict[int, str]:
+    """This process's live native threads that belong to a gloo backend (``gloo_tcp_loop``, ``pt_gloo_runloop``),
+    thread id -> name: none once no group's backend is alive. Linux only (``/proc``); {} elsewhere."""
+    threads = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return threads
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            threads[int(task)] = name
+    return threads

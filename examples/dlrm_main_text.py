@@ -33,6 +33,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from bahe.ctr_data.parquet_io import SampleReader
+from bahe.embeddings.process_group import close_process_group
 from bahe.model.bahe import BAHE, BAHETrain
 from bahe.model.batch import SampleBatcher, id_feature_names
 from bahe.model.behaviour_lookup import load_store_rows
@@ -179,4 +180,4 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    dist.destroy_process_group()
+    close_process_group()  # destroy_process_group, and gloo's threads joined before interpreter exit

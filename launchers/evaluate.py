@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "evaluation.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
-    dist.destroy_process_group()
+    from bahe.embeddings.process_group import close_process_group
+
+    close_process_group()  # joins gloo's threads now, not at interpreter exit
     return 0
 
 

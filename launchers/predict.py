@@ -142,10 +142,9 @@ def _text_source(summary: dict) -> str:
 
 
 def _leave_group() -> None:
-    import torch.distributed as dist
+    from bahe.embeddings.process_group import close_process_group
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()  # joins gloo's threads now, not at interpreter exit
 
 
 if __name__ == "__main__":

@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         shown = ("steps", "stopped_at", "resumed_from_step", "steps_run", "initialized_from", "selected_step",
                  "early_stopped_at", "valid", "test")
         print(json.dumps({k: summary[k] for k in shown if k in summary}))
-    dist.destroy_process_group()
+    from bahe.embeddings.process_group import close_process_group
+
+    close_process_group()  # joins gloo's threads now, not at interpreter exit
     return 0
 
 

@@ -55,7 +55,9 @@ def one_rank(monkeypatch):
     monkeypatch.delenv("BAHE_TRACEBACK", raising=False)
     yield
     if dist.is_initialized():
-        dist.destroy_process_group()
+        from bahe.embeddings.process_group import close_process_group
+
+        close_process_group()
 
 
 @pytest.fixture

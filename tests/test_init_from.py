@@ -54,7 +54,9 @@ def single_process():
         yield
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            from bahe.embeddings.process_group import close_process_group
+
+            close_process_group()
         for key, value in saved.items():
             os.environ.pop(key, None)
             if value is not None:

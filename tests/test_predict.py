@@ -33,8 +33,6 @@ SMALL = ["--batch-size", "16", "--embedding-dim", "8", "--dense-arch", "16", "8"
 @contextlib.contextmanager
 def process_group():
     """A 1-rank gloo group for in-process CLI calls on a free port; environment restored, group destroyed."""
-    import torch.distributed as dist
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -47,8 +45,9 @@ def process_group():
         try:
             yield
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            from bahe.embeddings.process_group import close_process_group
+
+            close_process_group()
 
 
 def train(out: Path, data: Path, pipeline, *extra: str) -> Path:
@@ -185,7 +184,9 @@ try:
 except ValueError as err:
     error = str(err)
 (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({"summary": summary, "error": error}))
-dist.destroy_process_group()
+from bahe.embeddings.process_group import close_process_group
+
+close_process_group()
 """
 
 

@@ -148,7 +148,9 @@ run, data, export, out = map(Path, sys.argv[1:])
 summary = score_files(run, [data / "test.parquet", out / "strangers.parquet"], out / "two.parquet", batch_size=7,
                       data_dir=data, show_progress=False, features=export)
 (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(summary))
-dist.destroy_process_group()
+from bahe.embeddings.process_group import close_process_group
+
+close_process_group()
 """
 
 

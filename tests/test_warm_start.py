@@ -191,7 +191,9 @@ def one_gloo_rank(tmp_path):
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    from bahe.embeddings.process_group import close_process_group
+
+    close_process_group()
 
 
 def test_a_sharded_bahe_loads_a_sharded_dlrms_state_dict(dlrm, one_gloo_rank):

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bahe.embeddings.process_group import close_process_group
 from bahe.training.checkpoint import Checkpointer, CheckpointWriteError, without_frozen  # noqa: E402
 
 
@@ -184,7 +185,7 @@ def two_ranks(args: list[str]) -> dict:
 def main() -> None:
     mode, *args = sys.argv[1:]
     result = {"save": save_then_fail, "restore": restore_and_save, "two_ranks": two_ranks}[mode](args)
-    dist.destroy_process_group()
+    close_process_group()
     print(json.dumps(result), flush=True)  # stdout is a pipe: not subject to the file size limit
 
 

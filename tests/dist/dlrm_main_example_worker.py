@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bahe.embeddings.process_group import close_process_group
 from bahe.embeddings.store import BehaviourStore
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -47,7 +48,7 @@ def main() -> None:
         store = argv[argv.index("--store") + 1]
         record["table_equals_store"], record["table_elements"] = table_equals_store(result["model"], store)
     (out / f"{which}-rank{dist.get_rank()}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

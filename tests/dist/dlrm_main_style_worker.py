@@ -35,6 +35,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bahe.ctr_data.criteo import iter_criteo_tsv  # noqa: E402
+from bahe.embeddings.process_group import close_process_group
 from bahe.model.bahe import BAHE, BAHETrain  # noqa: E402
 from bahe.model.batch import SampleBatcher, id_feature_names  # noqa: E402
 from bahe.model.behaviour_lookup import load_store_rows  # noqa: E402
@@ -143,7 +144,7 @@ def main() -> None:
     result = {"dlrm": dlrm_main_style(DLRM, batches, keys, log), "bahe": dlrm_main_style(BAHE, batches, keys, log),
               "bahe_text": bahe_with_text(TinyPipeline(Path(llm), Path(data), Path(store)), rank, world, log)}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

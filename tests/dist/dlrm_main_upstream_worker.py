@@ -70,7 +70,9 @@ def main() -> None:
         store = argv[argv.index("--store") + 1]
         record["table_equals_store"], record["table_elements"] = table_equals_store(caught["model"], store)
     out.with_name(f"{out.stem}-rank{dist.get_rank()}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+    from bahe.embeddings.process_group import close_process_group
+
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ def main() -> None:
                         if isinstance(v, ShardedTensor)},
               "full": {k: v.size().numel() for k, v in model_state.items() if isinstance(v, ShardedTensor)}}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    from bahe.embeddings.process_group import close_process_group
+
+    close_process_group()
 
 
 if __name__ == "__main__":

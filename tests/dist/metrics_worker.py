@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from bahe.ctr_data.parquet_io import SampleReader
+from bahe.embeddings.process_group import close_process_group
 from bahe.model.bahe import BAHETrain
 from bahe.model.config import ArchConfig, BaheModelConfig, TablesConfig
 from bahe.model.factory import build_model
@@ -45,7 +46,7 @@ def main(data_dir: Path, out: Path, batch_size: int) -> None:
         reference = {"probabilities": torch.sigmoid(logits).tolist(), "labels": labels.tolist()}
         (out / f"metrics-{world}.json").write_text(json.dumps({"evaluate": result, "reference": reference}))
     dist.barrier()
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

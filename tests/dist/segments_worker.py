@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from bahe.ctr_data.parquet_io import SampleReader
+from bahe.embeddings.process_group import close_process_group
 from bahe.training.loop import evaluate
 from bahe.training.metrics import segment_tagger
 from bahe.training.segments import SegmentSpec, history_lengths
@@ -46,7 +47,7 @@ def main(data_dir: Path, out: Path, batch_size: int) -> None:
                      "items": table.column("item_id").to_pylist(), "history": history_lengths(table).tolist()}
         (out / f"segments-{world}.json").write_text(json.dumps({"evaluate": result, "reference": reference}))
     dist.barrier()
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import bahe.model.behaviour_lookup as behaviour_lookup  # noqa: E402
 import bahe.model.sharding as sharding  # noqa: E402
+from bahe.embeddings.process_group import close_process_group
 from bahe.embeddings.store import BehaviourStore, StoreError  # noqa: E402
 from bahe.launchers.train import quiet_library_deprecations  # noqa: E402
 from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, BehaviourLookup, load_store_rows  # noqa: E402
@@ -138,7 +139,7 @@ def main() -> None:
     for choice in ("row_wise", "column_wise"):
         result["refusal"][choice] = refusal(nan, choice)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bahe.embeddings.process_group import close_process_group
 from bahe.model.bahe import BAHETrain  # noqa: E402
 from bahe.model.behaviour_lookup import BEHAVIOUR_TABLE, load_store_rows  # noqa: E402
 from bahe.model.factory import build_model  # noqa: E402
@@ -51,7 +52,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     for sharding in shardings.split(","):
         run(Path(llm), Path(data), Path(store_root), sharding, Path(out_dir))
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def run(llm: Path, data: Path, store_root: Path, sharding: str, out_dir: Path) -> None:
