@@ -531,10 +531,25 @@ def write(result: dict, out: Path, plots: bool) -> None:
             "so a lower bound, and a loose one for BAHE's small steps. Counted = FlopCounterMode over the step (matmuls "
             "and attention); analytic = the bench's layer model (the arm did not run).", ""]
     if result.get("quality"):
-        text += ["## Quality\n", quality_table(result["quality"]), ""]
+        retabulated = f"Tabulated by `{result['quality_command']}`.\n" if result.get("quality_command") else ""
+        text += ["## Quality\n", retabulated + quality_table(result["quality"]), ""]
     if plots and note is None:
         text += [f"![step cost and quality per M]({out.with_suffix('.png').name})", ""]
     out.with_suffix(".md").write_text("\n".join(text) + "\n" + result.get("notes", ""))
+
+
+def retabulate(out: Path, quality: list[Path], argv: list[str]) -> int:
+    """``--quality-only``: the quality table of ``out`` rebuilt from ``quality`` (a training run per M costs up to an
+    hour here, the step timings ~15 min: each is redone only when its own inputs change)."""
+    if not out.is_file():
+        raise SystemExit(f"--quality-only: {out} does not exist; run the bench without it first")
+    result = json.loads(out.read_text())
+    result["quality"] = quality_rows(quality)
+    result["config"]["quality"] = [str(q) for q in quality]
+    result["quality_command"] = "python -m bench.history_length_bench " + shlex.join(argv)
+    write(result, out, plots=True)
+    print(quality_table(result["quality"]))
+    return 0
 
 
 def llm_config(name: str | None) -> dict:
@@ -569,8 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "history_length", help="data and stores (reused)")
     p.add_argument("--quality", type=Path, nargs="*", default=[],
                    help="bench/quality_bench.py JSON files to tabulate per M (test AUC, selected on valid)")
+    p.add_argument("--quality-only", action="store_true",
+                   help="time nothing: re-tabulate --quality into the existing --out (its step-cost measurements kept)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "history_length.json")
     args = p.parse_args(argv)
+    if args.quality_only:
+        return retabulate(args.out, args.quality, argv if argv is not None else sys.argv[1:])
 
     import torch
 

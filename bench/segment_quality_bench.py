@@ -4,15 +4,18 @@ held out of train entirely), overall and per item-popularity segment (cold = no 
 <= 200, head), over several seeds.
 
 Every arm trains with the `make demo` preset's flags (bench/quality_bench.py ``train``: 2 gloo ranks, the same
-steps, batch and head), differing only in ``--arm`` and in the cell's lever. The lever swept here is the
+steps, batch and head), differing only in ``--arm`` and in the cell's levers. The levers swept here are the
 cold-item simulation (bahe-train --cold-item-dropout, training/cold_items.py): a share of the training rows
 shown as never-seen items (item ID bag emptied, item history 0, item prior the value the data gives a
-never-seen item), so the model learns to score an item from its title and attributes. Each arm's cell is
+never-seen item), so the model learns to score an item from its title and attributes; M; and how BAHE's user
+side meets the item (--user-aggregation: pooled, or the item title attending over the behaviours, which can match
+a new title to similar titles the user liked). Each arm's cell is
 chosen on VALID (mean over seeds of the overall valid AUC) and only then read on test. Runs are reused: the
 time split's under WORK/ (the quality bench's), the item-cold split's under WORK/item_cold/.
 
   python -m bench.segment_quality_bench                              # 2 splits x 2 cells x 3 seeds x 2 arms
   python -m bench.segment_quality_bench --splits item_cold --seeds 0 --cold-item-dropout 0 --out /tmp/s.json
+  python -m bench.segment_quality_bench --splits item_cold --cold-item-dropout 0.3 --user-aggregation pooled target_attention
 
 Writes docs/bench/segment_quality.json (every run's valid and test segments), a markdown page beside it and,
 with matplotlib, a PNG of test AUC per segment.
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality_bench import ROOT, prepare, run_name, train
+from bench.quality_bench import DEFAULT_LEVERS, LEVER_PARTS, ROOT, lever_flags, prepare, run_name, train
 
 SEGMENTS = ("cold", "tail", "torso", "head")
 ARMS = ("dlrm", "token_level", "bahe")
@@ -124,8 +127,9 @@ def history_part(m: int) -> str:
     return "" if m == PRESETS["cpu"]["max_history"] else f"-m{m}"
 
 
-def cell_label(dropout: float, m: int) -> str:
-    return f"dropout {dropout:g}, M {m}"
+def cell_label(dropout: float, m: int, aggregation: str = DEFAULT_LEVERS["user_aggregation"]) -> str:
+    lever = "" if aggregation == DEFAULT_LEVERS["user_aggregation"] else f", {aggregation.replace('_', ' ')}"
+    return f"dropout {dropout:g}, M {m}{lever}"
 
 
 def plots_paths(work: Path, split: str, preset: dict) -> tuple[Path, Path, Path, tuple[str, ...]]:
@@ -172,7 +176,9 @@ def run_split(split: str, args, base: dict) -> dict:
         data_of[m] = data, never_seen_values(data)
         for dropout in args.cold_item_dropout:
             lever = ("--cold-item-dropout", str(dropout), "--cold-item-dense", *data_of[m][1]) if dropout else ()
-            cells[cell_label(dropout, m)] = train_cell(split, args, preset, data, store, where, dropout, extra + lever)
+            for aggregation in args.user_aggregation:
+                cells[cell_label(dropout, m, aggregation)] = train_cell(split, args, preset, data, store, where, dropout,
+                                                                        extra + lever, aggregation)
     first, never_seen = data_of[args.max_history[0]]
     floor = floor_segments(first)
     return {"data": str(first), "never_seen": never_seen, "cells": cells,
@@ -180,23 +186,34 @@ def run_split(split: str, args, base: dict) -> dict:
                       "test_half_width": half_widths(floor["test"])}}
 
 
+def arm_lever(arm: str, aggregation: str) -> tuple[str, tuple[str, ...]]:
+    """An arm's run-folder part and bahe-train flags for a cell's user aggregation: BAHE's alone ('-tattn',
+    --user-aggregation target_attention); none for the default or for the other arms, whose runs it shares."""
+    if arm != "bahe" or aggregation == DEFAULT_LEVERS["user_aggregation"]:
+        return "", ()
+    return f"-{LEVER_PARTS[aggregation]}", lever_flags(arm, {"user_aggregation": aggregation})
+
+
 def train_cell(split: str, args, preset: dict, data: Path, store: Path, where: Path, dropout: float,
-               flags: tuple[str, ...] = ()) -> dict:
-    """Every seed and arm of one cell (cold-item dropout, M; ``flags``: its extra bahe-train flags); finished runs
-    are reused. The DLRM arm reads no text: its runs (no M in their names) serve every M."""
+               flags: tuple[str, ...] = (), aggregation: str = DEFAULT_LEVERS["user_aggregation"]) -> dict:
+    """Every seed and arm of one cell (cold-item dropout, M, the BAHE arm's user aggregation; ``flags``: its extra
+    bahe-train flags); finished runs are reused. The DLRM arm reads no text: its runs (no M in their names) serve
+    every M; the aggregation is BAHE's alone (its runs end in -tattn for target attention)."""
     runs = {arm: [] for arm in args.arms}
     for seed in args.seeds:
         for arm in args.arms:
             history = history_part(preset["max_history"])
-            run = where / (run_name(arm, seed, args.steps, args.llm_precision, history) +
+            cell, lever = arm_lever(arm, aggregation)
+            run = where / (run_name(arm, seed, args.steps, args.llm_precision, history, cell=cell) +
                            ("" if dropout == 0 else f"-cold{dropout:g}"))
-            metrics = train(arm, seed, args.steps, data, store, run, preset, args.llm_precision, extra_flags=flags)
+            metrics = train(arm, seed, args.steps, data, store, run, preset, args.llm_precision,
+                            extra_flags=flags + lever)
             runs[arm].append({"run": str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run),
                               "valid": aucs(metrics["valid"]["segments"]), "test": aucs(metrics["test"]["segments"]),
                               "test_half_width": half_widths(metrics["test"]["segments"]),
                               "test_rows": {s: metrics["test"]["segments"]["item_popularity"][s]["rows"]
                                             for s in SEGMENTS} | {"all": metrics["test"]["samples"]}})
-            print(f"[{split}, {cell_label(dropout, preset['max_history'])}] {arm:5s} seed {seed}: test "
+            print(f"[{split}, {cell_label(dropout, preset['max_history'], aggregation)}] {arm:5s} seed {seed}: test "
                   + ", ".join(f"{k} {v:.4f}" for k, v in runs[arm][-1]["test"].items() if v is not None), flush=True)
     return runs
 
@@ -309,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="cells: bahe-train --cold-item-dropout values (0: off); each arm's cell is chosen on valid")
     p.add_argument("--max-history", type=int, nargs="+", default=[PRESETS["cpu"]["max_history"]],
                    help="cells: M, the titles per behaviour sequence (the DLRM arm reads none: its runs serve every M)")
+    p.add_argument("--user-aggregation", nargs="+", choices=("pooled", "target_attention"),
+                   default=[DEFAULT_LEVERS["user_aggregation"]],
+                   help="cells: how BAHE's user side meets the item (bahe-train --user-aggregation): pooled, or "
+                        "target_attention (the item title's vector attends over the behaviour vectors); BAHE only")
     p.add_argument("--steps", type=int, default=PRESETS["cpu"]["steps"])
     p.add_argument("--llm-precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--cold-share", type=float, default=0.2, help="the item-cold split's held-out share of items")

@@ -155,3 +155,27 @@ def test_findings_name_the_ratio_where_the_token_arm_stops_and_the_slow_demo():
     assert "passes 30 min of training on these cores from M = 100" in lines[3]
     assert "at M = 100, 201 a sample for 81 real ones" in lines[4]
     assert "100x" in lines[5] and ">= 19.2 ms vs >= 0.19 ms" in lines[5]
+
+
+def test_quality_only_rebuilds_the_quality_table_and_keeps_the_measured_step_costs(tmp_path):
+    """``--quality-only`` times nothing: the step-cost section of an existing report stays as measured, the
+    quality table is rebuilt from the files given, and the page says which command tabulated it."""
+    import shutil
+    from pathlib import Path
+
+    from bench.history_length_bench import main
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "bench"
+    out = tmp_path / "history_length.json"
+    shutil.copy(docs / "history_length.json", out)
+    before = json.loads(out.read_text())
+    assert main(["--quality-only", "--quality", str(docs / "quality.json"), "--out", str(out)]) == 0
+    after = json.loads(out.read_text())
+    assert after["histories"] == before["histories"] and after["command"] == before["command"]
+    assert [row["m"] for row in after["quality"]] == [5] and after["config"]["quality"] == [str(docs / "quality.json")]
+    page = out.with_suffix(".md").read_text()
+    assert "| 100 | bahe | 201 ; 74 |" in page  # the step-cost table, as measured
+    assert f"Tabulated by `python -m bench.history_length_bench --quality-only --quality {docs / 'quality.json'}" in page
+    assert page.count("[quality.json](quality.json)") == 1 and "quality_m20.json" not in page.split("## Quality")[1]
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--quality-only", "--out", str(tmp_path / "none.json")])

@@ -9,7 +9,17 @@ import statistics
 import numpy as np
 import pytest
 
-from bench.segment_quality_bench import SEGMENTS, floor_segments, gap, never_seen_values, page, select, summarise
+from bench.segment_quality_bench import (
+    SEGMENTS,
+    arm_lever,
+    cell_label,
+    floor_segments,
+    gap,
+    never_seen_values,
+    page,
+    select,
+    summarise,
+)
 
 
 def runs(valid: float, test: dict[str, float], n: int = 3, step: float = 0.001) -> list[dict]:
@@ -92,3 +102,14 @@ def test_the_plots_data_set_must_be_made_first_and_the_message_says_how(tmp_path
 
     with pytest.raises(SystemExit, match="bahe-data movielens-plots --accept-terms --max-history 5 --split item_cold"):
         plots_paths(tmp_path, "item_cold", {"max_history": 5, "k": 8})
+
+
+def test_the_user_aggregation_cell_changes_the_bahe_arm_alone():
+    """target_attention is BAHE's lever: its runs get their own folders and the bahe-train flag; the DLRM and
+    token-level arms read no behaviour vectors that way, so they share the pooled cell's runs. The default
+    cell's label and folders are the ones earlier reports were written with."""
+    assert arm_lever("bahe", "target_attention") == ("-tattn", ("--user-aggregation", "target_attention"))
+    assert arm_lever("bahe", "pooled") == ("", ())
+    assert arm_lever("dlrm", "target_attention") == ("", ()) and arm_lever("token_level", "target_attention") == ("", ())
+    assert cell_label(0.3, 5) == "dropout 0.3, M 5" == cell_label(0.3, 5, "pooled")
+    assert cell_label(0.3, 5, "target_attention") == "dropout 0.3, M 5, target attention"
