@@ -15,7 +15,8 @@ time split's under WORK/ (the quality bench's), the item-cold split's under WORK
 
   python -m bench.segment_quality_bench                              # 2 splits x 2 cells x 3 seeds x 2 arms
   python -m bench.segment_quality_bench --splits item_cold --seeds 0 --cold-item-dropout 0 --out /tmp/s.json
-  python -m bench.segment_quality_bench --splits item_cold --cold-item-dropout 0.3 --user-aggregation pooled target_attention
+  python -m bench.segment_quality_bench --splits item_cold --cold-item-dropout 0.3 --user-aggregation pooled target_attention \
+      --out docs/bench/segment_quality_tattn.json
 
 Writes docs/bench/segment_quality.json (every run's valid and test segments), a markdown page beside it and,
 with matplotlib, a PNG of test AUC per segment.
