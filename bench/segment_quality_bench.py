@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality_bench import DEFAULT_LEVERS, LEVER_PARTS, ROOT, lever_flags, prepare, run_name, train
+from bench.quality_bench import DEFAULT_LEVERS, ROOT, cell_suffix, lever_flags, prepare, run_name, train
 
 SEGMENTS = ("cold", "tail", "torso", "head")
 ARMS = ("dlrm", "token_level", "bahe")
@@ -188,11 +188,11 @@ def run_split(split: str, args, base: dict) -> dict:
 
 
 def arm_lever(arm: str, aggregation: str) -> tuple[str, tuple[str, ...]]:
-    """An arm's run-folder part and bahe-train flags for a cell's user aggregation: BAHE's alone ('-tattn',
-    --user-aggregation target_attention); none for the default or for the other arms, whose runs it shares."""
-    if arm != "bahe" or aggregation == DEFAULT_LEVERS["user_aggregation"]:
-        return "", ()
-    return f"-{LEVER_PARTS[aggregation]}", lever_flags(arm, {"user_aggregation": aggregation})
+    """An arm's run-folder part and bahe-train flags for a cell's user aggregation, named as the quality bench
+    names its lever cells: BAHE's alone ('-tattn', --user-aggregation target_attention); none for the default or
+    for the other arms, whose runs it shares."""
+    levers, same = {"user_aggregation": aggregation}, {"k": None, "deep_layers": None}  # k, deep layers: no part
+    return cell_suffix(arm, same, {}, same, levers), lever_flags(arm, levers)
 
 
 def train_cell(split: str, args, preset: dict, data: Path, store: Path, where: Path, dropout: float,
